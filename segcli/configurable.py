@@ -1,0 +1,186 @@
+"""Raw YAML dicts -> typed, frozen dataclasses, with precise errors.
+
+The one place where untyped data becomes typed: every recipe section and every registered
+component's options pass through :func:`from_dict`. Code below the recipe never sees raw dicts.
+
+Supported field types: ``int``, ``float``, ``bool``, ``str``, ``X | None``, ``tuple[X, ...]``,
+``tuple[X, Y]``, ``Literal[...]``, nested dataclasses and :class:`Component` (a registered
+component chosen by its ``type`` key; the registry is named in the field's metadata).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+from .errors import SegcliError, did_you_mean
+
+
+@dataclass(frozen=True)
+class Component:
+    """A registered component: its registry name (``type``) and its typed options (``cfg``)."""
+
+    type: str
+    cfg: Any = None
+
+
+def component_field(registry: str, default: Any = dataclasses.MISSING):
+    """A dataclass field holding a :class:`Component` of the given registry ("backbone", ...)."""
+    kwargs = {"metadata": {"registry": registry}}
+    if default is dataclasses.MISSING:
+        return field(**kwargs)
+    return field(default_factory=lambda: default, **kwargs)
+
+
+def _registry(name: str):
+    from . import registry
+
+    return {
+        "backbone": registry.BACKBONES,
+        "head": registry.HEADS,
+        "segmentor": registry.SEGMENTORS,
+        "dataset": registry.DATASETS,
+    }[name]
+
+
+def _describe(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str, registry: str | None = None) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where, registry)
+            except SegcliError as err:
+                errors.append(err)
+        raise errors[0] if len(errors) == 1 else SegcliError(
+            f"expected {' or '.join(_describe(a) for a in args)}, got {value!r}", where)
+    if origin is Literal:
+        if value not in args:
+            raise SegcliError(f"invalid value {value!r}", where, "choose one of " + ", ".join(map(repr, args)))
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            if value is None:
+                raise SegcliError("expected a list, got null", where)
+            value = [value]  # a scalar where a list is expected: one element
+        if origin is tuple and args and (len(args) != 2 or args[1] is not Ellipsis):
+            if len(value) != len(args):
+                raise SegcliError(f"expected {len(args)} values, got {len(value)}: {list(value)!r}", where)
+            return tuple(_convert(v, a, f"{where}[{i}]", registry) for i, (v, a) in enumerate(zip(value, args)))
+        item_tp = args[0] if args else Any
+        items = [_convert(v, item_tp, f"{where}[{i}]", registry) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SegcliError(f"expected a mapping, got {value!r}", where)
+        return dict(value)
+    if tp is Component:
+        return _convert_component(value, where, registry)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise SegcliError(f"expected true or false, got {value!r}", where)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise SegcliError(f"expected an integer, got {value!r}", where)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads '1e-4' as a string
+                return float(value)
+            except ValueError:
+                pass
+        raise SegcliError(f"expected a number, got {value!r}", where)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise SegcliError(f"expected a string, got {value!r}", where)
+    raise TypeError(f"unsupported field type {tp!r} at {where}")
+
+
+def _convert_component(value: Any, where: str, registry_name: str | None) -> Component:
+    if registry_name is None:
+        raise TypeError(f"Component field without registry metadata at {where}")
+    if isinstance(value, Component):
+        return value
+    if isinstance(value, str):
+        value = {"type": value}
+    if not isinstance(value, dict) or "type" not in value:
+        raise SegcliError("expected a mapping with a 'type' key", where)
+    options = dict(value)
+    name = options.pop("type")
+    entry = _registry(registry_name).get(str(name), f"{where}.type")
+    cfg = from_dict(entry.config_cls, options, where) if entry.config_cls is not None else None
+    if entry.config_cls is None and options:
+        raise SegcliError(f"{registry_name} '{name}' takes no options, got {sorted(options)}", where)
+    return Component(str(name), cfg)
+
+
+def from_dict(cls: type, raw: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from ``raw``; unknown keys get a 'did you mean' hint."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SegcliError(f"expected a mapping, got {raw!r}", where)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in raw:
+        if key not in fields:
+            raise SegcliError(f"unknown key '{key}'", f"{where}.{key}" if where else key,
+                              did_you_mean(str(key), fields))
+    kwargs = {}
+    for name, f in fields.items():
+        key_where = f"{where}.{name}" if where else name
+        if name in raw:
+            kwargs[name] = _convert(raw[name], hints[name], key_where, f.metadata.get("registry"))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise SegcliError("missing required key", key_where)
+    try:
+        obj = cls(**kwargs)
+    except (ValueError, TypeError) as err:  # __post_init__ validation
+        raise SegcliError(str(err), where) from None
+    # Defaults that are raw dicts (component defaults) are converted too.
+    for name, f in fields.items():
+        value = getattr(obj, name)
+        if f.metadata.get("registry") and isinstance(value, dict):
+            object.__setattr__(obj, name, _convert_component(value, f"{where}.{name}", f.metadata["registry"]))
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """The inverse of :func:`from_dict`: plain YAML-able data (tuples become lists)."""
+    if isinstance(obj, Component):
+        out = {"type": obj.type}
+        if obj.cfg is not None:
+            out.update(to_dict(obj.cfg))
+        return out
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,1 @@
+"""The model-agnostic engine: training loop, optimisation, checkpoints, evaluation, inference, FLOPs."""

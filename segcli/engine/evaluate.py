@@ -1,0 +1,86 @@
+"""The evaluation loop: a model, a dataset, the recipe's test settings -> metrics.
+
+Per-image GFLOPs (``count_gflops``) trace the whole test-time computation of each image (scales,
+flips, windows) with fvcore, so input-dependent models (DToP, EQD) report what they really ran;
+the dataset average is ``gflops_avg``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .distributed import DistInfo
+from .evaluator import SegEvaluator
+from .flops import count_flops
+from .inference import infer
+
+
+class TestTimeModel(nn.Module):
+    """``forward(images)`` = the recipe's full test-time inference (for FLOPs tracing)."""
+
+    def __init__(self, model: nn.Module, test_cfg, default_crop):
+        super().__init__()
+        self.model = model
+        self.test_cfg = test_cfg
+        self.default_crop = default_crop
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return infer(self.model, images, self.test_cfg, self.default_crop)
+
+
+def evaluate_model(
+    model: nn.Module,
+    dataset,
+    recipe,
+    device: torch.device,
+    dist_info: DistInfo = DistInfo(),
+    trimap: int | None = None,
+    count_gflops: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    limit: int | None = None,
+) -> dict:
+    """Metrics of ``model`` on ``dataset`` (confusion matrices merged across DDP ranks)."""
+    from ..data import build_eval_loader
+
+    loader = build_eval_loader(dataset, recipe.data.num_workers, dist_info.rank, dist_info.world_size, limit=limit)
+    evaluator = SegEvaluator(dataset.num_classes, dataset.classes, dataset.ignore_index, device, trimap)
+    core = getattr(model, "module", model)
+    was_training = core.training
+    core.eval()
+    gflops = []
+    stats: dict[str, list] = {}
+    total = len(loader)
+    with torch.no_grad():
+        for step, batch in enumerate(loader):
+            images = batch["image"].to(device, non_blocking=True)
+            labels = batch["label"].to(device, non_blocking=True)
+            scores = infer(core, images, recipe.test, recipe.data.crop_size)  # [1, K, H, W]
+            evaluator.process(scores.argmax(1), labels)
+            for key, value in getattr(core, "last_stats", {}).items():
+                stats.setdefault(key, []).append(value)
+            if count_gflops:
+                gflops.append(count_flops(TestTimeModel(core, recipe.test, recipe.data.crop_size), images))
+            if progress is not None:
+                progress(step + 1, total)
+    core.train(was_training)
+    evaluator.all_reduce()
+    result = evaluator.evaluate()
+    result["num_images"] = len(dataset) if limit is None else min(limit, len(dataset))
+    if count_gflops:
+        gflops_t = torch.tensor([sum(gflops), float(len(gflops))], dtype=torch.float64)
+        if dist_info.enabled:
+            import torch.distributed as dist
+
+            dist.all_reduce(gflops_t)
+        result["gflops_avg"] = float(gflops_t[0] / gflops_t[1].clamp(min=1))
+    for key, values in stats.items():  # e.g. DToP's exit fractions, averaged over images
+        result[key] = _mean_nested(values)
+    return result
+
+
+def _mean_nested(values: list):
+    if isinstance(values[0], (list, tuple)):
+        return [sum(v[i] for v in values) / len(values) for i in range(len(values[0]))]
+    return sum(values) / len(values)

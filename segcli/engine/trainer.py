@@ -1,0 +1,220 @@
+"""The iteration-based training loop (model-agnostic).
+
+One iteration = one optimizer step over ``accum_steps`` micro-batches. The data of micro-batch
+``j`` depends only on (seed, j), the lr only on the iteration, and checkpoints carry the
+optimizer, scaler and torch RNG states, so ``resume`` continues exactly where ``last.pt`` was
+written (Ctrl-C writes it before leaving). Under DDP, rank 0 alone writes files; every rank
+evaluates its share and the confusion matrices are summed.
+
+Events reach the caller through ``callback(event, info)``: ``"step"`` (iteration, lr, losses,
+it/s), ``"eval"`` (metrics), ``"checkpoint"`` (path). The library never prints.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..errors import SegcliError
+from .checkpoint import load_model_state, read_checkpoint, save_checkpoint
+from .distributed import DistInfo
+from .evaluate import evaluate_model
+from .optim import build_optimizer, set_lr
+
+Callback = Callable[[str, dict], None]
+
+
+@dataclass
+class TrainResult:
+    work_dir: Path
+    last: Path
+    best: Path | None
+    best_miou: float
+    metrics: dict | None
+    iterations: int
+
+
+def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or setting == "off":
+        return None
+    if setting == "fp16":
+        return torch.float16
+    return torch.bfloat16  # "auto" and "bf16"
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _truncate_jsonl(path: Path, after_iter: int) -> None:
+    """Drop records newer than the checkpoint we resume from (written before a crash)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("iter", 0) <= after_iter]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def run_training(
+    recipe,
+    model: nn.Module,
+    train_set,
+    val_set,
+    work_dir: Path,
+    meta: dict,
+    device: torch.device,
+    dist_info: DistInfo = DistInfo(),
+    resume: bool = False,
+    callback: Callback | None = None,
+) -> TrainResult:
+    from ..data import build_train_loader
+
+    callback = callback or (lambda event, info: None)
+    cfg = recipe.train
+    work_dir = Path(work_dir)
+    last_path, best_path, metrics_path = work_dir / "last.pt", work_dir / "best.pt", work_dir / "metrics.jsonl"
+    torch.manual_seed(cfg.seed)
+
+    core = model.to(device)
+    if cfg.init_from and not resume:
+        payload = read_checkpoint(cfg.init_from)
+        own = core.state_dict()
+        state = {k: v for k, v in payload["model"].items() if k in own and own[k].shape == v.shape}
+        if not state:
+            raise SegcliError("no weights of this checkpoint fit the model", "train.init_from")
+        core.load_state_dict(state, strict=False)
+    if dist_info.enabled:
+        if device.type == "cuda" and recipe.model.sync_bn:
+            core = nn.SyncBatchNorm.convert_sync_batchnorm(core)
+        ddp = nn.parallel.DistributedDataParallel(
+            core, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
+        run_model = ddp
+    else:
+        run_model = core
+    optimizer = build_optimizer(core, cfg.optimizer)
+    dtype = amp_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+    start_iter, best_miou = 0, -1.0
+    if resume:
+        if not last_path.is_file():
+            raise SegcliError("nothing to resume: no last.pt", str(work_dir), "drop --resume to start a new run")
+        payload = read_checkpoint(last_path)
+        load_model_state(core, payload["model"], str(last_path))
+        optimizer.load_state_dict(payload["optimizer"])
+        scaler.load_state_dict(payload["scaler"])
+        start_iter = int(payload["iteration"])
+        best_miou = float(payload.get("best_miou", -1.0))
+        _set_rng_state(payload["rng"], device)
+        if dist_info.is_main:
+            _truncate_jsonl(metrics_path, start_iter)
+    elif dist_info.is_main and metrics_path.exists():
+        metrics_path.unlink()
+
+    def payload_at(iteration: int) -> dict:
+        return {
+            "version": __version__,
+            "recipe": recipe.to_dict(),
+            "meta": meta,
+            "model": core.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "iteration": iteration,
+            "best_miou": best_miou,
+            "rng": _rng_state(device),
+        }
+
+    def save_last(iteration: int) -> None:
+        if dist_info.is_main:
+            save_checkpoint(last_path, payload_at(iteration))
+            callback("checkpoint", {"path": str(last_path), "iter": iteration})
+
+    def evaluate(iteration: int) -> dict:
+        nonlocal best_miou
+        metrics = evaluate_model(core, val_set, recipe, device, dist_info)
+        record = {"iter": iteration, "mIoU": metrics["mIoU"], "mAcc": metrics["mAcc"], "aAcc": metrics["aAcc"]}
+        if dist_info.is_main:
+            _append_jsonl(metrics_path, record)
+            if not math.isnan(metrics["mIoU"]) and metrics["mIoU"] > best_miou:
+                best_miou = metrics["mIoU"]
+                save_checkpoint(best_path, {**payload_at(iteration), "best_miou": best_miou})
+        callback("eval", {"iter": iteration, **metrics})
+        return metrics
+
+    per_rank = recipe.data.batch_size // dist_info.world_size
+    if per_rank * dist_info.world_size != recipe.data.batch_size:
+        raise SegcliError(f"batch_size {recipe.data.batch_size} is not divisible by {dist_info.world_size} processes",
+                          "data.batch_size")
+    loader = build_train_loader(train_set, recipe.data.batch_size, recipe.data.num_workers, cfg.seed,
+                                dist_info.rank, dist_info.world_size, start_iter=start_iter * cfg.accum_steps)
+    batches = iter(loader)
+    metrics = None
+    iteration = start_iter
+    core.train()
+    tic, tic_iter = time.perf_counter(), start_iter
+    try:
+        while iteration < cfg.max_iters:
+            lr = set_lr(optimizer, iteration, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss_terms: dict[str, float] = {}
+            for micro in range(cfg.accum_steps):
+                batch = next(batches)
+                images = batch["image"].to(device, non_blocking=True)
+                labels = batch["label"].to(device, non_blocking=True)
+                sync = nullcontext() if (micro == cfg.accum_steps - 1 or not dist_info.enabled) else run_model.no_sync()
+                with sync:
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                        losses = run_model(images, labels)
+                    loss = sum(losses.values())
+                    scaler.scale(loss / cfg.accum_steps).backward()
+                for key, value in losses.items():
+                    loss_terms[key] = loss_terms.get(key, 0.0) + float(value.detach()) / cfg.accum_steps
+            total = sum(loss_terms.values())
+            if not math.isfinite(total):
+                raise SegcliError(f"the loss became {total} at iteration {iteration + 1}", "train.optimizer.lr",
+                                  "lower the learning rate or enable grad_clip")
+            if cfg.grad_clip:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(core.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            iteration += 1
+            if iteration % cfg.log_interval == 0 or iteration == cfg.max_iters:
+                elapsed = time.perf_counter() - tic
+                speed = (iteration - tic_iter) / elapsed if elapsed > 0 else 0.0
+                record = {"iter": iteration, "lr": lr, "loss": total, **loss_terms, "it_per_s": speed}
+                if dist_info.is_main:
+                    _append_jsonl(metrics_path, record)
+                tic, tic_iter = time.perf_counter(), iteration
+            callback("step", {"iter": iteration, "max_iters": cfg.max_iters, "lr": lr, "loss": total})
+            if iteration % cfg.eval_interval == 0 or iteration == cfg.max_iters:
+                metrics = evaluate(iteration)
+                core.train()
+                save_last(iteration)
+            elif cfg.checkpoint_interval and iteration % cfg.checkpoint_interval == 0:
+                save_last(iteration)
+    except KeyboardInterrupt:
+        save_last(iteration)
+        raise
+    return TrainResult(work_dir, last_path, best_path if best_path.exists() else None, best_miou, metrics, iteration)

@@ -1,0 +1,2 @@
+"""Backbones; importing registers them."""
+from . import resnet, vit  # noqa: F401

@@ -1,0 +1,266 @@
+"""Plain ViT backbones from timm (ViT, DeiT3, BEiT/BEiTv2) with block-level access.
+
+SPEC "shared conventions": tokens are patches only (the cls token is dropped before the blocks
+and deleted from the module, so DDP sees no unused parameter); no final norm on the features fed
+to heads; absolute position embeddings are resized bicubically to the input grid on the fly;
+features are taken after the given 0-based blocks and returned as NCHW maps ``[B, C, H/p, W/p]``.
+
+The blocks are run by :func:`block_forward` rather than timm's ``Block.forward`` so that one
+code path serves the plain model, Shrunk (a query subset: ``query_index``) and DToP (variable
+token sets padded per image: ``key_padding_mask``, with ``positions`` for BEiT's relative
+position bias). It reads the timm block's own parameters, so pretrained weights are used
+unchanged. Supported blocks: timm ``vision_transformer.Block`` (ViT, DeiT3) and ``beit.Block``.
+
+BEiT's relative position bias table is learnt for the window it was built with (the recipe's
+``img_size``); for another grid the table is resized bilinearly (decision: simple, differentiable,
+and exact when the grid matches, which it does for the thesis' crop-sized inference).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from ...errors import SegcliError
+from ...registry import BACKBONES
+from ..base import Backbone
+from .weights import load_state_dict_file
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    name: str = "vit_base_patch16_384"  # any timm ViT / DeiT3 / BEiT name
+    out_indices: tuple[int, ...] = (5, 7, 11)  # 0-based blocks whose outputs are returned
+    img_size: int = 512  # the size the position embeddings / rel-pos tables are built for
+    pretrained: str | None = None  # local timm-format weights (.pth/.pt/.bin/.safetensors/.npz)
+    drop_path_rate: float = 0.1
+
+
+def _qkv(attn: nn.Module, x: torch.Tensor):
+    """q, k, v ``[B, heads, N, d]`` from a timm attention module's own weights."""
+    batch, num_tokens, _ = x.shape
+    if getattr(attn, "q_bias", None) is not None:  # BEiT: q and v biases, zero k bias
+        bias = torch.cat((attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias))
+        qkv = F.linear(x, attn.qkv.weight, bias)
+    else:
+        qkv = attn.qkv(x)
+    qkv = qkv.reshape(batch, num_tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)  # [3, B, h, N, d]
+    q, k, v = qkv.unbind(0)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return q, k, v
+
+
+def rel_pos_bias(attn: nn.Module, grid: tuple[int, int]) -> torch.Tensor:
+    """BEiT relative position bias for patch tokens of ``grid``: ``[heads, h*w, h*w]``."""
+    win_h, win_w = attn.window_size
+    heads = attn.num_heads
+    table = attn.relative_position_bias_table[:-3]  # drop the 3 cls-token entries
+    table = table.t().reshape(1, heads, 2 * win_h - 1, 2 * win_w - 1)  # [1, h, 2Wh-1, 2Ww-1]
+    gh, gw = grid
+    if (gh, gw) != (win_h, win_w):
+        table = F.interpolate(table, size=(2 * gh - 1, 2 * gw - 1), mode="bilinear", align_corners=True)
+    table = table[0].flatten(1)  # [heads, (2gh-1)(2gw-1)]
+    ys, xs = torch.meshgrid(torch.arange(gh, device=table.device), torch.arange(gw, device=table.device), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    index = (ys[:, None] - ys[None, :] + gh - 1) * (2 * gw - 1) + (xs[:, None] - xs[None, :] + gw - 1)  # [N, N]
+    return table[:, index]  # [heads, N, N]
+
+
+def block_forward(
+    block: nn.Module,
+    tokens: torch.Tensor,
+    grid: tuple[int, int],
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+    query_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One pre-norm transformer block on ``tokens`` [B, N, C].
+
+    ``key_padding_mask`` [B, N] (True = padding) hides padded tokens from attention.
+    ``positions`` [B, N] are the tokens' flat grid indices (needed for relative position bias
+    when the tokens are a subset of the grid). ``query_index`` [B, Nq] selects the tokens that
+    act as queries (Shrunk's QD); the output then has Nq tokens and the residual is taken from
+    those tokens.
+    """
+    attn = block.attn
+    q, k, v = _qkv(attn, block.norm1(tokens))  # [B, h, N, d]
+    residual = tokens
+    q_positions = positions
+    if query_index is not None:
+        gather = query_index[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3])
+        q = torch.gather(q, 2, gather)  # [B, h, Nq, d]
+        residual = torch.gather(tokens, 1, query_index[..., None].expand(-1, -1, tokens.shape[-1]))  # [B, Nq, C]
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+        q_positions = torch.gather(positions, 1, query_index)
+    bias = None
+    if getattr(attn, "relative_position_bias_table", None) is not None:
+        bias = rel_pos_bias(attn, grid)[None]  # [1, h, N, N]
+        if positions is not None:
+            rows = bias.expand(tokens.shape[0], -1, -1, -1)
+            rows = torch.gather(rows, 2, q_positions[:, None, :, None].expand(-1, rows.shape[1], -1, rows.shape[3]))
+            bias = torch.gather(rows, 3, positions[:, None, None, :].expand(-1, rows.shape[1], rows.shape[2], -1))
+    if key_padding_mask is not None:
+        pad = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
+        pad = pad.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]  # [B, 1, 1, N]
+        bias = pad if bias is None else bias.to(q.dtype) + pad
+    elif bias is not None:
+        bias = bias.to(q.dtype)
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)  # [B, h, Nq, d]
+    out = out.transpose(1, 2).flatten(2)  # [B, Nq, h*d]
+    if hasattr(attn, "norm"):
+        out = attn.norm(out)
+    out = attn.proj_drop(attn.proj(out))
+    if getattr(block, "gamma_1", None) is not None:  # BEiT layer scale
+        x = residual + block.drop_path1(block.gamma_1 * out)
+        return x + block.drop_path2(block.gamma_2 * block.mlp(block.norm2(x)))
+    ls1 = getattr(block, "ls1", nn.Identity())
+    ls2 = getattr(block, "ls2", nn.Identity())
+    x = residual + block.drop_path1(ls1(out))
+    return x + block.drop_path2(ls2(block.mlp(block.norm2(x))))
+
+
+class ViTBackbone(Backbone):
+    """A timm plain ViT exposing ``embed`` / ``run_block`` / ``tokens_to_map`` for wrappers."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        try:
+            vit = timm.create_model(cfg.name, pretrained=False, num_classes=0, img_size=cfg.img_size,
+                                    drop_path_rate=cfg.drop_path_rate)
+        except RuntimeError as err:
+            raise SegcliError(f"timm has no model '{cfg.name}'", "model.backbone.name",
+                              "see timm.list_models('vit*')") from err
+        except TypeError as err:
+            raise SegcliError(f"'{cfg.name}' is not a plain ViT: {err}", "model.backbone.name") from err
+        if not hasattr(vit, "blocks") or not hasattr(vit, "patch_embed"):
+            raise SegcliError(f"'{cfg.name}' is not a plain ViT", "model.backbone.name", "use a vit_/deit3_/beit* model")
+        self.depth = len(vit.blocks)
+        for index in cfg.out_indices:
+            if not 0 <= index < self.depth:
+                raise SegcliError(f"block {index} does not exist ({cfg.name} has {self.depth})",
+                                  "model.backbone.out_indices")
+        # Patch tokens only: the prefix (cls/register) slots of the position embedding stay in the
+        # tensor (so timm checkpoints load unchanged) but are never added to anything.
+        self.num_prefix_pos = 0 if getattr(vit, "no_embed_class", False) else getattr(vit, "num_prefix_tokens", 1)
+        for name in ("cls_token", "reg_token"):
+            if getattr(vit, name, None) is not None:
+                delattr(vit, name)
+                setattr(vit, name, None)
+        for name in ("norm", "fc_norm", "head", "head_drop", "attn_pool"):
+            if hasattr(vit, name):
+                setattr(vit, name, nn.Identity())
+        self.vit = vit
+        self.cfg = cfg
+        self.embed_dim = vit.embed_dim if hasattr(vit, "embed_dim") else vit.num_features
+        self.patch_size = vit.patch_embed.patch_size[0]
+        self.base_grid = tuple(vit.patch_embed.grid_size)
+        self.out_indices = tuple(cfg.out_indices)
+        self.out_channels = tuple(self.embed_dim for _ in self.out_indices)
+        self.out_strides = tuple(self.patch_size for _ in self.out_indices)
+        self.size_divisor = self.patch_size
+        if cfg.pretrained:
+            self.load_pretrained(cfg.pretrained)
+
+    # ------------------------------------------------------------------ block-level API
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.vit.blocks
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Images [B, 3, H, W] -> patch tokens [B, h*w, C] with position embeddings, and (h, w)."""
+        x = self.vit.patch_embed.proj(images)  # [B, C, h, w]
+        grid = (x.shape[2], x.shape[3])
+        x = x.flatten(2).transpose(1, 2)  # [B, h*w, C]
+        x = self.vit.patch_embed.norm(x)
+        pos = getattr(self.vit, "pos_embed", None)
+        if pos is not None:
+            pos = pos[:, self.num_prefix_pos:]  # [1, h0*w0, C]
+            if grid != self.base_grid:
+                pos = resample_abs_pos_embed(pos, list(grid), old_size=list(self.base_grid), num_prefix_tokens=0)
+            x = x + pos
+        x = self.vit.pos_drop(x) if hasattr(self.vit, "pos_drop") else x
+        if hasattr(self.vit, "norm_pre"):
+            x = self.vit.norm_pre(x)
+        return x, grid
+
+    def run_block(self, index: int, tokens: torch.Tensor, grid: tuple[int, int], **kwargs) -> torch.Tensor:
+        return block_forward(self.vit.blocks[index], tokens, grid, **kwargs)
+
+    @staticmethod
+    def tokens_to_map(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """[B, h*w, C] -> [B, C, h, w]."""
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], grid[0], grid[1])
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        tokens, grid = self.embed(images)
+        features = []
+        last = max(self.out_indices)
+        for index in range(last + 1):
+            tokens = self.run_block(index, tokens, grid)
+            if index in self.out_indices:
+                features.append(self.tokens_to_map(tokens, grid))
+        return [features[sorted(self.out_indices).index(i)] for i in self.out_indices]
+
+    # ------------------------------------------------------------------ optimisation helpers
+    @property
+    def num_layers(self) -> int:
+        return self.depth + 2
+
+    def layer_id(self, param_name: str) -> int:
+        name = param_name.removeprefix("vit.")
+        if name.startswith(("pos_embed", "patch_embed", "cls_token", "reg_token")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.depth + 1
+
+    def no_weight_decay_names(self) -> set[str]:
+        names = {"vit.pos_embed"}
+        names |= {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n or n.endswith("gamma_1")
+                  or n.endswith("gamma_2")}
+        return names
+
+    # ------------------------------------------------------------------ weights
+    def load_pretrained(self, path: str) -> None:
+        """Load timm-format weights from a local file; cls token dropped, position tables resized."""
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise SegcliError(f"pretrained weights not found: {file}", "model.backbone.pretrained",
+                              "give a local timm checkpoint (.pth/.safetensors/.npz); segcli never downloads")
+        if file.suffix == ".npz":
+            if not hasattr(self.vit, "load_pretrained"):
+                raise SegcliError(".npz weights only load into timm VisionTransformer models", str(file))
+            self.vit.load_pretrained(str(file))
+            return
+        state = load_state_dict_file(file)
+        state = {k.removeprefix("module.").removeprefix("backbone.").removeprefix("encoder."): v for k, v in state.items()}
+        state.pop("cls_token", None)
+        state.pop("reg_token", None)
+        module = __import__(type(self.vit).__module__, fromlist=["checkpoint_filter_fn"])
+        if hasattr(module, "checkpoint_filter_fn"):
+            state = module.checkpoint_filter_fn(state, self.vit)
+        state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.", "norm.", "cls_token"))}
+        own = self.vit.state_dict()
+        shape_bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+        if shape_bad:
+            raise SegcliError(f"weights do not fit {self.cfg.name}: shape mismatch in {shape_bad[:3]}", str(file),
+                              "use weights of the same architecture as model.backbone.name")
+        result = self.vit.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith(("relative_position_index", "k_bias"))]
+        if missing:
+            raise SegcliError(f"weights miss {len(missing)} tensors of {self.cfg.name}, e.g. {missing[:3]}", str(file),
+                              "use weights of the same architecture as model.backbone.name")
+
+
+@BACKBONES.register("vit", ViTConfig)
+def build_vit(cfg: ViTConfig) -> ViTBackbone:
+    return ViTBackbone(cfg)

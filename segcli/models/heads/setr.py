@@ -1,0 +1,68 @@
+"""SETR-naive / SETR-UP head (Zheng et al. 2021; the thesis' "SETR naive" baseline, table 4.x).
+
+As in MMSegmentation's ``SETRUPHead``: LayerNorm on the ViT tokens, then ``num_convs`` times
+(conv ``kernel_size`` -> BN -> ReLU -> bilinear upsample ×``up_scale``), dropout, and a 1×1
+classifier. SETR-naive is ``num_convs=1, up_scale=4, kernel_size=1``; SETR's auxiliary heads are
+the same head with ``num_convs=2`` on earlier blocks. Scores are upsampled bilinearly to the
+requested size; the loss is pixel CE at label resolution.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...registry import HEADS
+from ..base import DecodeHead, HeadContext, resize
+from ..losses import cross_entropy
+
+
+@dataclass(frozen=True)
+class SETRConfig:
+    in_index: int = -1
+    channels: int = 256
+    num_convs: int = 1
+    up_scale: int = 4
+    kernel_size: int = 1
+    dropout: float = 0.0
+    loss_weight: float = 1.0
+
+
+class SETRHead(DecodeHead):
+    def __init__(self, cfg: SETRConfig, ctx: HeadContext):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = ctx.num_classes
+        self.ignore_index = ctx.ignore_index
+        in_channels = ctx.in_channels[cfg.in_index]
+        self.norm = nn.LayerNorm(in_channels, eps=1e-6)
+        layers = []
+        for i in range(cfg.num_convs):
+            layers += [
+                nn.Conv2d(in_channels if i == 0 else cfg.channels, cfg.channels, cfg.kernel_size,
+                          padding=cfg.kernel_size // 2, bias=False),
+                nn.BatchNorm2d(cfg.channels),
+                nn.ReLU(inplace=True),
+                nn.Upsample(scale_factor=cfg.up_scale, mode="bilinear", align_corners=False),
+            ]
+        self.convs = nn.Sequential(*layers)
+        self.dropout = nn.Dropout2d(cfg.dropout)
+        self.classifier = nn.Conv2d(cfg.channels, ctx.num_classes, 1)
+
+    def forward(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        x = features[self.cfg.in_index]  # [B, C, h, w]
+        x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # LayerNorm over C
+        logits = self.classifier(self.dropout(self.convs(x)))  # [B, K, h*s, w*s]
+        return {"logits": logits}
+
+    def loss(self, outputs, labels):
+        return {"loss_ce": self.cfg.loss_weight * cross_entropy(outputs["logits"], labels, self.ignore_index)}
+
+    def seg_logits(self, outputs, size):
+        return resize(outputs["logits"], size)
+
+
+@HEADS.register("setr", SETRConfig)
+def build_setr(cfg: SETRConfig, ctx: HeadContext) -> SETRHead:
+    return SETRHead(cfg, ctx)

@@ -1,0 +1,44 @@
+"""The encoder-decoder meta-architecture: backbone -> decode head (+ auxiliary heads).
+
+``forward(images, labels)`` returns the loss dict when labels are given (so DDP wraps one
+forward), otherwise per-class scores at the input size. Whole/slide inference and test-time
+augmentation live in ``engine/inference.py`` and call :meth:`EncoderDecoder.forward`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..registry import SEGMENTORS
+from .base import Backbone, DecodeHead
+
+
+class EncoderDecoder(nn.Module):
+    def __init__(self, backbone: Backbone, decode_head: DecodeHead, aux_heads: list[DecodeHead] | tuple = ()):
+        super().__init__()
+        self.backbone = backbone
+        self.decode_head = decode_head
+        self.aux_heads = nn.ModuleList(aux_heads)
+
+    @property
+    def num_classes(self) -> int:
+        return self.decode_head.num_classes
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None):
+        features = self.backbone(images)
+        outputs = self.decode_head(features)
+        if labels is None:
+            return self.decode_head.seg_logits(outputs, tuple(images.shape[-2:]))  # [B, K, H, W]
+        return self.losses(features, outputs, labels)
+
+    def losses(self, features: list[torch.Tensor], outputs: dict, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        losses = {f"decode.{k}": v for k, v in self.decode_head.loss(outputs, labels).items()}
+        for i, head in enumerate(self.aux_heads):
+            aux_out = head(features)
+            losses.update({f"aux{i}.{k}": v for k, v in head.loss(aux_out, labels).items()})
+        return losses
+
+
+@SEGMENTORS.register("encoder_decoder")
+def build_encoder_decoder(cfg, backbone, decode_head, aux_heads):
+    return EncoderDecoder(backbone, decode_head, aux_heads)

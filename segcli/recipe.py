@@ -1,0 +1,267 @@
+"""Recipes: YAML files -> one frozen, typed :class:`Recipe`.
+
+A recipe has four sections (``model``, ``data``, ``train``, ``test``) and optionally ``cl``.
+``_base_`` (a path or a list of paths, relative to the recipe file) is merged first, deeper
+recipes override; a mapping that changes a component's ``type`` replaces the base mapping
+instead of merging into it (the base's options belong to another component), and
+``_delete_: true`` in a mapping replaces rather than merges. ``--set a.b.c=value`` overrides are
+applied to the merged data (values parsed as YAML) before validation, so they are type-checked
+like the file. Unknown keys anywhere are rejected with a "did you mean" hint.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .configurable import Component, component_field, from_dict, to_dict
+from .errors import SegcliError
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``model:`` — a segmentor (``type``) wiring a backbone, a decode head and auxiliary heads.
+
+    ``num_classes`` comes from the dataset unless given. ``options`` are the segmentor's own
+    settings, typed by the segmentor's registered dataclass (e.g. DToP's ``p0``).
+    """
+
+    backbone: Component = component_field("backbone")
+    decode_head: Component = component_field("head")
+    type: str = "encoder_decoder"
+    aux_heads: tuple[Component, ...] = field(default=(), metadata={"registry": "head"})
+    num_classes: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    sync_bn: bool = True  # BatchNorm -> SyncBatchNorm under DDP
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``data:`` — which dataset, where, and the training augmentation.
+
+    ``scale`` is MMSegmentation's base scale for random resize: the image is rescaled to fit
+    ``scale`` (long, short) with its aspect ratio kept, times a ratio drawn from ``ratio_range``.
+    """
+
+    type: str = "synthetic"
+    root: str | None = None
+    classes: tuple[str, ...] | None = None  # override the dataset's class names (folder: classes.txt)
+    reduce_zero_label: bool | None = None  # None = the dataset's convention
+    crop_size: tuple[int, int] = (512, 512)  # (H, W)
+    scale: tuple[int, int] | None = None  # (long, short) base scale; None = crop size
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75
+    flip_prob: float = 0.5
+    photometric: bool = True
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    batch_size: int = 8  # global batch (split across DDP processes)
+    num_workers: int = 2
+    train_split: str = "train"
+    val_split: str = "val"
+    # synthetic only
+    synthetic_size: int = 128
+    synthetic_train: int = 96
+    synthetic_val: int = 24
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if not 0 < self.cat_max_ratio <= 1:
+            raise ValueError("cat_max_ratio must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    type: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    head_lr_mult: float = 10.0  # lr multiplier for everything but the backbone
+    layer_decay: float | None = None  # layer-wise lr decay for ViT backbones (BEiT fine-tuning)
+    no_wd_norm: bool = True  # no weight decay on norms, biases, position embeddings, queries
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_iters: int = 160000
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    warmup_iters: int = 1500
+    warmup_ratio: float = 1e-6
+    poly_power: float = 1.0
+    min_lr: float = 0.0
+    grad_clip: float | None = None
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, off on CPU
+    accum_steps: int = 1
+    eval_interval: int = 16000
+    log_interval: int = 50
+    checkpoint_interval: int = 0  # 0 = only at eval and at the end
+    seed: int = 0
+    init_from: str | None = None  # a checkpoint whose weights start this run (e.g. DToP finetune)
+
+    def __post_init__(self):
+        if self.max_iters < 1:
+            raise ValueError("max_iters must be >= 1")
+        if self.accum_steps < 1:
+            raise ValueError("accum_steps must be >= 1")
+
+
+@dataclass(frozen=True)
+class TestConfig:
+    mode: Literal["whole", "slide"] = "whole"
+    crop_size: tuple[int, int] | None = None  # slide window (H, W); None = data.crop_size
+    stride: tuple[int, int] | None = None  # slide stride; None = 2/3 of the crop
+    scale: tuple[int, int] | None = None  # resize to fit (long, short) before inference; None = as is
+    scales: tuple[float, ...] = (1.0,)  # multi-scale TTA ratios of `scale`
+    flip: bool = False
+    batch_size: int = 1
+
+
+@dataclass(frozen=True)
+class CLConfig:
+    """``cl:`` — continual learning (SegViT-CL, thesis 4.2.3)."""
+
+    protocol: str = "100-50"
+    setting: Literal["overlapped", "disjoint"] = "overlapped"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelConfig
+    name: str = "recipe"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+    cl: CLConfig | None = None
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def replace(self, **sections) -> "Recipe":
+        import dataclasses
+
+        return dataclasses.replace(self, **sections)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise SegcliError("recipe file not found", str(path), "check the path")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        loc = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise SegcliError(f"invalid YAML: {getattr(err, 'problem', err)}", loc, "fix the syntax") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SegcliError("a recipe must be a mapping of sections", str(path))
+    return data
+
+
+def _merge(base: Any, child: Any) -> Any:
+    if not (isinstance(base, dict) and isinstance(child, dict)):
+        return copy.deepcopy(child)
+    child = dict(child)
+    if child.pop("_delete_", False):
+        return copy.deepcopy(child)
+    if "type" in child and "type" in base and child["type"] != base["type"]:
+        return copy.deepcopy(child)
+    out = copy.deepcopy(base)
+    for key, value in child.items():
+        out[key] = _merge(out[key], value) if key in out else copy.deepcopy(value)
+    return out
+
+
+def load_raw(path: str | Path, _seen: tuple = ()) -> dict:
+    """Read a recipe and its ``_base_`` chain into one merged dict (not yet validated)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise SegcliError("_base_ inherits from itself", str(path))
+    data = _read_yaml(path)
+    bases = data.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: dict = {}
+    for base in bases:
+        base_path = (path.parent / str(base)).resolve()
+        if not base_path.is_file():
+            raise SegcliError(f"_base_ file '{base}' not found", str(path), f"looked at {base_path}")
+        merged = _merge(merged, load_raw(base_path, _seen + (path,)))
+    return _merge(merged, data)
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML; list items by index)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise SegcliError(f"override '{item}' is not KEY=VALUE", "--set", "e.g. --set train.max_iters=100")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        parts = key.strip().split(".")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise SegcliError(f"no list item {part}", f"--set {key}")
+                node = node[int(part)]
+                continue
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, (dict, list)):
+                raise SegcliError(f"'{'.'.join(parts[: i + 1])}' is not a section", f"--set {key}")
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise SegcliError(f"no list item {last}", f"--set {key}")
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return raw
+
+
+def recipe_from_dict(raw: dict, where: str = "recipe", name: str | None = None) -> Recipe:
+    """Validate a merged dict into a :class:`Recipe` (registries are populated first)."""
+    from . import data as _data  # noqa: F401  (registers datasets)
+    from . import models as _models  # noqa: F401  (registers backbones, heads, segmentors)
+    from .registry import DATASETS, SEGMENTORS
+
+    raw = dict(raw)
+    if name is not None and "name" not in raw:
+        raw["name"] = name
+    if "model" not in raw:
+        raise SegcliError("missing the 'model' section", where)
+    recipe = from_dict(Recipe, raw, where)
+    DATASETS.get(recipe.data.type, f"{where}: data.type")
+    entry = SEGMENTORS.get(recipe.model.type, f"{where}: model.type")
+    if entry.config_cls is not None:  # validate segmentor options now, not at build time
+        from_dict(entry.config_cls, recipe.model.options, f"{where}: model.options")
+    elif recipe.model.options:
+        raise SegcliError(f"segmentor '{recipe.model.type}' takes no options", f"{where}: model.options")
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load, merge ``_base_``, apply ``--set`` overrides and validate a recipe file."""
+    path = Path(path)
+    raw = apply_overrides(load_raw(path), overrides)
+    return recipe_from_dict(raw, where=str(path), name=path.stem)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

@@ -1,0 +1,89 @@
+"""ViT backbone: block-level forward equals timm's, BEiT relative bias, pretrained loading."""
+import pytest
+import timm
+import torch
+
+from segcli.errors import SegcliError
+from segcli.models.backbones.vit import ViTBackbone, ViTConfig, block_forward, rel_pos_bias
+
+
+def _cfg(name="vit_tiny_patch16_224", **kw):
+    return ViTConfig(name=name, out_indices=kw.pop("out_indices", (1, 3)), img_size=kw.pop("img_size", 64),
+                     drop_path_rate=0.0, **kw)
+
+
+def test_block_forward_matches_timm_vit():
+    torch.manual_seed(0)
+    backbone = ViTBackbone(_cfg()).eval()
+    tokens = torch.randn(2, 16, 192)
+    block = backbone.blocks[0]
+    assert torch.allclose(block_forward(block, tokens, (4, 4)), block(tokens), atol=1e-5)
+
+
+def test_block_forward_matches_timm_beit_without_cls():
+    torch.manual_seed(0)
+    backbone = ViTBackbone(_cfg("beitv2_base_patch16_224", img_size=64, out_indices=(0,))).eval()
+    attn = backbone.blocks[0].attn
+    with torch.no_grad():
+        attn.relative_position_bias_table.normal_()
+    ours = rel_pos_bias(attn, (4, 4))
+    theirs = attn._get_rel_pos_bias()[0, :, 1:, 1:]
+    assert torch.allclose(ours, theirs)
+    # a token subset gathers the same bias entries
+    tokens = torch.randn(1, 16, 768)
+    full = block_forward(backbone.blocks[0], tokens, (4, 4))
+    assert full.shape == (1, 16, 768)
+
+
+def test_query_index_and_padding():
+    torch.manual_seed(0)
+    backbone = ViTBackbone(_cfg()).eval()
+    block = backbone.blocks[0]
+    tokens = torch.randn(1, 16, 192)
+    full = block_forward(block, tokens, (4, 4))
+    index = torch.tensor([[0, 5, 10]])
+    sub = block_forward(block, tokens, (4, 4), query_index=index)
+    assert torch.allclose(sub, full[:, [0, 5, 10]], atol=1e-5)
+    padded = torch.cat([tokens, torch.randn(1, 4, 192)], 1)
+    mask = torch.zeros(1, 20, dtype=torch.bool)
+    mask[:, 16:] = True
+    out = block_forward(block, padded, (4, 4), key_padding_mask=mask)
+    assert torch.allclose(out[:, :16], full, atol=1e-5)
+
+
+def test_backbone_shapes_non_square_and_no_cls():
+    backbone = ViTBackbone(_cfg(out_indices=(3, 1)))
+    feats = backbone(torch.randn(2, 3, 48, 80))
+    assert [tuple(f.shape) for f in feats] == [(2, 192, 3, 5), (2, 192, 3, 5)]
+    assert backbone.vit.cls_token is None
+    assert all(p.requires_grad for p in backbone.parameters())
+
+
+def test_pretrained_timm_checkpoint_loads(tmp_path):
+    torch.manual_seed(1)
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32)  # cls token, 2x2 grid
+    path = tmp_path / "vit.pth"
+    torch.save(source.state_dict(), path)
+    backbone = ViTBackbone(_cfg(img_size=64, pretrained=str(path)))
+    assert torch.equal(backbone.vit.blocks[2].attn.qkv.weight, source.blocks[2].attn.qkv.weight)
+    # position embeddings: cls slot kept aside, the 2x2 grid resized to 4x4
+    assert backbone.vit.pos_embed.shape == (1, 17, 192)
+
+
+def test_pretrained_errors(tmp_path):
+    with pytest.raises(SegcliError, match="not found"):
+        ViTBackbone(_cfg(pretrained=str(tmp_path / "missing.pth")))
+    other = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=64)
+    torch.save(other.state_dict(), tmp_path / "small.pth")
+    with pytest.raises(SegcliError, match="shape mismatch"):
+        ViTBackbone(_cfg(pretrained=str(tmp_path / "small.pth")))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(SegcliError, match="cannot read"):
+        ViTBackbone(_cfg(pretrained=str(tmp_path / "junk.pth")))
+
+
+def test_layer_ids():
+    backbone = ViTBackbone(_cfg())
+    assert backbone.layer_id("vit.patch_embed.proj.weight") == 0
+    assert backbone.layer_id("vit.blocks.3.attn.qkv.weight") == 4
+    assert backbone.num_layers == 14
