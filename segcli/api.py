@@ -59,7 +59,7 @@ def build_datasets(recipe: Recipe, splits=("train", "val")):
     """The recipe's datasets, with the training / evaluation transforms attached."""
     from .data import build_dataset
 
-    return tuple(build_dataset(recipe.data, split, train=(split == "train")) for split in splits)
+    return tuple(build_dataset(recipe.data, split) for split in splits)
 
 
 def dataset_meta(dataset) -> dict:
@@ -71,14 +71,51 @@ def dataset_meta(dataset) -> dict:
     }
 
 
+def num_classes_of(data_cfg) -> int:
+    """The class count of a recipe's dataset without reading its images (FLOPs, model building).
+
+    Known datasets have fixed class lists; ``folder`` reads ``ROOT/classes.txt``; ``data.classes``
+    overrides both.
+    """
+    from .data import SYNTHETIC_CLASSES, classes as known
+    from .data.datasets import dataset_root, read_class_file
+
+    if data_cfg.classes:
+        return len(data_cfg.classes)
+    fixed = {
+        "ade20k": known.ADE20K_CLASSES, "cityscapes": known.CITYSCAPES_CLASSES,
+        "pascal_context": known.PASCAL_CONTEXT_60_CLASSES, "pascal_context_59": known.PASCAL_CONTEXT_59_CLASSES,
+        "coco_stuff10k": known.COCO_STUFF_CLASSES, "synthetic": SYNTHETIC_CLASSES,
+    }
+    if data_cfg.type in fixed:
+        return len(fixed[data_cfg.type])
+    return len(read_class_file(dataset_root(data_cfg, "data/my_dataset") / "classes.txt"))
+
+
+def without_pretrained(recipe: Recipe) -> Recipe:
+    """The recipe with ``model.backbone.pretrained`` cleared.
+
+    Used wherever the weights come from elsewhere (a segcli checkpoint) or do not matter (FLOPs),
+    so that the backbone's pretrained file need not exist on this machine.
+    """
+    import dataclasses
+
+    from .configurable import Component
+
+    cfg = recipe.model.backbone.cfg
+    if cfg is None or getattr(cfg, "pretrained", None) is None:
+        return recipe
+    backbone = Component(recipe.model.backbone.type, dataclasses.replace(cfg, pretrained=None))
+    return recipe.replace(model=dataclasses.replace(recipe.model, backbone=backbone))
+
+
 def build_model(recipe: Recipe | str | Path, num_classes: int | None = None) -> nn.Module:
     """The segmentor of a recipe; ``num_classes`` defaults to ``model.num_classes`` or the dataset's."""
-    from .data import dataset_classes
     from .models import build_segmentor
 
     recipe = _as_recipe(recipe)
     if num_classes is None:
-        num_classes = recipe.model.num_classes or len(dataset_classes(recipe.data))
+        num_classes = recipe.model.num_classes or num_classes_of(recipe.data)
     return build_segmentor(recipe.model, num_classes)
 
 
@@ -99,7 +136,7 @@ def load_checkpoint(path: str | Path, recipe: str | Path | None = None, override
     else:
         rec = recipe_from_dict(apply_overrides(payload["recipe"], list(overrides)), where=f"{path} (embedded recipe)")
     meta = payload["meta"]
-    model = build_model(rec, num_classes=meta["num_classes"])
+    model = build_model(without_pretrained(rec), num_classes=meta["num_classes"])
     load_model_state(model, payload["model"], str(path))
     model.to(device).eval()
     return LoadedModel(model, rec, meta, Path(path))
@@ -119,6 +156,7 @@ def train(recipe: Recipe | str | Path, work_dir: str | Path | None = None, overr
     dist_info = init_distributed(dev)
     try:
         train_set, val_set = build_datasets(recipe)
+        torch.manual_seed(recipe.train.seed)  # the initial weights depend on the seed alone
         model = build_model(recipe, num_classes=train_set.num_classes)
         if dist_info.is_main:
             work_dir.mkdir(parents=True, exist_ok=True)
@@ -148,7 +186,7 @@ def evaluate(checkpoint: str | Path, recipe: str | Path | None = None, overrides
 def flops(recipe: Recipe | str | Path, shape: tuple[int, int] | None = None, overrides=()) -> dict:
     """GFLOPs (fvcore, attention counted) and parameters (M) of a recipe's model on one image."""
     recipe = _as_recipe(recipe, overrides)
-    model = build_model(recipe)
+    model = build_model(without_pretrained(recipe))
     height, width = shape or recipe.data.crop_size
     images = torch.zeros(1, 3, height, width)
     return {"gflops": count_flops(model, images), "params_m": count_params(model), "shape": [height, width]}
@@ -186,7 +224,7 @@ def predict(inputs: list[str], checkpoint: str | Path, out_dir: str | Path = "pr
             device: str | None = None, progress: Callable[[int, int], None] | None = None,
             show_pruning: bool = False) -> PredictResult:
     """Label PNGs (``<stem>.png``, class ids) and colour PNGs (``<stem>_color.png``, or ``_overlay``)."""
-    from .data.io import read_image
+    from .data import read_image
     from .engine.inference import infer
     from .viz import colorize, overlay_image, save_png
 

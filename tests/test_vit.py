@@ -87,3 +87,36 @@ def test_layer_ids():
     assert backbone.layer_id("vit.patch_embed.proj.weight") == 0
     assert backbone.layer_id("vit.blocks.3.attn.qkv.weight") == 4
     assert backbone.num_layers == 14
+
+
+def test_select_and_scatter_tokens_round_trip():
+    from segcli.models.tokens import scatter_tokens, select_tokens
+
+    tokens = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
+    keep = torch.tensor([[True, False, True, False, False], [True, True, True, True, False]])
+    packed, index, pad = select_tokens(tokens, keep)
+    assert packed.shape == (2, 4, 3)
+    assert index[0, :2].tolist() == [0, 2] and pad[0].tolist() == [False, False, True, True]
+    assert torch.equal(packed[1], tokens[1, :4])
+    back = scatter_tokens(torch.zeros_like(tokens), packed * 10, index, pad)
+    assert torch.equal(back[0, [0, 2]], tokens[0, [0, 2]] * 10) and back[0, [1, 3, 4]].abs().sum() == 0
+    assert back[1, 4].abs().sum() == 0
+
+
+def test_padded_batch_equals_each_image_alone():
+    """A block on a padded batch of token subsets equals the block on each subset alone."""
+    from segcli.models.tokens import select_tokens
+
+    torch.manual_seed(0)
+    backbone = ViTBackbone(_cfg("beitv2_base_patch16_224", img_size=64, out_indices=(0,))).eval()
+    with torch.no_grad():
+        backbone.blocks[0].attn.relative_position_bias_table.normal_()
+    tokens = torch.randn(2, 16, 768)
+    keep = torch.rand(2, 16) > 0.4
+    keep[:, 0] = True
+    packed, index, pad = select_tokens(tokens, keep)
+    out = backbone.run_block(0, packed, (4, 4), key_padding_mask=pad, positions=index)
+    for b in range(2):
+        pos = keep[b].nonzero()[:, 0]
+        alone = backbone.run_block(0, tokens[b:b + 1, pos], (4, 4), positions=pos[None])
+        assert torch.allclose(out[b, : len(pos)], alone[0], atol=1e-4)

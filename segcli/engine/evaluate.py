@@ -44,7 +44,9 @@ def evaluate_model(
     """Metrics of ``model`` on ``dataset`` (confusion matrices merged across DDP ranks)."""
     from ..data import build_eval_loader
 
-    loader = build_eval_loader(dataset, recipe.data.num_workers, dist_info.rank, dist_info.world_size, limit=limit)
+    if limit is not None:
+        dataset = dataset.subset(range(min(limit, len(dataset))))
+    loader = build_eval_loader(dataset, recipe.data.num_workers, dist_info.rank, dist_info.world_size)
     evaluator = SegEvaluator(dataset.num_classes, dataset.classes, dataset.ignore_index, device, trimap)
     core = getattr(model, "module", model)
     was_training = core.training
@@ -67,7 +69,7 @@ def evaluate_model(
     core.train(was_training)
     evaluator.all_reduce()
     result = evaluator.evaluate()
-    result["num_images"] = len(dataset) if limit is None else min(limit, len(dataset))
+    result["num_images"] = len(dataset)
     if count_gflops:
         gflops_t = torch.tensor([sum(gflops), float(len(gflops))], dtype=torch.float64)
         if dist_info.enabled:

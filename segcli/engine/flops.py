@@ -19,10 +19,18 @@ def _shape(value) -> list[int]:
 
 
 def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
-    """fvcore op handle: q [..., Nq, d], k [..., Nk, d], v [..., Nk, dv]."""
+    """fvcore op handle: q [..., Nq, d], k [..., Nk, d], v [..., Nk, dv].
+
+    An additive float ``attn_mask`` (BEiT's relative position bias, DToP's padding) adds one
+    flop per attention logit (Nq·Nk per batch·head), as an explicit ``attn + bias`` would.
+    """
     q, k, v = (_shape(x) for x in inputs[:3])
     batch = math.prod(q[:-2])
-    return batch * q[-2] * k[-2] * (q[-1] + v[-1])
+    flops = batch * q[-2] * k[-2] * (q[-1] + v[-1])
+    mask = inputs[3] if len(inputs) > 3 else None
+    if mask is not None and mask.type().kind() == "TensorType":
+        flops += batch * q[-2] * k[-2]
+    return flops
 
 
 def count_flops(model: nn.Module, *inputs: torch.Tensor) -> float:

@@ -2,7 +2,7 @@
 
 Groups (MMSegmentation's ``paramwise_cfg`` habits): parameters outside the backbone take
 ``lr × head_lr_mult``; norm weights/biases (LayerNorm, BatchNorm, GroupNorm), position
-embeddings and the backbone's ``no_weight_decay_names`` take no weight decay (``no_wd_norm``);
+embeddings and whatever a module lists in its ``no_weight_decay_names()`` take no weight decay (``no_wd_norm``);
 with ``layer_decay`` the backbone's layer ``i`` of ``L`` takes ``lr × decay^(L-1-i)`` (BEiT
 fine-tuning). The lr of iteration ``it`` is a pure function of ``it`` (mmcv 0.x "poly" with linear
 warmup: ``base · poly(it) · warmup(it)``), so resuming needs only the iteration number.
@@ -20,9 +20,9 @@ def _no_decay_names(model: nn.Module) -> set[str]:
     for module_name, module in model.named_modules():
         if isinstance(module, _NORMS):
             names |= {f"{module_name}.{p}" if module_name else p for p, _ in module.named_parameters(recurse=False)}
-    backbone = getattr(model, "backbone", None)
-    if backbone is not None and hasattr(backbone, "no_weight_decay_names"):
-        names |= {f"backbone.{n}" for n in backbone.no_weight_decay_names()}
+        if hasattr(module, "no_weight_decay_names"):  # position embeddings, class queries, ...
+            prefix = f"{module_name}." if module_name else ""
+            names |= {prefix + n for n in module.no_weight_decay_names()}
     return names
 
 

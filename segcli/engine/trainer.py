@@ -76,6 +76,15 @@ def _truncate_jsonl(path: Path, after_iter: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+def _mean_across_ranks(terms: dict[str, float]) -> dict[str, float]:
+    import torch.distributed as dist
+
+    values = torch.tensor(list(terms.values()), dtype=torch.float64)
+    dist.all_reduce(values)
+    values /= dist.get_world_size()
+    return dict(zip(terms, values.tolist()))
+
+
 def run_training(
     recipe,
     model: nn.Module,
@@ -201,6 +210,9 @@ def run_training(
             scaler.update()
             iteration += 1
             if iteration % cfg.log_interval == 0 or iteration == cfg.max_iters:
+                if dist_info.enabled:  # log the global batch's loss, not rank 0's share
+                    loss_terms = _mean_across_ranks(loss_terms)
+                    total = sum(loss_terms.values())
                 elapsed = time.perf_counter() - tic
                 speed = (iteration - tic_iter) / elapsed if elapsed > 0 else 0.0
                 record = {"iter": iteration, "lr": lr, "loss": total, **loss_terms, "it_per_s": speed}

@@ -84,6 +84,16 @@ def _average_count(count: int, device: torch.device) -> float:
     return max(float(count), 1.0)
 
 
+def _average_sum(value: torch.Tensor, labels_device: torch.device) -> torch.Tensor:
+    """A (detached) sum averaged over DDP processes; itself without DDP."""
+    value = value.detach().float()
+    if dist.is_available() and dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value)
+        value = value / dist.get_world_size()
+    return value.clamp(min=1e-12)
+
+
 class ATMCriterion(nn.Module):
     """Loss terms for ATM outputs (``pred_logits`` [B, K, K+1], ``pred_masks`` [B, K, h, w],
     optional ``aux_outputs``) against ``labels`` [B, H, W]; see the module docstring."""
@@ -136,7 +146,12 @@ class ATMCriterion(nn.Module):
     def _terms(self, outputs: dict, targets: torch.Tensor, size, pairs) -> dict[str, torch.Tensor]:
         image_idx, class_idx, mask_targets, valid, num_masks = pairs
         class_logits = outputs["pred_logits"].float()  # [B, K, K+1]
-        loss_ce = F.cross_entropy(class_logits.transpose(1, 2), targets, weight=self.class_weight)  # weighted mean
+        # Weighted mean over the *global* batch: Σ w·ce / Σ w with Σ w averaged across DDP processes
+        # (like the mask count), so N processes × B/N images give the loss of one process × B.
+        per_query = F.cross_entropy(class_logits.transpose(1, 2), targets, weight=self.class_weight,
+                                    reduction="none")  # [B, K], already multiplied by the target's weight
+        weight_sum = _average_sum(self.class_weight[targets].sum(), labels_device=per_query.device)
+        loss_ce = per_query.sum() / weight_sum
         mask_logits = outputs["pred_masks"][image_idx, class_idx].float()  # [P, h, w]
         if image_idx.numel() == 0:  # nothing present in the batch: zero, but keep the graph
             zero = outputs["pred_masks"].float().sum() * 0.0

@@ -21,8 +21,11 @@ Decisions (SPEC "NRD"; thesis 3.2.1, 3.3.1):
   (Sync)BN group in training (as in MMSegmentation).
 * ``output_stride`` 16/8 dilates the last stages (timm's ``output_stride``) for the thesis'
   dilated-encoder comparisons; ``out_strides`` then reports the true strides.
-* Pretrained weights are a local timm-format file only (.pth/.pt/.bin/.safetensors/.npz);
-  the classifier (``fc.*``) is dropped; any other mismatch is a :class:`SegcliError`.
+* Pretrained weights are a local file only (.pth/.pt/.bin/.safetensors/.npz) in timm's key
+  format, or MMCV's (MMSegmentation's ``open-mmlab://resnet50_v1c``, the thesis' ImageNet
+  weights; :func:`checkpoint_filter_fn` renames the stem). timm's ``resnet50c.gluon_in1k`` and
+  ``resnet101c.gluon_in1k`` have the same V1c architecture. The classifier (``fc.*``) is
+  dropped; any other mismatch is a :class:`SegcliError`.
 
 Outputs: the timm feature levels in ``out_indices`` (0: stem, stride 2; 1..4: stages
 "res2".."res5", strides 4..32), NCHW. With the defaults ``(1, 4)`` and ``aspp: true`` that is
@@ -134,6 +137,23 @@ def read_timm_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
 
 
+# MMCV ResNetV1c stem (``stem.{0..7}``: conv-bn-relu ×3) -> timm deep stem (``conv1.*`` + ``bn1``).
+_MMCV_STEM = {"stem.0.": "conv1.0.", "stem.1.": "conv1.1.", "stem.3.": "conv1.3.", "stem.4.": "conv1.4.",
+              "stem.6.": "conv1.6.", "stem.7.": "bn1."}
+
+
+def checkpoint_filter_fn(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm keys for a ResNet state dict: MMCV "V1c" checkpoints (``open-mmlab://resnet50_v1c``,
+    the thesis' ImageNet weights) differ from timm only in the stem's names; others pass as is."""
+    if not any(k.startswith("stem.") for k in state):
+        return state
+    renamed = {}
+    for key, value in state.items():
+        prefix = next((p for p in _MMCV_STEM if key.startswith(p)), None)
+        renamed[_MMCV_STEM[prefix] + key[len(prefix):] if prefix else key] = value
+    return renamed
+
+
 def load_timm_weights(body: nn.Module, state: dict[str, torch.Tensor], name: str, where: str) -> None:
     """Load a timm ResNet state dict into the feature extractor; the classifier is dropped.
 
@@ -178,7 +198,8 @@ class ResNetBackbone(Backbone):
             channels[-1] = cfg.aspp_channels
         self.out_channels = tuple(channels)
         if cfg.pretrained:
-            load_timm_weights(self.body, read_timm_weights(cfg.pretrained), cfg.name, str(cfg.pretrained))
+            state = checkpoint_filter_fn(read_timm_weights(cfg.pretrained))
+            load_timm_weights(self.body, state, cfg.name, str(cfg.pretrained))
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         features = list(self.body(images))  # [B, C_i, ceil(H/s_i), ceil(W/s_i)] per level

@@ -39,6 +39,8 @@ class ViTConfig:
     img_size: int = 512  # the size the position embeddings / rel-pos tables are built for
     pretrained: str | None = None  # local timm-format weights (.pth/.pt/.bin/.safetensors/.npz)
     drop_path_rate: float = 0.1
+    patch_size: int | None = None  # None = the timm model's; another value only for training from scratch
+    depth: int | None = None  # None = the timm model's; fewer blocks only for training from scratch
 
 
 def _qkv(attn: nn.Module, x: torch.Tensor):
@@ -134,8 +136,11 @@ class ViTBackbone(Backbone):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         try:
+            extra = {"patch_size": cfg.patch_size} if cfg.patch_size else {}
+            if cfg.depth:
+                extra["depth"] = cfg.depth
             vit = timm.create_model(cfg.name, pretrained=False, num_classes=0, img_size=cfg.img_size,
-                                    drop_path_rate=cfg.drop_path_rate)
+                                    drop_path_rate=cfg.drop_path_rate, **extra)
         except RuntimeError as err:
             raise SegcliError(f"timm has no model '{cfg.name}'", "model.backbone.name",
                               "see timm.list_models('vit*')") from err

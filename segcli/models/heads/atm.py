@@ -27,9 +27,13 @@ Decisions (the thesis and SPEC are silent, or they differ from the released code
   LayerNorms 1/0, class queries N(0, 1) (``nn.Embedding``'s default).
 * The attention output uses ``F.scaled_dot_product_attention`` in every layer but the last of a
   stage. The last layer also needs the head-averaged logits, so it computes ``QKᵀ`` once with an
-  explicit matmul and reuses it for both the softmax and the mask: SDPA plus a second ``QKᵀ``
-  would cost one extra ``K·N·D`` multiply-add per stage (fvcore: +0.18 GFLOPs for ViT-B at 512²)
-  and measured no faster (see the report in ``tests/test_atm.py``'s module docstring).
+  explicit matmul and reuses it for the softmax and the mask. The alternative, SDPA plus a
+  second ``QKᵀ`` for the mask, costs one more ``K·N·D`` multiply-add per stage (fvcore: +0.18
+  GFLOPs for ViT-B at 512²) and would no longer count what the thesis counts. Measured on CPU
+  (one thread, B=2, K=150, N=1024, 12 heads; min of 20 runs on a shared machine): explicit
+  19.7 ms forward / 41.9 ms forward+backward, SDPA + per-head ``QKᵀ`` 18.2 / 46.1, SDPA + the
+  folded ``QKᵀ`` (the head mean equals the full-width product / heads) 11.3 / 38.9: a few ms
+  either way, against ~200 ms for the whole head, so fidelity of the count decides.
 * Assembling the map (:func:`semantic_scores`): ``mask_resolution="full"`` is the released
   code (upsample the mask logits to the output size, sigmoid, then
   ``einsum('bqc,bqhw->bchw', softmax(cls)[..., :K], masks)`` at full size: K²·H·W multiply-adds,
@@ -40,6 +44,15 @@ Decisions (the thesis and SPEC are silent, or they differ from the released code
   sigmoid sits relative to the upsampling. Default: ``"low"`` (the thesis' formula, ~K× cheaper
   einsum). The thesis' GFLOPs figures were produced with the released code, so to reproduce them
   count with ``mask_resolution: full`` (``--set model.decode_head.mask_resolution=full``).
+* FLOPs (fvcore + the SDPA handle of ``engine/flops.py``, head alone on ViT-shaped maps, K=150,
+  self-attention off unless said): ViT-B 512² ``full`` 12.75 (self-attn on 13.71, one stage on
+  block 11 8.30), ``low`` 6.88; ViT-L 640² ``full`` 25.31 (on 26.94), ``low`` 16.13. With the
+  backbones of SPEC (107.00 / 610.66) the ``full`` totals are the thesis' totals minus 0.16 / 0.25:
+  MMSegmentation's ``encode_decode`` resizes the [1, K, H, W] scores to the image size even when
+  the sizes already match, and fvcore counts that bilinear resize at 4 flops per output element.
+  So thesis 120.87 (ViT-B, self-attn on) = 107.00 + 13.71 + 0.16, 119.91 (off) = 107.00 + 12.75 +
+  0.16, 637.85 (ViT-L, on) = 610.66 + 26.94 + 0.25, and table 4.7's one-stage 115.8 = 107.00 +
+  8.30 + 0.32 (one stage of self-attention) + 0.16: that row had query self-attention.
 * ``key_padding_mask`` (``[B, N]``, True = padding) lets DToP run a stage on per-image token
   subsets padded to a common length; padded tokens get no attention weight, their mask values are
   finite but meaningless. Every image must keep at least one real token.

@@ -1,0 +1,72 @@
+"""Recipes: _base_ merging, --set overrides with type checks, did-you-mean errors."""
+import textwrap
+
+import pytest
+
+from segcli.errors import SegcliError
+from segcli.recipe import dump_recipe, load_recipe, recipe_from_dict
+
+MODEL = """
+model:
+  backbone: {type: vit, name: vit_tiny_patch16_224, img_size: 64, out_indices: [3, 5]}
+  decode_head: {type: setr, in_index: -1}
+"""
+
+
+def _write(path, text):
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_base_inheritance_and_overrides(tmp_path):
+    (tmp_path / "base").mkdir()
+    _write(tmp_path / "base" / "data.yaml", "data: {type: synthetic, batch_size: 4, crop_size: [64, 64]}\n"
+                                            "train: {max_iters: 10, optimizer: {lr: 0.1}}\n")
+    child = _write(tmp_path / "child.yaml", "_base_: base/data.yaml\n" + MODEL + "train: {max_iters: 20}\n")
+    recipe = load_recipe(child, ["train.optimizer.lr=0.5", "data.crop_size=[32, 48]"])
+    assert recipe.name == "child"
+    assert recipe.train.max_iters == 20  # child wins
+    assert recipe.train.optimizer.lr == 0.5  # override wins, base key kept merged
+    assert recipe.data.batch_size == 4
+    assert recipe.data.crop_size == (32, 48)
+    assert recipe.model.backbone.cfg.out_indices == (3, 5)
+    # round trip through the embedded form
+    again = recipe_from_dict(recipe.to_dict())
+    assert again == recipe
+    assert "vit_tiny_patch16_224" in dump_recipe(recipe)
+
+
+def test_changing_component_type_replaces_the_base_mapping(tmp_path):
+    base = _write(tmp_path / "base.yaml", MODEL)
+    child = _write(tmp_path / "child.yaml", f"_base_: {base.name}\nmodel:\n  decode_head: {{type: fcn, in_index: -1}}\n")
+    recipe = load_recipe(child)
+    assert recipe.model.decode_head.type == "fcn"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_iter=5", "did you mean 'max_iters'"),
+    ("train.max_iters=abc", "expected an integer"),
+    ("model.backbone.nmae=x", "did you mean 'name'"),
+    ("model.decode_head.type=setrr", "did you mean 'setr'"),
+    ("data.type=ade2k", "did you mean 'ade20k'"),
+    ("test.mode=sliding", "choose one of"),
+    ("train.max_iters", "not KEY=VALUE"),
+])
+def test_bad_keys_and_values(tmp_path, override, message):
+    path = _write(tmp_path / "r.yaml", MODEL)
+    with pytest.raises(SegcliError, match=message):
+        load_recipe(path, [override])
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(SegcliError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = _write(tmp_path / "bad.yaml", "model: [unclosed\n")
+    with pytest.raises(SegcliError, match="invalid YAML"):
+        load_recipe(bad)
+    missing_base = _write(tmp_path / "mb.yaml", "_base_: nothere.yaml\n" + MODEL)
+    with pytest.raises(SegcliError, match="nothere.yaml"):
+        load_recipe(missing_base)
+    no_model = _write(tmp_path / "nm.yaml", "data: {type: synthetic}\n")
+    with pytest.raises(SegcliError, match="model"):
+        load_recipe(no_model)
