@@ -333,8 +333,8 @@ def _previous_state(path: Path, tasks: Tasks, task: int, model: torch.nn.Module)
     unexpected = sorted(set(state) - expected)
     shapes = sorted(k for k in expected & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or shapes:
-        found = (missing[:2] and [f"missing {missing[:2]}"]) + (unexpected[:2] and [f"unexpected {unexpected[:2]}"])
-        found += shapes[:2] and [f"shapes differ in {shapes[:2]}"]
+        found = [f"{what} {', '.join(keys[:2])}" for what, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("shapes differ in", shapes)) if keys]
         raise SegcliError("checkpoint does not fit the model of this step: " + "; ".join(found), str(path),
                           "train every task with the same model section (backbone and decode head)")
     return {k: state[k] for k in expected}

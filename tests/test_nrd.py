@@ -157,6 +157,22 @@ def test_in_index_out_of_range_is_a_user_error():
         NRDHead(NRDConfig(in_index=(0, 5)), tiny_context())
 
 
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_fvcore_counts_the_dynamic_mlp_the_same_for_both_impls(impl):
+    pytest.importorskip("fvcore")
+    from segcli.engine.flops import count_flops
+
+    class PatchMLP(torch.nn.Module):
+        def forward(self, inputs, params):
+            return IMPLS[impl](inputs, split_params(params, shapes), (2, 3, 8))
+
+    shapes = layer_shapes(18, 16, 19)
+    inputs, params = torch.randn(1, 18, 16, 24), torch.randn(6, 899)
+    expected = 6 * 64 * (18 * 16 + 16 * 16 + 16 * 19)  # N · s² · multiply-adds per pixel
+    # (fvcore's einsum count goes through numpy's einsum_path estimate: off by a few flops)
+    assert count_flops(PatchMLP(), inputs, params) * 1e9 == pytest.approx(expected, rel=1e-3)
+
+
 def test_decoder_gflops_match_the_thesis():
     """Decoder-only GFLOPs at 1024×2048 (thesis table 3.1: NRD 20.4, DeepLabV3+ 76.4), counted at
     1/16 of the pixels (every decoder op scales with the pixel count) and scaled up."""

@@ -112,8 +112,10 @@ def test_weights_of_another_architecture_are_a_user_error(tmp_path):
 
 
 def test_config_errors():
-    with pytest.raises(SegcliError, match="did you mean 'resnet18'"):
+    with pytest.raises(SegcliError, match="did you mean .resnet18."):
         tiny_resnet(name="resnet81")
+    with pytest.raises(SegcliError, match="not a timm ResNet"):
+        tiny_resnet(name="vit_tiny_patch16_224")
     with pytest.raises(SegcliError, match="out_indices"):
         from_dict(ResNetConfig, {"out_indices": [4, 1]}, "model.backbone")
     with pytest.raises(SegcliError, match="invalid value"):
@@ -124,7 +126,8 @@ CTX = HeadContext(in_channels=(16, 24, 32), in_strides=(4, 16, 32), num_classes=
 
 
 def stride_features(batch: int, height: int, width: int) -> list[torch.Tensor]:
-    return [torch.randn(batch, c, -(-height // s), -(-width // s)) for c, s in zip(CTX.in_channels, CTX.in_strides)]
+    levels = zip(CTX.in_channels, CTX.in_strides, strict=True)
+    return [torch.randn(batch, c, -(-height // s), -(-width // s)) for c, s in levels]
 
 
 @pytest.mark.parametrize("head", [

@@ -4,23 +4,21 @@ A layout function turns ``(data_cfg, split)`` into a list of ``(image_path, mask
 plus the class names, palette and label mapping; :class:`SegDataset` reads any such list. The
 layouts are MMSegmentation's (the authors' code is built on it):
 
-==================  =========================================================================
-``ade20k``          ROOT/images/{training,validation}/*.jpg, ROOT/annotations/.../*.png;
-                    raw 0 ("other") -> 255, the rest -1: 150 classes
-``cityscapes``      ROOT/leftImg8bit/{train,val}/<city>/*_leftImg8bit.png,
-                    ROOT/gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png: 19 classes
-``pascal_context``  VOC2010: ROOT/JPEGImages/*.jpg, ROOT/SegmentationClassContext/*.png,
-                    ROOT/ImageSets/SegmentationContext/{train,val}.txt: 60 classes
-``pascal_context_59``  the same files, background 0 -> 255, the rest -1: 59 classes
-``coco_stuff10k``   ROOT/images/{train2014,test2014}/*.jpg,
-                    ROOT/annotations/{train2014,test2014}/*_labelTrainIds.png: 171 classes
-                    (MMSegmentation's converter writes 1..171 with 0 = unlabeled, so its
-                    configs and the SegViT ones use ``reduce_zero_label``; so do we)
-``folder``          ROOT/images/{train,val}/*.{jpg,jpeg,png}, ROOT/masks/{train,val}/<stem>.png
-                    (uint8 class ids, 255 = ignore), ROOT/classes.txt (one name per line),
-                    optional ROOT/palette.txt ("R G B" per class, 0..255)
-``synthetic``       generated into the folder layout (``synthetic.py``)
-==================  =========================================================================
+* ``ade20k``: ROOT/images/{training,validation}/*.jpg, ROOT/annotations/{...}/*.png;
+  raw 0 ("other") -> 255, the rest -1: 150 classes.
+* ``cityscapes``: ROOT/leftImg8bit/{train,val}/<city>/*_leftImg8bit.png,
+  ROOT/gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png: 19 classes.
+* ``pascal_context``: VOC2010 — ROOT/JPEGImages/*.jpg, ROOT/SegmentationClassContext/*.png,
+  ROOT/ImageSets/SegmentationContext/{train,val}.txt: 60 classes (with background).
+* ``pascal_context_59``: the same files, background 0 -> 255, the rest -1: 59 classes.
+* ``coco_stuff10k``: ROOT/images/{train2014,test2014}/*.jpg,
+  ROOT/annotations/{train2014,test2014}/*_labelTrainIds.png: 171 classes. MMSegmentation's
+  converter writes 1..171 with 0 = unlabeled, so its configs and SegViT's use
+  ``reduce_zero_label``; so do we.
+* ``folder``: ROOT/images/{train,val}/*.{jpg,jpeg,png}, ROOT/masks/{train,val}/<stem>.png
+  (uint8 class ids, 255 = ignore), ROOT/classes.txt (one name per line, line i = id i; not
+  needed when ``data.classes`` is set), optional ROOT/palette.txt ("R G B" per class).
+* ``synthetic``: generated into the folder layout (``synthetic.py``).
 
 Which thesis experiment uses which: ADE20K everywhere (3.3, 4.3.1, 5.3.1); Cityscapes for NRD
 (3.3); Pascal Context with background, 60 classes, for NRD and SegViT (3.3, 4.3.1) and without,

@@ -37,7 +37,7 @@ def count_flops(model: nn.Module, *inputs: torch.Tensor) -> float:
     """Total GFLOPs of ``model(*inputs)`` (eval mode, no grad)."""
     from fvcore.nn import FlopCountAnalysis
 
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]  # restored one by one below
     model.eval()
     try:
         with torch.no_grad(), warnings.catch_warnings():
@@ -49,7 +49,8 @@ def count_flops(model: nn.Module, *inputs: torch.Tensor) -> float:
             analysis.tracer_warnings("none")
             total = analysis.total()
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     return total / 1e9
 
 

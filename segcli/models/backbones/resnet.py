@@ -41,6 +41,7 @@ from typing import Literal
 
 import timm
 import torch
+from timm.models import get_arch_name
 from torch import nn
 
 from ...errors import SegcliError, did_you_mean
@@ -104,7 +105,8 @@ class ASPP(nn.Module):
         super().__init__()
         self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), ConvBNReLU(in_channels, channels, 1))
         self.branches = nn.ModuleList(
-            ConvBNReLU(in_channels, channels, 1) if d == 1 else SeparableConvBNReLU(in_channels, channels, 3, dilation=d)
+            ConvBNReLU(in_channels, channels, 1) if d == 1
+            else SeparableConvBNReLU(in_channels, channels, 3, dilation=d)
             for d in dilations)
         self.bottleneck = ConvBNReLU((len(dilations) + 1) * channels, channels, 3)
 
@@ -185,9 +187,10 @@ class ResNetBackbone(Backbone):
     def __init__(self, cfg: ResNetConfig):
         super().__init__()
         self.cfg = cfg
-        if not timm.is_model(cfg.name):
-            raise SegcliError(f"unknown timm model '{cfg.name}'", "model.backbone.name",
-                              did_you_mean(cfg.name, timm.list_models("res*")))
+        family = timm.list_models(module="resnet")  # ResNet, ResNeXt, SE-ResNet, ... (one timm class)
+        if get_arch_name(cfg.name) not in family:
+            raise SegcliError(f"'{cfg.name}' is not a timm ResNet", "model.backbone.name",
+                              did_you_mean(cfg.name, family))
         stem = {"stem_type": "deep", "stem_width": 32} if cfg.deep_stem else {}
         self.body = timm.create_model(cfg.name, pretrained=False, features_only=True, out_indices=cfg.out_indices,
                                       output_stride=cfg.output_stride, **stem)

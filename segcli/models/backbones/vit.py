@@ -43,16 +43,29 @@ class ViTConfig:
     depth: int | None = None  # None = the timm model's; fewer blocks only for training from scratch
 
 
-def _qkv(attn: nn.Module, x: torch.Tensor):
-    """q, k, v ``[B, heads, N, d]`` from a timm attention module's own weights."""
+def _qkv(attn: nn.Module, x: torch.Tensor, query_index: torch.Tensor | None = None):
+    """q, k, v ``[B, heads, N, d]`` from a timm attention module's own weights.
+
+    With ``query_index`` [B, Nq] only those tokens are projected to queries (q is then
+    ``[B, heads, Nq, d]``): QD's saving starts at the query projection, as in the released code.
+    """
     batch, num_tokens, _ = x.shape
     if getattr(attn, "q_bias", None) is not None:  # BEiT: q and v biases, zero k bias
         bias = torch.cat((attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias))
-        qkv = F.linear(x, attn.qkv.weight, bias)
     else:
-        qkv = attn.qkv(x)
-    qkv = qkv.reshape(batch, num_tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)  # [3, B, h, N, d]
-    q, k, v = qkv.unbind(0)
+        bias = attn.qkv.bias
+    if query_index is None:
+        qkv = F.linear(x, attn.qkv.weight, bias)
+        qkv = qkv.reshape(batch, num_tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)  # [3, B, h, N, d]
+        q, k, v = qkv.unbind(0)
+    else:
+        width = attn.qkv.weight.shape[0] // 3
+        x_query = torch.gather(x, 1, query_index[..., None].expand(-1, -1, x.shape[-1]))  # [B, Nq, C]
+        q = F.linear(x_query, attn.qkv.weight[:width], None if bias is None else bias[:width])
+        q = q.reshape(batch, -1, attn.num_heads, width // attn.num_heads).transpose(1, 2)  # [B, h, Nq, d]
+        kv = F.linear(x, attn.qkv.weight[width:], None if bias is None else bias[width:])
+        kv = kv.reshape(batch, num_tokens, 2, attn.num_heads, -1).permute(2, 0, 3, 1, 4)  # [2, B, h, N, d]
+        k, v = kv.unbind(0)
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
     return q, k, v
@@ -92,12 +105,10 @@ def block_forward(
     those tokens.
     """
     attn = block.attn
-    q, k, v = _qkv(attn, block.norm1(tokens))  # [B, h, N, d]
+    q, k, v = _qkv(attn, block.norm1(tokens), query_index)  # q [B, h, Nq, d], k/v [B, h, N, d]
     residual = tokens
     q_positions = positions
     if query_index is not None:
-        gather = query_index[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3])
-        q = torch.gather(q, 2, gather)  # [B, h, Nq, d]
         residual = torch.gather(tokens, 1, query_index[..., None].expand(-1, -1, tokens.shape[-1]))  # [B, Nq, C]
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)

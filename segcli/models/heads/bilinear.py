@@ -28,7 +28,7 @@ def upsample_to_input(logits: torch.Tensor, stride: float, size: tuple[int, int]
     """Bilinear upsampling of a stride-``stride`` map ``[B, K, h, w]`` to ``[B, K, *size]``, grid-aligned."""
     size = (int(size[0]), int(size[1]))  # plain ints, also under tracing (fvcore)
     extent = (round(int(logits.shape[-2]) * stride), round(int(logits.shape[-1]) * stride))
-    if all(0 <= e - s < stride for e, s in zip(extent, size)):
+    if all(0 <= e - s < stride for e, s in zip(extent, size, strict=True)):
         return resize(logits, extent)[..., : size[0], : size[1]]  # [B, K, *size]
     return resize(logits, size)
 

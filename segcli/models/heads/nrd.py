@@ -34,14 +34,25 @@ Decisions (SPEC "NRD"; the authors' released head, ``BilinearPADHead_fast``):
 
 Batched evaluation, no loop over locations (N = B·H'·W' patches, SPEC "NRD"):
 
-* ``einsum``: patches unfolded to ``[N, s², C_in]``, one ``einsum("npi,noi->npo")`` per layer;
+* ``einsum``: patches unfolded to ``[N, C_in, s²]``, one ``einsum("noi,nip->nop")`` per layer;
 * ``grouped_conv`` (the authors' formulation): ``[1, N·C_in, s, s]`` through ``conv2d`` with
   ``groups = N`` and the generated weights as ``[N·C_out, C_in, 1, 1]`` kernels.
 
-Both give the same numbers (tested against a reference loop). Measured by
-``benchmarks/nrd_decoder_latency.py`` (CPU, 2 threads, batch 1, R50 features of a 1024×2048
-image, N = 2048, C = 19): the whole NRD decoder takes 0.29 s with ``einsum`` and 0.30 s with
-``grouped_conv``; the dynamic MLP alone 7.1 ms vs 14.4 ms. ``einsum`` is the default.
+Both give the same numbers and the same fvcore count (tested against a reference loop).
+Measured on CPU (g_θ alone, R50-at-1024×2048 sizes; min of 25 interleaved runs on a shared 2-core
+machine; ``benchmarks/nrd_decoder_latency.py`` has the decoder-level timing):
+
+=====================================  ==========  ============
+                                       einsum      grouped_conv
+=====================================  ==========  ============
+2 threads, inference, N = 2048           89 ms       112 ms
+2 threads, fwd+bwd, N = 4096 (train)    488 ms       535 ms
+1 thread, inference, N = 2048            54 ms       112 ms
+1 thread, fwd+bwd, N = 4096             273 ms       630 ms
+=====================================  ==========  ============
+
+so ``einsum`` is the default. Its weights must be made contiguous first: on the strided slices
+of the controller output the batched matmul took 410 ms (2 threads, inference).
 """
 from __future__ import annotations
 

@@ -1,0 +1,490 @@
+"""DToP: dynamic token pruning by early exit of easy tokens (thesis ch. 5).
+
+A plain ViT is cut into stages by its auxiliary heads (thesis 5.2.2, fig. 5.2). At the end of
+each stage the auxiliary head grades every token still in play; a token whose largest per-class
+probability reaches ``p0`` *exits*: its prediction is final (the head's per-class scores) and
+later blocks no longer see it. For every class present among the exiting tokens of an image,
+the ``k`` most confident of them stay in anyway, as context for the remaining tokens (thesis
+5.2.4). The final head runs on the tokens that reached it; the output map combines every
+stage's predictions. ``p0 >= 1`` is the unpruned model (thesis 5.3.3.2: "when p0 = 1 the model
+degenerates to the baseline"): no token is graded, the auxiliary heads do not run, and the
+output equals :class:`~segcli.models.segmentor.EncoderDecoder`'s.
+
+:class:`DToPSegmentor` composes the parts of an encoder-decoder (same attribute names, so a
+checkpoint of a plain ``encoder_decoder`` with auxiliary heads loads unchanged: DToP@Direct),
+and drives the backbone through its block-level API (``embed`` / ``run_block``).
+
+Batching (what the released code does not do: it zeroes exited tokens and, once one token has
+exited, loops over the images of a batch). The kept tokens of every image are packed to the
+front of a ``[B, M, C]`` tensor, M = the largest kept count of the batch, and the blocks run on
+that with a key padding mask (``segcli/models/tokens.py``; measured against the alternatives in
+``benchmarks/dtop_speed.py``). ``index`` [B, M] remembers each packed token's grid position.
+Padding changes nothing for real tokens: they attend to exactly the tokens they would attend
+to alone, so a batch gives every image the result it gets alone (tested).
+
+Decisions (thesis and SPEC silent, or released code differs):
+
+* **Score.** Per token, the largest per-class probability under the grading head. For an ATM
+  head query c is class c (no matching, thesis 4.2.1), so the probability of class c is
+  ``softmax(cls_c)[c] · sigmoid(mask_c)``: the released formula (SPEC), at most 1. (The head's
+  map sums over queries, ``Σ_q softmax(cls_q)[c] · sigmoid(mask_q)`` (eq. 4.4), which can exceed 1
+  and so is no probability; the two agree once queries predict only their class or "no
+  object", which is what the ATM loss trains.) For logit heads (FCN, SETR): the softmax over
+  classes. The rule is ``score >= p0`` (thesis 5.2.2); ``strict: true`` uses ``>`` as released.
+  An exited token keeps its head's own scores (eq. 4.4 for ATM) as its prediction.
+* **Context.** Ties in confidence are broken by grid position (a stable sort), so the rule is
+  deterministic. With ``k = 0`` (table 5.5's "Remove") an image whose every token would exit
+  keeps its least confident one, because a head needs at least one token.
+* **Heads.** Every grading head and the decode head must read one backbone layer (ATM with one
+  stage, FCN, SETR...), as the thesis decouples them (5.2.3); the decode head reads the block
+  after the last exit. An ATM head runs on the packed tokens with the padding mask. An FCN
+  head of 1×1 convolutions is per-token and runs on the packed tokens too. Other heads need a
+  spatial map: they get the full grid in which exited tokens keep the features they had when
+  they exited (their own map would otherwise have holes).
+* **Combining** (the thesis: exited tokens keep the prediction of the head where they exited;
+  the released code instead keeps their early mask logits with the final head's class
+  probabilities, which needs ATM heads everywhere: not offered). With an ATM decode head, a
+  token-level canvas ``[B, K, h, w]`` holds each token's per-class probabilities from the head
+  it left by, and is upsampled bilinearly: this is the ATM head's own ``mask_resolution: low``
+  order, so DToP requires it. With a logit decode head (FCN, SETR) the decode head's scores are
+  kept where tokens reached it; exited pixels take the log-probabilities of their exit head,
+  upsampled bilinearly among exited tokens only (normalised by the upsampled exit indicator).
+  Log-probabilities differ from the head's logits by a per-pixel constant, so averaging over
+  flips and windows ranks classes the same way.
+* **Training (DToP@Finetune).** Pruning is active when training too (SPEC). Each head's loss is
+  computed on the tokens it saw: pixels of tokens that exited before it are labelled ignore
+  (the released SegViT's ``crop_train`` masks labels the same way); the exit rule takes no
+  gradient. ``freeze_backbone: true`` trains the heads only (thesis 5.3.3.1 "finetuning the
+  segmentation heads"; the released config trains everything with the head lr ×10: the
+  default). Auxiliary heads that are not exits are frozen and unused.
+* **FLOPs.** The grading work lives in parameter-free ``graders.{m}`` modules next to
+  ``aux_heads``, so a by-module count separates "with" and "without" auxiliary heads
+  (``AUX_MODULES``; :func:`segcli.pruning.gflops_split`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import SegcliError
+from ..registry import SEGMENTORS
+from .base import resize
+from .heads.atm import ATMHead
+from .heads.bilinear import BilinearHead
+from .heads.fcn import FCNHead
+from .tokens import scatter_tokens, select_tokens
+
+AUX_MODULES = ("aux_heads", "graders")  # module names whose FLOPs are the auxiliary heads' cost
+
+
+@dataclass(frozen=True)
+class DToPOptions:
+    """``model.type: dtop`` options (``model.options``)."""
+
+    p0: float = 0.95  # confidence threshold; >= 1.0 disables pruning (the baseline)
+    k: int = 5  # most confident exiting tokens per present class that stay for context
+    exit_layers: tuple[int, ...] | None = None  # 0-based blocks whose aux heads grade; None = every aux head before the decode block
+    strict: bool = False  # exit if score > p0 (released code) instead of >= p0 (thesis)
+    freeze_backbone: bool = False  # finetune the heads only
+
+    def __post_init__(self):
+        if not 0.0 < self.p0 <= 1.0:
+            raise ValueError(f"p0 must be in (0, 1], got {self.p0}")
+        if self.k < 0:
+            raise ValueError(f"k must be >= 0, got {self.k}")
+        if self.exit_layers is not None and len(set(self.exit_layers)) != len(self.exit_layers):
+            raise ValueError(f"exit_layers repeats a block: {list(self.exit_layers)}")
+
+
+# --------------------------------------------------------------------------- the exit rule
+
+
+def exit_decision(probs: torch.Tensor, valid: torch.Tensor, p0: float, k: int, strict: bool = False) -> torch.Tensor:
+    """Which tokens exit: ``probs`` [B, M, K] per-class probabilities, ``valid`` [B, M] -> [B, M] bool.
+
+    A valid token exits if its top probability reaches ``p0``, unless it is among the ``k`` most
+    confident exiting tokens of its predicted class in its image (thesis 5.2.4).
+    """
+    batch, length, num_classes = probs.shape
+    confidence, label = probs.max(dim=-1)  # [B, M]
+    confident = (confidence > p0 if strict else confidence >= p0) & valid
+    group = torch.where(confident, label, torch.full_like(label, num_classes))  # others: group K
+    # order tokens by (group, confidence descending, position): two stable sorts
+    by_confidence = torch.sort(confidence, dim=1, descending=True, stable=True).indices  # [B, M]
+    by_group = torch.sort(torch.gather(group, 1, by_confidence), dim=1, stable=True).indices  # [B, M]
+    order = torch.gather(by_confidence, 1, by_group)  # [B, M]
+    sorted_group = torch.gather(group, 1, order)  # [B, M]
+    position = torch.arange(length, device=probs.device).expand(batch, length)  # [B, M]
+    starts = torch.ones_like(sorted_group, dtype=torch.bool)
+    starts[:, 1:] = sorted_group[:, 1:] != sorted_group[:, :-1]
+    group_start = torch.where(starts, position, torch.zeros_like(position)).cummax(dim=1).values
+    rank = torch.empty(batch, length, dtype=torch.long, device=probs.device)
+    rank = rank.scatter(1, order, position - group_start)  # [B, M]: rank within its class, 0 = most confident
+    leave = confident & (rank >= k)
+    # a head needs at least one token: an image left empty (only possible with k = 0) keeps its least confident one
+    empty = ~(valid & ~leave).any(dim=1)  # [B]
+    least = torch.where(valid, confidence, torch.full_like(confidence, float("inf"))).argmin(dim=1)  # [B]
+    rescue = torch.zeros_like(leave).scatter(1, least[:, None], empty[:, None])
+    return leave & ~rescue
+
+
+class TokenGrader(nn.Module):
+    """Per-class probabilities of a grading head's tokens, and the exit rule (parameter-free).
+
+    A module only so that FLOP counts by module put this work with the auxiliary heads.
+    """
+
+    def __init__(self, options: DToPOptions):
+        super().__init__()
+        self.p0, self.k, self.strict = options.p0, options.k, options.strict
+
+    def forward(self, valid: torch.Tensor, *, logits: torch.Tensor | None = None,
+                class_logits: torch.Tensor | None = None, mask_logits: torch.Tensor | None = None):
+        """``logits`` [B, K, M] or ATM ``class_logits`` [B, K, K+1] + ``mask_logits`` [B, K, M]
+        -> (the head's per-class scores [B, M, K], exiting [B, M] bool)."""
+        if logits is not None:
+            scores = confidence = logits.transpose(1, 2).softmax(dim=-1)  # [B, M, K]
+        else:
+            scores = atm_token_probs(class_logits, mask_logits)  # [B, M, K]
+            confidence = atm_class_probs(class_logits.detach(), mask_logits.detach())  # [B, M, K]
+        with torch.no_grad():
+            leave = exit_decision(confidence.detach(), valid, self.p0, self.k, self.strict)
+        return scores, leave
+
+
+def atm_token_probs(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+    """ATM per-class scores per token (thesis eq. 4.4): [B, Q, K+1], [B, Q, M] -> [B, M, K]."""
+    return torch.einsum("bqc,bqm->bmc", class_logits.softmax(dim=-1)[..., :-1], mask_logits.sigmoid())
+
+
+def atm_class_probs(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+    """Probability that a token is class c, query c being class c: [B, K, K+1], [B, K, M] -> [B, M, K]."""
+    own_class = class_logits.softmax(dim=-1).diagonal(dim1=1, dim2=2)  # [B, K]: query c says "class c"
+    return (own_class[..., None] * mask_logits.sigmoid()).transpose(1, 2)  # [B, M, K]
+
+
+# --------------------------------------------------------------------------- heads on token subsets
+
+
+def head_layer(head: nn.Module, num_outputs: int) -> int | None:
+    """The one backbone output a head reads (0-based position), or None if it reads several."""
+    index = getattr(head, "in_index", None)
+    if index is None and hasattr(head, "cfg"):
+        index = getattr(head.cfg, "in_index", None)
+    if isinstance(index, (tuple, list)):
+        if len(index) != 1:
+            return None
+        index = index[0]
+    if isinstance(head, ATMHead) and len(head.stages) != 1:
+        return None
+    return None if index is None else int(index) % num_outputs
+
+
+def head_kind(head: nn.Module, decode: bool = False) -> str:
+    """How a head runs on a token subset: ``atm`` (tokens + padding mask), ``pointwise`` (1×1
+    convolutions on the packed tokens; grading heads only: a decode head's logits are upsampled
+    spatially) or ``map`` (the full grid)."""
+    if isinstance(head, ATMHead):
+        return "atm"
+    if decode:
+        return "map"
+    if isinstance(head, BilinearHead) or (isinstance(head, FCNHead) and (head.cfg.num_convs == 0 or head.cfg.kernel_size == 1)):
+        return "pointwise"
+    return "map"
+
+
+def _ignore_index(head: nn.Module) -> int:
+    if hasattr(head, "ignore_index"):
+        return int(head.ignore_index)
+    criterion = getattr(head, "criterion", None)
+    return int(getattr(criterion, "ignore_index", 255))
+
+
+@dataclass
+class _Tokens:
+    """The tokens in play: ``packed`` [B, M, C], their grid ``index`` [B, M], ``pad`` [B, M]
+    (True = padding), and ``full`` [B, N, C]: the whole grid, exited tokens frozen at exit."""
+
+    packed: torch.Tensor
+    index: torch.Tensor
+    pad: torch.Tensor
+    full: torch.Tensor
+
+    def sync_full(self) -> torch.Tensor:
+        self.full = scatter_tokens(self.full, self.packed, self.index, self.pad)
+        return self.full
+
+
+@dataclass
+class PruneTrace:
+    """What one pruned forward did: ``exit_stage`` [B, N] (stage a token exited at, -1 = reached
+    the decode head), the grid, and per head (exits then decode) ``(head_name, head, outputs,
+    seen [B, N])`` for the losses; ``token_scores`` [B, N, K] (ATM decode) or ``scores``
+    [B, K, H, W] in inference."""
+
+    exit_stage: torch.Tensor
+    grid: tuple[int, int]
+    heads: list = field(default_factory=list)
+    token_scores: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+
+
+# --------------------------------------------------------------------------- the segmentor
+
+
+class DToPSegmentor(nn.Module):
+    """Backbone + decode head + auxiliary heads, run in stages with early exit of easy tokens."""
+
+    def __init__(self, options: DToPOptions, backbone: nn.Module, decode_head: nn.Module, aux_heads):
+        super().__init__()
+        for name in ("embed", "run_block", "out_indices"):
+            if not hasattr(backbone, name):
+                raise SegcliError(f"DToP prunes plain ViT tokens; the {type(backbone).__name__} backbone has no "
+                                  "block-level API", "model.backbone.type", "use a vit backbone")
+        self.options = options
+        self.backbone = backbone
+        self.decode_head = decode_head
+        self.aux_heads = nn.ModuleList(aux_heads)
+        outputs = len(backbone.out_indices)
+        decode_layer = head_layer(decode_head, outputs)
+        if decode_layer is None:
+            raise SegcliError("DToP's decode head must read one backbone layer (its heads are decoupled, thesis "
+                              "5.2.3)", "model.decode_head.in_index", "e.g. atm with in_index: [2], or setr/fcn")
+        if isinstance(decode_head, ATMHead) and decode_head.mask_resolution != "low":
+            raise SegcliError("DToP combines the stages' predictions at token resolution, which is the ATM head's "
+                              "'low' order", "model.decode_head.mask_resolution",
+                              "set it to low (the weights do not depend on it)")
+        self.decode_layer = decode_layer
+        self.decode_block = backbone.out_indices[decode_layer]
+        aux_layers = [head_layer(h, outputs) for h in aux_heads]
+        aux_blocks = [backbone.out_indices[i] if i is not None else None for i in aux_layers]
+        if not aux_heads:
+            raise SegcliError("DToP needs auxiliary heads to grade tokens, and this model has none", "model.aux_heads",
+                              "train a model with aux_heads on the exit blocks, e.g. recipes/dtop_vit_b_ade20k.yaml")
+        if options.exit_layers is None:
+            exits = sorted(b for b in aux_blocks if b is not None and b < self.decode_block)
+        else:
+            exits = list(options.exit_layers)
+        readable = ", ".join(str(b) for b in aux_blocks if b is not None) or "none"
+        for block in exits:
+            if block not in aux_blocks:
+                raise SegcliError(f"block {block} has no auxiliary head to grade tokens (aux heads read blocks "
+                                  f"{readable})", "model.options.exit_layers", "list blocks that have an aux head")
+            if aux_blocks.count(block) > 1:
+                raise SegcliError(f"two auxiliary heads read block {block}; DToP cannot tell which one grades",
+                                  "model.options.exit_layers")
+            if block >= self.decode_block:
+                raise SegcliError(f"exit block {block} is not before the decode head's block {self.decode_block}",
+                                  "model.options.exit_layers")
+        if not exits:
+            raise SegcliError("no auxiliary head reads a block before the decode head's", "model.aux_heads",
+                              f"aux heads read blocks {readable}; the decode head reads {self.decode_block}")
+        if exits != sorted(exits):
+            raise SegcliError(f"exit blocks must be increasing, got {exits}", "model.options.exit_layers")
+        self.exit_layers = tuple(exits)
+        self.exit_heads = tuple(aux_blocks.index(b) for b in exits)
+        self.exit_positions = tuple(aux_layers[i] for i in self.exit_heads)  # positions in backbone outputs
+        # heads that need the full grid (exited tokens frozen at exit) make every exit update it
+        self.needs_full = head_kind(decode_head, decode=True) == "map" or any(
+            head_kind(self.aux_heads[i]) == "map" for i in self.exit_heads)
+        self.graders = nn.ModuleList(TokenGrader(options) for _ in exits)
+        for i, head in enumerate(self.aux_heads):
+            if i not in self.exit_heads:
+                head.requires_grad_(False)  # kept for the checkpoint, never run
+        if options.freeze_backbone:
+            self.backbone.requires_grad_(False)
+        self.last_stats: dict = {}
+
+    @property
+    def num_classes(self) -> int:
+        return self.decode_head.num_classes
+
+    @property
+    def pruning(self) -> bool:
+        return self.options.p0 < 1.0
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.options.freeze_backbone:
+            self.backbone.eval()  # a frozen backbone also keeps drop-path and dropout off
+        return self
+
+    # ------------------------------------------------------------------ running heads on kept tokens
+    def _features(self, feature_map: torch.Tensor, position: int) -> list:
+        """The list a head indexes with its ``in_index``: ``feature_map`` at ``position``."""
+        features = [None] * len(self.backbone.out_indices)
+        features[position] = feature_map
+        return features
+
+    def _run_head(self, head: nn.Module, position: int, state: _Tokens, grid: tuple[int, int], decode: bool = False):
+        """One head on the tokens in play -> ``(kind, raw)`` with raw = (class, mask logits [B, K, M])
+        for ATM, logits [B, K, M] for pointwise heads, the head's outputs on the full grid for map heads."""
+        kind = head_kind(head, decode)
+        padded = bool(state.pad.any())
+        if kind == "atm":
+            queries = head.initial_queries(state.packed.shape[0])  # [B, K, D]
+            queries, mask_logits = head.stages[0](queries, state.packed, state.pad if padded else None)  # [B, K, M]
+            return kind, (head.class_head(queries), mask_logits)  # [B, K, K+1], [B, K, M]
+        if kind == "pointwise":
+            column = state.packed.transpose(1, 2).unsqueeze(-1)  # [B, C, M, 1]
+            return kind, head(self._features(column, position))["logits"].squeeze(-1)  # [B, K, M]
+        full_map = self.backbone.tokens_to_map(state.sync_full(), grid)  # [B, C, h, w]
+        return kind, head(self._features(full_map, position))
+
+    def _token_logits(self, head: nn.Module, outputs: dict, state: _Tokens, grid) -> torch.Tensor:
+        """A map head's class logits at the kept tokens: [B, K, M]."""
+        logits = head.seg_logits(outputs, grid).flatten(2)  # [B, K, h*w]
+        return torch.gather(logits, 2, state.index[:, None, :].expand(-1, logits.shape[1], -1))  # [B, K, M]
+
+    def _grid_canvas(self, values: torch.Tensor, state: _Tokens, grid) -> torch.Tensor:
+        """Per-token values [B, K, M] -> a grid [B, K, h, w] (zeros where tokens are not in play)."""
+        batch, channels = values.shape[:2]
+        canvas = values.new_zeros(batch, grid[0] * grid[1], channels)
+        canvas = scatter_tokens(canvas, values.transpose(1, 2), state.index, state.pad)  # [B, N, K]
+        return canvas.transpose(1, 2).reshape(batch, channels, grid[0], grid[1])  # [B, K, h, w]
+
+    def _loss_outputs(self, head, kind, raw, state, grid) -> dict:
+        """A head's outputs in its own format on the full grid, for its loss."""
+        if kind == "atm":
+            class_logits, mask_logits = raw
+            return {"pred_logits": class_logits, "pred_masks": self._grid_canvas(mask_logits, state, grid)}
+        if kind == "pointwise":
+            return {"logits": self._grid_canvas(raw, state, grid)}
+        return raw
+
+    # ------------------------------------------------------------------ the staged forward
+    def run(self, images: torch.Tensor, keep_outputs: bool = False) -> PruneTrace:
+        """The pruned forward. ``keep_outputs`` keeps every head's outputs for the losses (training);
+        otherwise the combined scores are formed (inference)."""
+        tokens, grid = self.backbone.embed(images)  # [B, N, C]
+        batch, num, _ = tokens.shape
+        index = torch.arange(num, device=tokens.device).expand(batch, num)  # [B, N]
+        state = _Tokens(tokens, index, torch.zeros(batch, num, dtype=torch.bool, device=tokens.device), tokens)
+        exit_stage = torch.full((batch, num), -1, dtype=torch.long, device=tokens.device)  # [B, N]
+        trace = PruneTrace(exit_stage, grid)
+        exit_probs = None  # [B, N, K] probabilities of exited tokens, from their exit head
+        grade = self.pruning or keep_outputs
+        stages = {block: m for m, block in enumerate(self.exit_layers)} if grade else {}
+        subset = False  # whether any token has exited (then blocks need the tokens' grid positions)
+        for block in range(self.decode_block + 1):
+            padded = subset and bool(state.pad.any())
+            state.packed = self.backbone.run_block(block, state.packed, grid, positions=state.index if subset else None,
+                                                   key_padding_mask=state.pad if padded else None)
+            if block not in stages:
+                continue
+            stage = stages[block]
+            head = self.aux_heads[self.exit_heads[stage]]
+            kind, raw = self._run_head(head, self.exit_positions[stage], state, grid)
+            if keep_outputs:
+                seen = exit_stage < 0
+                trace.heads.append((f"aux{self.exit_heads[stage]}", head, self._loss_outputs(head, kind, raw, state, grid), seen))
+            if not self.pruning:
+                continue
+            if kind == "atm":
+                probs, leave = self.graders[stage](~state.pad, class_logits=raw[0], mask_logits=raw[1])
+            else:
+                logits = raw if kind == "pointwise" else self._token_logits(head, raw, state, grid)
+                probs, leave = self.graders[stage](~state.pad, logits=logits)
+            # record the exits (scatter only the leaving tokens). Done even when none leaves, so that the
+            # output depends on the grading in a traced graph too (else fvcore drops its FLOPs as dead code)
+            if exit_probs is None:
+                exit_probs = probs.new_zeros(batch, num, probs.shape[-1])
+            exit_probs = scatter_tokens(exit_probs, probs.detach().to(exit_probs.dtype), state.index, ~leave)
+            if not bool(leave.any()):
+                continue
+            exit_stage = scatter_tokens(exit_stage[..., None], torch.full_like(state.index, stage)[..., None],
+                                        state.index, ~leave)[..., 0]  # [B, N]
+            if self.needs_full:
+                state.sync_full()  # exited tokens keep the features they leave with
+            packed, sub_index, state.pad = select_tokens(state.packed, ~state.pad & ~leave)  # [B, M', C]
+            state.packed, state.index = packed, torch.gather(state.index, 1, sub_index)  # [B, M'] grid positions
+            subset = True
+        trace.exit_stage = exit_stage
+        kind, raw = self._run_head(self.decode_head, self.decode_layer, state, grid, decode=True)
+        if keep_outputs:
+            trace.heads.append(("decode", self.decode_head, self._loss_outputs(self.decode_head, kind, raw, state, grid),
+                                exit_stage < 0))
+            return trace
+        size = tuple(images.shape[-2:])
+        if kind == "atm":
+            probs = atm_token_probs(*raw)  # [B, M, K]
+            canvas = exit_probs if exit_probs is not None else probs.new_zeros(batch, num, probs.shape[-1])
+            trace.token_scores = scatter_tokens(canvas.to(probs.dtype), probs, state.index, state.pad)  # [B, N, K]
+            scores = trace.token_scores.transpose(1, 2).reshape(batch, -1, grid[0], grid[1])  # [B, K, h, w]
+            trace.scores = resize(scores, size)  # [B, K, H, W]
+        else:
+            trace.scores = self.decode_head.seg_logits(raw, size)  # [B, K, H, W]
+            if exit_probs is not None:  # tokens were graded (p0 < 1)
+                trace.scores = self._with_exits(trace.scores, exit_probs, exit_stage, grid)
+        return trace
+
+    def _with_exits(self, scores: torch.Tensor, exit_probs: torch.Tensor, exit_stage: torch.Tensor, grid) -> torch.Tensor:
+        """Logit decode heads: exited pixels take their exit head's log-probabilities."""
+        batch, num_classes = scores.shape[:2]
+        size = tuple(scores.shape[-2:])
+        exited = (exit_stage >= 0).to(scores.dtype).view(batch, 1, grid[0], grid[1])  # [B, 1, h, w]
+        log_probs = exit_probs.clamp_min(1e-6).log().transpose(1, 2).reshape(batch, num_classes, *grid)  # [B, K, h, w]
+        # bilinear among exited tokens only: upsample (values x indicator) / upsample(indicator)
+        spread = resize(log_probs * exited, size) / resize(exited, size).clamp_min(1e-6)  # [B, K, H, W]
+        pixel_exited = F.interpolate(exited, size=size, mode="nearest") > 0  # [B, 1, H, W]
+        return torch.where(pixel_exited, spread.to(scores.dtype), scores)
+
+    # ------------------------------------------------------------------ public forward
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None):
+        if labels is not None:
+            return self.losses(self.run(images, keep_outputs=True), labels)
+        trace = self.run(images)
+        if not self.training:
+            stage = trace.exit_stage
+            self.last_stats = {
+                "exit_fraction": [float((stage == m).float().mean()) for m in range(len(self.exit_layers))],
+                "kept_fraction": float((stage < 0).float().mean()),
+            }
+        return trace.scores
+
+    def losses(self, trace: PruneTrace, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each head's own loss on the tokens it saw (pixels of tokens that exited earlier are ignored)."""
+        batch = labels.shape[0]
+        losses = {}
+        for name, head, outputs, seen in trace.heads:
+            unseen = (~seen).to(torch.float32).view(batch, 1, *trace.grid)  # [B, 1, h, w]
+            unseen = F.interpolate(unseen, size=tuple(labels.shape[-2:]), mode="nearest")[:, 0] > 0  # [B, H, W]
+            head_labels = labels.masked_fill(unseen, _ignore_index(head))
+            losses.update({f"{name}.{k}": v for k, v in head.loss(outputs, head_labels).items()})
+        return losses
+
+    # ------------------------------------------------------------------ visualisation (thesis fig. 5.4)
+    @torch.no_grad()
+    def exit_maps(self, images: torch.Tensor) -> list[np.ndarray]:
+        """One uint8 map [H, W] per exit stage for one image [1, 3, H, W]: 255 = exited at this
+        stage, 128 = exited earlier, 0 = still in play (the bright/dark maps of thesis fig. 5.4)."""
+        if images.shape[0] != 1:
+            raise ValueError(f"exit_maps takes one image, got a batch of {images.shape[0]}")
+        height, width = images.shape[-2:]
+        divisor = int(getattr(self.backbone, "size_divisor", 1) or 1)
+        padded = F.pad(images, (0, (-width) % divisor, 0, (-height) % divisor))
+        was_training = self.training
+        self.eval()
+        try:
+            trace = self.run(padded)
+        finally:
+            self.train(was_training)
+        stage = trace.exit_stage.view(1, 1, *trace.grid).float()  # [1, 1, h, w]
+        stage = F.interpolate(stage, size=tuple(padded.shape[-2:]), mode="nearest")[0, 0, :height, :width]  # [H, W]
+        stage = stage.long().cpu().numpy()
+        maps = []
+        for m in range(len(self.exit_layers)):
+            image = np.zeros(stage.shape, dtype=np.uint8)
+            image[(stage >= 0) & (stage < m)] = 128
+            image[stage == m] = 255
+            maps.append(image)
+        return maps
+
+
+@SEGMENTORS.register("dtop", DToPOptions)
+def build_dtop(options: DToPOptions, backbone, decode_head, aux_heads) -> DToPSegmentor:
+    return DToPSegmentor(options, backbone, decode_head, aux_heads)

@@ -1,0 +1,281 @@
+"""DToP (thesis ch. 5): the exit rule, equivalences, batching, losses, the prune API and its errors.
+
+Tiny models: timm's test_vit (6 blocks, width 64) on 64 px images with patch 8 (64 tokens),
+aux heads after blocks 2 and 3, decode head after block 5; untrained weights, so thresholds are
+picked from the model's own confidences.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from segcli import api
+from segcli.data import SYNTHETIC_CLASSES, SYNTHETIC_PALETTE
+from segcli.engine.checkpoint import save_checkpoint
+from segcli.engine.flops import count_flops
+from segcli.errors import SegcliError
+from segcli.models.dtop import DToPSegmentor, atm_class_probs, atm_token_probs, exit_decision
+from segcli.pruning import gflops_split, parse_layers, prune_checkpoint
+from segcli.recipe import recipe_from_dict
+
+NUM_CLASSES = len(SYNTHETIC_CLASSES)
+BACKBONE = {"type": "vit", "name": "test_vit", "img_size": 64, "patch_size": 8, "out_indices": [2, 3, 5],
+            "drop_path_rate": 0.0}
+ATM = {"type": "atm", "embed_dim": 32, "num_heads": 1, "num_layers": 1}
+ATM_MODEL = {"backbone": BACKBONE, "decode_head": {**ATM, "in_index": [2]},
+             "aux_heads": [{**ATM, "in_index": [0]}, {**ATM, "in_index": [1]}]}
+# SETR decode head (a spatial map head); a 1×1 FCN (per-token) and a 3×3 FCN (spatial) grade
+FCN_MODEL = {"backbone": BACKBONE, "decode_head": {"type": "setr", "in_index": 2, "channels": 16},
+             "aux_heads": [{"type": "fcn", "in_index": 0, "channels": 16, "kernel_size": 1},
+                           {"type": "fcn", "in_index": 1, "channels": 16, "kernel_size": 3}]}
+
+
+def recipe_dict(model: dict, data_root=None, **options) -> dict:
+    raw = {"model": copy.deepcopy(model), "data": {"type": "synthetic", "crop_size": [64, 64], "synthetic_size": 64,
+                                                   "num_workers": 0}}
+    if data_root is not None:
+        raw["data"]["root"] = str(data_root)
+    if options:
+        raw["model"]["type"] = "dtop"
+        raw["model"]["options"] = options
+    return raw
+
+
+def build(model: dict, state=None, **options):
+    """The model of a recipe; fresh weights are sharpened so that confidences spread (an
+    untrained head gives every token nearly the same probabilities)."""
+    torch.manual_seed(0)
+    net = api.build_model(recipe_from_dict(recipe_dict(model, **options)), num_classes=NUM_CLASSES)
+    if state is not None:
+        net.load_state_dict(state)
+        return net.eval()
+    with torch.no_grad():
+        for head in [net.decode_head, *net.aux_heads]:
+            if hasattr(head, "class_head"):  # ATM: peaked class probabilities, confident masks
+                head.class_head.weight.mul_(40)
+                head.stages[-1].layers[-1].cross_attn.q_proj.weight.mul_(8)
+            else:
+                head.classifier.weight.mul_(300)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    torch.manual_seed(1)
+    return torch.randn(2, 3, 64, 64)
+
+
+def first_stage_confidence(plain, images) -> torch.Tensor:
+    """The stage-1 aux head's top per-class probability per token on the unpruned model: [B, N]."""
+    with torch.no_grad():
+        features = plain.backbone(images)
+        head = plain.aux_heads[0]
+        outputs = head(features)
+        if "pred_logits" in outputs:
+            probs = atm_class_probs(outputs["pred_logits"], outputs["pred_masks"].flatten(2))
+        else:
+            probs = head.seg_logits(outputs, features[0].shape[-2:]).flatten(2).transpose(1, 2).softmax(-1)
+    return probs.max(-1).values
+
+
+def threshold_between(confidence: torch.Tensor, quantile: float) -> float:
+    """A p0 near the ``quantile`` of the confidences, in a gap of at least 1e-4 (no near-ties)."""
+    values = confidence.flatten().sort().values
+    gaps = values[1:] - values[:-1]
+    start = int(quantile * (len(values) - 1))
+    for i in range(start, len(gaps)):
+        if gaps[i] > 1e-4:
+            return float((values[i] + values[i + 1]) / 2)
+    raise AssertionError("no gap in the confidences")
+
+
+# --------------------------------------------------------------------------- the exit rule
+
+
+def test_exit_rule_keeps_top_k_per_present_class():
+    # tokens:            t0 c0   t1 c0   t2 c0   t3 c1   t4 c2 (not confident)   t5 c0 (= p0)
+    confidence = torch.tensor([0.99, 0.97, 0.96, 0.98, 0.50, 0.95])
+    label = torch.tensor([0, 0, 0, 1, 2, 0])
+    probs = torch.full((1, 6, 3), 0.0)
+    probs[0, torch.arange(6), label] = confidence
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    # class 0: t0, t1 stay as context, t2 and t5 exit; class 1 has one exiting token (< k): it stays
+    assert exit_decision(probs, valid, 0.95, k=2).tolist() == [[False, False, True, False, False, True]]
+    assert exit_decision(probs, valid, 0.95, k=2, strict=True).tolist() == [[False, False, True, False, False, False]]
+    assert exit_decision(probs, valid, 0.95, k=0).tolist() == [[True, True, True, True, False, True]]
+    # padding never exits and never counts as context
+    valid[0, 0] = False
+    assert exit_decision(probs, valid, 0.95, k=2).tolist() == [[False, False, False, False, False, True]]
+    # rows are independent: a batch gives each image its own answer
+    batch = torch.cat([probs, probs.flip(1)])
+    both = exit_decision(batch, torch.ones(2, 6, dtype=torch.bool), 0.95, k=1)
+    assert both[1].tolist() == exit_decision(probs.flip(1), torch.ones(1, 6, dtype=torch.bool), 0.95, k=1)[0].tolist()
+
+
+def test_exit_rule_with_k0_keeps_one_token():
+    probs = torch.tensor([[[0.99, 0.01], [0.98, 0.02], [0.03, 0.97]]])
+    leave = exit_decision(probs, torch.ones(1, 3, dtype=torch.bool), 0.9, k=0)
+    assert leave.tolist() == [[True, True, False]]  # the least confident (0.97) stays
+
+
+# --------------------------------------------------------------------------- equivalences
+
+
+@pytest.mark.parametrize("model", [ATM_MODEL, FCN_MODEL], ids=["atm", "fcn"])
+def test_p0_one_is_the_unpruned_model(model, images):
+    plain = build(model)
+    pruned = build(model, plain.state_dict(), p0=1.0)
+    assert isinstance(pruned, DToPSegmentor)
+    with torch.no_grad():
+        expected, got = plain(images), pruned(images)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    assert pruned.last_stats == {"exit_fraction": [0.0, 0.0], "kept_fraction": 1.0}
+    flops_plain, flops_pruned = count_flops(plain, images[:1]), count_flops(pruned, images[:1])
+    assert abs(flops_pruned - flops_plain) <= 0.005 * flops_plain
+
+
+@pytest.mark.parametrize("model", [ATM_MODEL, FCN_MODEL], ids=["atm", "fcn"])
+def test_batch_equals_each_image_alone(model, images):
+    plain = build(model)
+    p0 = threshold_between(first_stage_confidence(plain, images), 0.5)
+    pruned = build(model, plain.state_dict(), p0=p0, k=2)
+    with torch.no_grad():
+        together = pruned.run(images)
+        alone = [pruned.run(images[i:i + 1]) for i in range(2)]
+    kept = (together.exit_stage < 0).sum(1)
+    assert kept[0] != kept[1] and (together.exit_stage >= 0).any()  # different kept counts: padding is used
+    for i in range(2):
+        assert torch.equal(together.exit_stage[i], alone[i].exit_stage[0])
+        assert torch.allclose(together.scores[i], alone[i].scores[0], atol=1e-5)
+    with torch.no_grad():
+        assert count_flops(pruned, images[:1]) < count_flops(plain, images[:1])
+
+
+def test_exited_tokens_keep_their_exit_stage_prediction(images):
+    plain = build(ATM_MODEL)
+    confidence = first_stage_confidence(plain, images)
+    pruned = build(ATM_MODEL, plain.state_dict(), p0=threshold_between(confidence, 0.4), k=1)
+    with torch.no_grad():
+        trace = pruned.run(images)
+        features = plain.backbone(images)
+        outputs = plain.aux_heads[0](features)  # stage 1 sees every token: the unpruned head's view
+        stage1 = atm_token_probs(outputs["pred_logits"], outputs["pred_masks"].flatten(2))  # [B, N, K]
+    exited = trace.exit_stage == 0
+    assert exited.any() and (trace.exit_stage < 0).any()
+    assert torch.allclose(trace.token_scores[exited], stage1[exited], atol=1e-5)
+    assert (confidence[exited] >= pruned.options.p0).all()
+    # the tokens that stayed finished with the decode head: their scores are not stage 1's
+    assert not torch.allclose(trace.token_scores[~exited], stage1[~exited])
+
+
+def test_exit_maps_and_stats(images):
+    plain = build(ATM_MODEL)
+    p0 = threshold_between(first_stage_confidence(plain, images), 0.5)
+    pruned = build(ATM_MODEL, plain.state_dict(), p0=p0, k=1)
+    with torch.no_grad():
+        pruned(images[:1])
+        maps = pruned.exit_maps(images[:1, :, :60, :61])  # any size: padded to the patch grid
+    stats = pruned.last_stats
+    assert len(stats["exit_fraction"]) == 2 and stats["exit_fraction"][0] > 0
+    assert abs(sum(stats["exit_fraction"]) + stats["kept_fraction"] - 1) < 1e-6
+    assert [m.shape for m in maps] == [(60, 61), (60, 61)] and all(m.dtype == np.uint8 for m in maps)
+    assert (maps[0] == 255).any() and set(np.unique(maps[1])) <= {0, 128, 255}
+    assert ((maps[1] == 128) == (maps[0] == 255)).all()  # stage-1 exits show as "earlier" in stage 2
+
+
+def test_flops_split_counts_aux_heads_apart(images):
+    plain = build(ATM_MODEL)
+    unpruned = gflops_split(build(ATM_MODEL, plain.state_dict(), p0=1.0), images[:1])
+    assert unpruned["gflops_aux"] == 0 and unpruned["gflops"] == pytest.approx(count_flops(plain, images[:1]))
+    grading = gflops_split(build(ATM_MODEL, plain.state_dict(), p0=0.9999), images[:1])  # grades, nobody exits
+    assert grading["gflops_aux"] > 0
+    assert grading["gflops_without_aux"] == pytest.approx(unpruned["gflops"], rel=1e-3)
+
+
+# --------------------------------------------------------------------------- training (DToP@Finetune)
+
+
+def test_finetune_losses_ignore_tokens_that_exited_earlier(images):
+    plain = build(ATM_MODEL)
+    pruned = build(ATM_MODEL, plain.state_dict(), p0=threshold_between(first_stage_confidence(plain, images), 0.5),
+                   k=1, freeze_backbone=True)
+    pruned.train()
+    torch.manual_seed(2)
+    labels = torch.randint(0, NUM_CLASSES, (2, 64, 64))
+    for module in pruned.modules():  # dropout off: the two forwards below must see the same network
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    with torch.no_grad():
+        exited = pruned.run(images).exit_stage == 0  # [B, N]
+    pixels = exited.view(2, 1, 8, 8).repeat_interleave(8, 2).repeat_interleave(8, 3)[:, 0]  # [B, H, W]
+    losses = pruned(images, labels)
+    assert {"decode.loss_ce", "aux0.loss_focal", "aux1.loss_dice"} <= set(losses)
+    changed = pruned(images, torch.where(pixels, (labels + 1) % NUM_CLASSES, labels))
+    assert changed["decode.loss_focal"] == pytest.approx(losses["decode.loss_focal"].item(), rel=1e-5)
+    assert changed["aux0.loss_focal"] != pytest.approx(losses["aux0.loss_focal"].item(), rel=1e-5)
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in pruned.backbone.parameters())
+    assert pruned.decode_head.class_queries.weight.grad is not None
+
+
+# --------------------------------------------------------------------------- prune API and errors
+
+
+def write_base_checkpoint(path, model: dict, data_root) -> None:
+    recipe = recipe_from_dict(recipe_dict(model, data_root))
+    net = build(model)
+    meta = {"classes": list(SYNTHETIC_CLASSES), "palette": SYNTHETIC_PALETTE.astype(int).tolist(),
+            "num_classes": NUM_CLASSES, "ignore_index": 255}
+    save_checkpoint(path, {"version": "test", "recipe": recipe.to_dict(), "meta": meta, "model": net.state_dict()})
+
+
+def test_prune_writes_a_checkpoint_that_evaluates(synth_root, tmp_path):
+    base = tmp_path / "base.pt"
+    write_base_checkpoint(base, ATM_MODEL, synth_root)
+    out = prune_checkpoint(base, p0=0.5, k=1, layers=parse_layers("2,3"), out=tmp_path / "pruned.pt")
+    loaded = api.load_checkpoint(out)
+    assert isinstance(loaded.model, DToPSegmentor) and loaded.model.exit_layers == (2, 3)
+    assert loaded.recipe.model.options == {"p0": 0.5, "k": 1, "exit_layers": [2, 3]}
+    metrics = api.evaluate(out, device="cpu", flops=True, limit=2)
+    assert len(metrics["exit_fraction"]) == 2 and 0 <= metrics["kept_fraction"] <= 1
+    assert metrics["gflops_avg"] > 0 and not np.isnan(metrics["aAcc"])
+    result = api.predict([str(synth_root / "images" / "val")], out, tmp_path / "pred", device="cpu", show_pruning=True)
+    assert any(p.name.endswith("_exit1.png") for p in result.written)
+    # pruning again replaces the options; default output name
+    again = prune_checkpoint(out, p0=0.9)
+    assert again.name == "pruned_dtop.pt"
+    assert api.load_checkpoint(again).recipe.model.options["p0"] == 0.9
+
+
+def test_fcn_model_prunes(synth_root, tmp_path):
+    base = tmp_path / "setr.pt"
+    write_base_checkpoint(base, FCN_MODEL, synth_root)
+    out = prune_checkpoint(base, p0=0.3, k=1)
+    metrics = api.evaluate(out, device="cpu", limit=1)
+    assert len(metrics["exit_fraction"]) == 2
+
+
+def test_prune_rejects_wrong_inputs(synth_root, tmp_path):
+    no_aux = tmp_path / "no_aux.pt"
+    write_base_checkpoint(no_aux, {**ATM_MODEL, "aux_heads": []}, synth_root)
+    with pytest.raises(SegcliError, match="no auxiliary heads"):
+        prune_checkpoint(no_aux)
+    base = tmp_path / "base.pt"
+    write_base_checkpoint(base, ATM_MODEL, synth_root)
+    with pytest.raises(SegcliError, match="block 1 has no auxiliary head") as err:
+        prune_checkpoint(base, layers=(1,))
+    assert err.value.where == "--layers" and "2, 3" in err.value.message
+    with pytest.raises(SegcliError, match="not before the decode head"):
+        prune_checkpoint(base, layers=(2, 5))
+    with pytest.raises(SegcliError) as err:
+        prune_checkpoint(base, p0=1.5)
+    assert err.value.where == "--p0"
+    with pytest.raises(SegcliError, match="list of block numbers"):
+        parse_layers("5;7")
+    cascaded = {**ATM_MODEL, "decode_head": {**ATM, "in_index": [2, 1]}}
+    with pytest.raises(SegcliError, match="decode head must read one backbone layer"):
+        build(cascaded, p0=0.9)
