@@ -215,8 +215,8 @@ def test_finetune_losses_ignore_tokens_that_exited_earlier(images):
     losses = pruned(images, labels)
     assert {"decode.loss_ce", "aux0.loss_focal", "aux1.loss_dice"} <= set(losses)
     changed = pruned(images, torch.where(pixels, (labels + 1) % NUM_CLASSES, labels))
-    assert changed["decode.loss_focal"] == pytest.approx(losses["decode.loss_focal"].item(), rel=1e-5)
-    assert changed["aux0.loss_focal"] != pytest.approx(losses["aux0.loss_focal"].item(), rel=1e-5)
+    assert changed["decode.loss_focal"].item() == pytest.approx(losses["decode.loss_focal"].item(), rel=1e-5)
+    assert changed["aux0.loss_focal"].item() != pytest.approx(losses["aux0.loss_focal"].item(), rel=1e-5)
     sum(losses.values()).backward()
     assert all(p.grad is None for p in pruned.backbone.parameters())
     assert pruned.decode_head.class_queries.weight.grad is not None

@@ -10,7 +10,8 @@ from segcli.configurable import from_dict
 from segcli.errors import SegcliError
 from segcli.models.backbones.resnet import ResNetBackbone, ResNetConfig
 from segcli.models.base import HeadContext, resize
-from segcli.models.heads.bilinear import BilinearConfig, BilinearHead, upsample_to_input
+from segcli.models.base import upsample_to_input
+from segcli.models.heads.bilinear import BilinearConfig, BilinearHead
 from segcli.models.heads.deeplabv3plus import DeepLabV3PlusConfig, DeepLabV3PlusHead
 from segcli.models.heads.fcn import FCNConfig, FCNHead
 from segcli.recipe import ModelConfig

@@ -18,28 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...errors import SegcliError
 from ...registry import HEADS
-from ..base import DecodeHead, HeadContext, resize
+from ..base import DecodeHead, HeadContext, check_in_index, resize, upsample_to_input
 from ..losses import cross_entropy
-
-
-def upsample_to_input(logits: torch.Tensor, stride: float, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear upsampling of a stride-``stride`` map ``[B, K, h, w]`` to ``[B, K, *size]``, grid-aligned."""
-    size = (int(size[0]), int(size[1]))  # plain ints, also under tracing (fvcore)
-    extent = (round(int(logits.shape[-2]) * stride), round(int(logits.shape[-1]) * stride))
-    if all(0 <= e - s < stride for e, s in zip(extent, size, strict=True)):
-        return resize(logits, extent)[..., : size[0], : size[1]]  # [B, K, *size]
-    return resize(logits, size)
-
-
-def check_in_index(index: int, ctx: HeadContext, head: str) -> int:
-    """``index`` as a non-negative position in the backbone outputs, or a :class:`SegcliError`."""
-    count = len(ctx.in_channels)
-    if not -count <= index < count:
-        raise SegcliError(f"in_index {index} is out of range: the backbone has {count} outputs", f"{head} head",
-                          f"use 0..{count - 1} (or -1 for the last); the backbone's out_indices choose them")
-    return index % count
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,9 @@ import torch
 from torch import nn
 
 from ...registry import HEADS
-from ..backbones.resnet import ConvBNReLU, SeparableConvBNReLU
-from ..base import DecodeHead, HeadContext
+from ..layers import ConvBNReLU, SeparableConvBNReLU
+from ..base import DecodeHead, HeadContext, check_in_index, upsample_to_input
 from ..losses import cross_entropy
-from .bilinear import check_in_index, upsample_to_input
 
 
 @dataclass(frozen=True)

@@ -65,10 +65,9 @@ from torch import nn
 
 from ...errors import SegcliError
 from ...registry import HEADS
-from ..backbones.resnet import ConvBNReLU
-from ..base import DecodeHead, HeadContext
+from ..layers import ConvBNReLU
+from ..base import DecodeHead, HeadContext, check_in_index, upsample_to_input
 from ..losses import cross_entropy
-from .bilinear import check_in_index, upsample_to_input
 
 
 @dataclass(frozen=True)
