@@ -16,14 +16,14 @@ import torch
 from torch import nn
 
 from .engine.checkpoint import load_model_state, read_checkpoint
-from .engine.distributed import DistInfo, cleanup, init_distributed
+from .engine.distributed import DistInfo, barrier, cleanup, init_distributed
 from .engine.evaluate import evaluate_model
 from .engine.flops import count_flops, count_params
 from .engine.trainer import TrainResult, run_training
 from .errors import SegcliError
 from .recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
 
-__all__ = ["load_recipe", "build_model", "load_checkpoint", "train", "evaluate", "predict", "flops",
+__all__ = ["load_recipe", "build_model", "load_checkpoint", "train", "evaluate", "predict", "flops", "prune", "cl_step",
            "LoadedModel", "PredictResult", "pick_device"]
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -155,7 +155,11 @@ def train(recipe: Recipe | str | Path, work_dir: str | Path | None = None, overr
     dev = pick_device(device)
     dist_info = init_distributed(dev)
     try:
+        if not dist_info.is_main:  # rank 0 generates/caches data (e.g. the synthetic set) first
+            barrier(dist_info)
         train_set, val_set = build_datasets(recipe)
+        if dist_info.is_main:
+            barrier(dist_info)
         torch.manual_seed(recipe.train.seed)  # the initial weights depend on the seed alone
         model = build_model(recipe, num_classes=train_set.num_classes)
         if dist_info.is_main:
@@ -174,13 +178,39 @@ def evaluate(checkpoint: str | Path, recipe: str | Path | None = None, overrides
     dev = pick_device(device)
     loaded = load_checkpoint(checkpoint, recipe, overrides, dev)
     (val_set,) = build_datasets(loaded.recipe, splits=("val",))
+    if loaded.meta.get("cl"):  # a continual-learning step: only the classes learnt so far count
+        from .continual import cl_eval_dataset
+
+        val_set = cl_eval_dataset(loaded.meta, val_set)
     if val_set.num_classes != loaded.meta["num_classes"]:
         raise SegcliError(f"the dataset has {val_set.num_classes} classes but the checkpoint {loaded.meta['num_classes']}",
                           "data.type", "evaluate on the dataset the model was trained for")
     result = evaluate_model(loaded.model, val_set, loaded.recipe, dev, DistInfo(), trimap=trimap,
                             count_gflops=flops, progress=progress, limit=limit)
     result["checkpoint"] = str(checkpoint)
+    if loaded.meta.get("cl"):
+        from .continual import cl_metrics
+
+        result["cl"] = cl_metrics(checkpoint, result, loaded.meta, device=dev)
     return result
+
+
+def prune(checkpoint: str | Path, p0: float = 0.95, k: int = 5, layers: str | tuple[int, ...] | None = None,
+          out: str | Path | None = None) -> Path:
+    """DToP@Direct (thesis ch. 5): write a pruned copy of a checkpoint that has auxiliary heads."""
+    from .pruning import parse_layers, prune_checkpoint
+
+    if isinstance(layers, str):
+        layers = parse_layers(layers)
+    return prune_checkpoint(checkpoint, p0, k, layers, out)
+
+
+def cl_step(recipe: Recipe | str | Path, task: int, work_dir: str | Path | None = None, overrides=(),
+            device: str | None = None, resume: bool = False, callback=None):
+    """One SegViT-CL step (thesis 4.2.3): task 1 trains the base model, task N adds and trains a head."""
+    from .continual import cl_step as run_step
+
+    return run_step(recipe, task, work_dir, overrides, device=device, resume=resume, callback=callback)
 
 
 def flops(recipe: Recipe | str | Path, shape: tuple[int, int] | None = None, overrides=()) -> dict:

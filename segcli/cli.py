@@ -241,25 +241,61 @@ def flops(
     _console().print(f"{recipe}: {result['gflops']:.2f} GFLOPs at {h}x{w}, {result['params_m']:.2f} M parameters")
 
 
-# --------------------------------------------------------------------------- not yet
+# --------------------------------------------------------------------------- DToP and SegViT-CL
 
 
 @app.command()
-def prune(ctx: typer.Context, checkpoint: Path = typer.Argument(None), p0: float = typer.Option(0.95, "--p0"),
-          k: int = typer.Option(5, "--k"), layers: Optional[str] = typer.Option(None, "--layers"),
-          out: Optional[Path] = typer.Option(None, "--out")):
-    """DToP: dynamic token pruning of a trained model (not implemented yet)."""
-    _console(stderr=True).print("[bold red]error:[/] `segcli prune` (DToP) is not implemented in this version yet; "
-                                "see the README's roadmap")
-    raise typer.Exit(2)
+def prune(
+    ctx: typer.Context,
+    checkpoint: Path = typer.Argument(..., help="A trained checkpoint with auxiliary heads on the exit blocks."),
+    p0: float = typer.Option(0.95, "--p0", help="Exit threshold on a token's max class probability (1.0 = no pruning)."),
+    k: int = typer.Option(5, "--k", help="Top-k most confident exiting tokens per class kept for context."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="0-based exit blocks, e.g. 5,7 (default: every aux head)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output checkpoint (default <stem>_dtop.pt)."),
+):
+    """DToP@Direct: write a pruned checkpoint that eval/predict/flops use as is (thesis ch. 5)."""
+    from . import api
+
+    path = _guard(ctx, api.prune, checkpoint, p0, k, layers, out)
+    _console().print(f"wrote {path} (p0={p0}, k={k})")
+    _console().print(f"next: segcli eval {path} --flops   |   segcli predict IMAGE --checkpoint {path} --show-pruning")
 
 
 @app.command("cl-step")
-def cl_step(ctx: typer.Context, recipe: Path = typer.Argument(None), task: int = typer.Option(1, "--task")):
-    """SegViT-CL: one continual-learning step (not implemented yet)."""
-    _console(stderr=True).print("[bold red]error:[/] `segcli cl-step` (SegViT-CL) is not implemented in this version "
-                                "yet; see the README's roadmap")
-    raise typer.Exit(2)
+def cl_step(
+    ctx: typer.Context,
+    recipe: Path = typer.Argument(..., help="A recipe with a cl: section and model.type: continual."),
+    task: int = typer.Option(..., "--task", help="1 = base classes; N > 1 adds task N's classes."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", "-w", help="Default runs/<recipe name>; writes DIR/task{N}/."),
+    set_: Optional[List[str]] = SetOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue DIR/task{N}/last.pt exactly."),
+    device: Optional[str] = typer.Option(None, "--device"),
+):
+    """SegViT-CL: train one continual-learning step with every earlier parameter frozen (thesis 4.2.3)."""
+    from . import api
+
+    console = _console()
+    main = _is_main_process()
+
+    def run():
+        reporter = _TrainReporter(console, 50) if main else None
+        try:
+            return api.cl_step(recipe, task, work_dir, set_ or [], device=device, resume=resume, callback=reporter)
+        finally:
+            if reporter:
+                reporter.close()
+
+    result = _guard(ctx, run)
+    if not main:
+        return
+    if result.metrics:
+        console.print(_metrics_table(result.metrics, f"task {result.task}/{result.num_tasks} @ {result.iterations} iterations"))
+    console.print(f"task {result.task}/{result.num_tasks}: learnt classes {list(result.classes)} on "
+                  f"{result.num_images} images; wrote {result.checkpoint}")
+    if result.task < result.num_tasks:
+        console.print(f"next: segcli cl-step {recipe} --task {result.task + 1}"
+                      + (f" --work-dir {work_dir}" if work_dir else ""))
+    console.print(f"eval: segcli eval {result.checkpoint} --json   (adds base/new/all mIoU and forgetting)")
 
 
 # --------------------------------------------------------------------------- data
@@ -277,8 +313,8 @@ def data_synth(
     """Write the synthetic dataset in the `folder` layout."""
     from .data.synthetic import generate_synthetic
 
-    _guard(ctx, generate_synthetic, out, n, n_val, size, seed)
-    _console().print(f"wrote {n} + {n_val} images to {out}/ (folder layout)")
+    root = _guard(ctx, generate_synthetic, out, n, n_val, size, seed)
+    _console().print(f"wrote {n} + {n_val} images to {root}/ (folder layout)")
 
 
 def main() -> None:

@@ -39,7 +39,8 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise SegcliError(f"'{text}' is not a list of block numbers", "--layers", "e.g. --layers 5,7 (0-based)") from None
+        raise SegcliError(f"'{text}' is not a list of block numbers", "--layers",
+                          "e.g. --layers 5,7 (0-based)") from None
 
 
 def pruned_recipe(recipe: dict, p0: float = 0.95, k: int = 5, layers: tuple[int, ...] | None = None) -> dict:

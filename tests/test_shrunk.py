@@ -23,7 +23,7 @@ NUM_CLASSES = 5
 def _model(out_indices=(3,), head=None, **options) -> ShrunkSegmentor:
     torch.manual_seed(0)
     backbone = ViTConfig(name="vit_tiny_patch16_224", img_size=64, out_indices=out_indices, drop_path_rate=0.0,
-                         patch_size=8)
+                         patch_size=8, depth=4)
     head = head or ATMConfig(in_index=(0,), num_layers=2, dropout=0.0)
     options.setdefault("qu_dropout", 0.0)
     cfg = ModelConfig(backbone=Component("vit", backbone), decode_head=Component("atm", head), type="shrunk",
@@ -49,7 +49,7 @@ class FixedEdges(nn.Module):
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "beitv2_base_patch16_224"])
 def test_qd_block_equals_full_block_at_subsampled_positions(name):
     torch.manual_seed(0)
-    backbone = ViTBackbone(ViTConfig(name=name, img_size=48, out_indices=(0,), drop_path_rate=0.0)).eval()
+    backbone = ViTBackbone(ViTConfig(name=name, img_size=48, out_indices=(0,), drop_path_rate=0.0, depth=1)).eval()
     if name.startswith("beit"):
         with torch.no_grad():
             backbone.blocks[0].attn.relative_position_bias_table.normal_()
@@ -61,6 +61,18 @@ def test_qd_block_equals_full_block_at_subsampled_positions(name):
     queried = block_forward(backbone.blocks[0], tokens, grid, query_index=index)
     assert queried.shape == (2, 4, backbone.embed_dim)
     assert torch.allclose(queried, full[:, [0, 2, 6, 8]], atol=1e-5)
+
+
+def test_shrunk_encoder_qd_output_is_the_plain_block_output_subsampled():
+    model = _model(out_indices=(1, 3), qd_index=1, qu="none").eval()
+    images = torch.randn(2, 3, 72, 56)  # a 9 x 7 grid
+    features, _ = model.encode(images)
+    backbone = model.backbone
+    tokens, grid = backbone.embed(images)
+    for i in range(2):  # the same pretrained-style blocks, run in full
+        tokens = backbone.run_block(i, tokens, grid)
+    plain = backbone.tokens_to_map(tokens, grid)  # [2, C, 9, 7]
+    assert torch.allclose(features[0], plain[:, :, ::2, ::2], atol=1e-5)
 
 
 @pytest.mark.parametrize("size,grid", [((64, 64), (8, 8)), ((72, 56), (9, 7)), ((40, 88), (5, 11))])
@@ -95,14 +107,18 @@ def test_qu_restores_the_token_grid(qu, qd_index):
     assert scores.shape == (2, NUM_CLASSES, 72, 56) and torch.isfinite(scores).all()
 
 
-def test_qu_learned_reads_the_pre_qd_block_and_the_final_block():
-    model = _model(qd_index=2, qu="learned").eval()
-    assert len(model.qu.readers) == 2 and model.qu.grid_queries.num_embeddings == 64
-    images = torch.randn(1, 3, 64, 64)
-    base = model(images)
-    with torch.no_grad():  # changing block 1 (before QD) changes the result through both paths
-        model.backbone.blocks[3].mlp.fc2.bias.add_(1.0)
-    assert not torch.allclose(model(images), base)
+def test_qu_reads_the_pre_qd_tokens_and_the_final_tokens():
+    grid = (4, 4)
+    pre_qd, final = torch.randn(2, 16, 192), torch.randn(2, 4, 192)
+    other_pre, other_final = torch.randn(2, 16, 192), torch.randn(2, 4, 192)
+    for qu in ("inherit", "learned"):
+        upsampler = _model(qd_index=2, qu=qu).eval().qu
+        assert len(upsampler.readers) == (2 if qu == "learned" else 1)
+        base = upsampler(pre_qd, final, grid)
+        assert base.shape == (2, 16, 192)
+        assert not torch.allclose(upsampler(other_pre, final, grid), base)  # the 1/16 tokens from before QD
+        assert not torch.allclose(upsampler(pre_qd, other_final, grid), base)  # the shrunk final tokens
+    assert _model(qd_index=2, qu="learned").qu.grid_queries.num_embeddings == 64  # (64/8)^2 learnt queries
 
 
 # --------------------------------------------------------------------------- EQD
@@ -144,13 +160,14 @@ def test_eqd_batched_equals_per_image(qu):
 
 
 def test_eqd_flops_follow_the_kept_tokens():
-    none = torch.zeros(1, 64, dtype=torch.bool)
-    every = torch.ones(1, 64, dtype=torch.bool)
+    model = _eqd_model(torch.zeros(1, 64, dtype=torch.bool))
     images = torch.zeros(1, 3, 64, 64)
-    few = count_flops(_eqd_model(none), images)
-    many = count_flops(_eqd_model(every), images)
-    plain_qd = count_flops(_model(qd_index=0), images)
-    assert few == pytest.approx(plain_qd, rel=0.02)  # only the (replaced, free) edge head differs
+    few = count_flops(model, images)
+    model.edge_head = FixedEdges(torch.ones(1, 64, dtype=torch.bool))
+    many = count_flops(model, images)
+    model.options = ShrunkOptions(qd_index=0)  # the same weights as plain QD: no edge branch
+    model.edge_head = None
+    assert count_flops(model, images) == pytest.approx(few)  # the stub edge head costs nothing
     assert many > 1.5 * few
 
 
@@ -175,7 +192,7 @@ def test_edge_targets_from_a_hand_made_label_map():
     labels[0, 6, 5] = 2  # now class 2 next to ignore only: not an edge
     assert edge_targets(labels, 4, (2, 2), ignore).tolist() == [[[0, 1], [ignore, 0]]]
     # labels smaller than the token grid are padded with ignore, larger ones cropped
-    assert edge_targets(labels[:, :6, :8], 4, (2, 2), ignore).tolist() == [[[0, 1], [0, 0]]]
+    assert edge_targets(labels[:, :6, :8], 4, (2, 2), ignore).tolist() == [[[0, 1], [ignore, 0]]]
     assert edge_targets(labels, 4, (1, 1), ignore).tolist() == [[[0]]]
 
 

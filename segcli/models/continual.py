@@ -33,6 +33,9 @@ Decisions (the thesis is silent; SegViT-CL was not released):
   regions, so the concatenated argmax does not hand old-class pixels to new classes.
 * **No auxiliary heads**: the thesis' ATM has none, and an auxiliary head would need a
   per-task copy as well. The decode head must be ``atm``.
+* **Cost**: every head runs its own stages on the shared features, so inference cost grows by
+  one ATM per task; most of an ATM's cost (token projection, keys and values) does not shrink
+  with its class count. The thesis reports no FLOPs for SegViT-CL.
 """
 from __future__ import annotations
 

@@ -83,13 +83,19 @@ AUX_MODULES = ("aux_heads", "graders")  # module names whose FLOPs are the auxil
 
 @dataclass(frozen=True)
 class DToPOptions:
-    """``model.type: dtop`` options (``model.options``)."""
+    """``model.type: dtop`` options (``model.options``), e.g.
+    ``{p0: 0.95, k: 5, exit_layers: [5, 7]}`` for ViT-B (thesis 5.3.2-5.3.3).
 
-    p0: float = 0.95  # confidence threshold; >= 1.0 disables pruning (the baseline)
+    ``exit_layers`` are 0-based backbone blocks; each must be read by exactly one auxiliary head,
+    which then grades the tokens after that block. None = every auxiliary head that reads a
+    block before the decode head's, in order.
+    """
+
+    p0: float = 0.95  # confidence threshold; 1.0 = no pruning (the baseline)
     k: int = 5  # most confident exiting tokens per present class that stay for context
-    exit_layers: tuple[int, ...] | None = None  # 0-based blocks whose aux heads grade; None = every aux head before the decode block
+    exit_layers: tuple[int, ...] | None = None  # grading blocks (0-based); None = all aux heads before the decode
     strict: bool = False  # exit if score > p0 (released code) instead of >= p0 (thesis)
-    freeze_backbone: bool = False  # finetune the heads only
+    freeze_backbone: bool = False  # train the heads only (DToP@Finetune as the thesis words it)
 
     def __post_init__(self):
         if not 0.0 < self.p0 <= 1.0:
@@ -192,7 +198,8 @@ def head_kind(head: nn.Module, decode: bool = False) -> str:
         return "atm"
     if decode:
         return "map"
-    if isinstance(head, BilinearHead) or (isinstance(head, FCNHead) and (head.cfg.num_convs == 0 or head.cfg.kernel_size == 1)):
+    one_by_one = isinstance(head, FCNHead) and (head.cfg.num_convs == 0 or head.cfg.kernel_size == 1)
+    if isinstance(head, BilinearHead) or one_by_one:
         return "pointwise"
     return "map"
 
@@ -369,9 +376,8 @@ class DToPSegmentor(nn.Module):
         exit_probs = None  # [B, N, K] probabilities of exited tokens, from their exit head
         grade = self.pruning or keep_outputs
         stages = {block: m for m, block in enumerate(self.exit_layers)} if grade else {}
-        subset = False  # whether any token has exited (then blocks need the tokens' grid positions)
+        subset = padded = False  # any token exited (blocks need grid positions) / some image has padding
         for block in range(self.decode_block + 1):
-            padded = subset and bool(state.pad.any())
             state.packed = self.backbone.run_block(block, state.packed, grid, positions=state.index if subset else None,
                                                    key_padding_mask=state.pad if padded else None)
             if block not in stages:
@@ -381,7 +387,8 @@ class DToPSegmentor(nn.Module):
             kind, raw = self._run_head(head, self.exit_positions[stage], state, grid)
             if keep_outputs:
                 seen = exit_stage < 0
-                trace.heads.append((f"aux{self.exit_heads[stage]}", head, self._loss_outputs(head, kind, raw, state, grid), seen))
+                outputs = self._loss_outputs(head, kind, raw, state, grid)
+                trace.heads.append((f"aux{self.exit_heads[stage]}", head, outputs, seen))
             if not self.pruning:
                 continue
             if kind == "atm":
@@ -402,12 +409,12 @@ class DToPSegmentor(nn.Module):
                 state.sync_full()  # exited tokens keep the features they leave with
             packed, sub_index, state.pad = select_tokens(state.packed, ~state.pad & ~leave)  # [B, M', C]
             state.packed, state.index = packed, torch.gather(state.index, 1, sub_index)  # [B, M'] grid positions
-            subset = True
+            subset, padded = True, bool(state.pad.any())
         trace.exit_stage = exit_stage
         kind, raw = self._run_head(self.decode_head, self.decode_layer, state, grid, decode=True)
         if keep_outputs:
-            trace.heads.append(("decode", self.decode_head, self._loss_outputs(self.decode_head, kind, raw, state, grid),
-                                exit_stage < 0))
+            outputs = self._loss_outputs(self.decode_head, kind, raw, state, grid)
+            trace.heads.append(("decode", self.decode_head, outputs, exit_stage < 0))
             return trace
         size = tuple(images.shape[-2:])
         if kind == "atm":
@@ -422,7 +429,8 @@ class DToPSegmentor(nn.Module):
                 trace.scores = self._with_exits(trace.scores, exit_probs, exit_stage, grid)
         return trace
 
-    def _with_exits(self, scores: torch.Tensor, exit_probs: torch.Tensor, exit_stage: torch.Tensor, grid) -> torch.Tensor:
+    def _with_exits(self, scores: torch.Tensor, exit_probs: torch.Tensor, exit_stage: torch.Tensor,
+                    grid: tuple[int, int]) -> torch.Tensor:
         """Logit decode heads: exited pixels take their exit head's log-probabilities."""
         batch, num_classes = scores.shape[:2]
         size = tuple(scores.shape[-2:])

@@ -53,15 +53,22 @@ Decisions (the thesis and SPEC are silent, or the released code differs):
   tokens); the evaluation loop averages them over the dataset. (With slide inference it is the
   last window's value.)
 
-FLOPs (fvcore + SDPA handle, ``mask_resolution: full`` and a one-stage head with query
-self-attention as table 4.7's plain row; see ``benchmarks/shrunk_speed.py`` and the report):
-ViT-B 512² plain 115.62; QD@6 + ``learned`` QU 97.66 (thesis 97.1; ratio 0.845 vs 0.838),
-QD@0 + ``inherit`` QU 43.68 (thesis 46.1; 0.378 vs 0.398). Components: backbone QD@6 66.50,
-QD@0 24.79; QU ``learned`` 22.38, ``inherit`` 10.28 (both with the 0.30 output projection);
-head 8.61. The released structure without our two projections counts 66.50 + 22.08 + 8.31
-(+ MMSegmentation's 0.16 resize) = 97.05, i.e. table 4.7's QD@6 row is the released model. No
-structure we could find gives the QD@0 row's 46.1 with the same QU as the QD@6 row (the backbone
-difference alone is 41.7 against the table's 51.0); ``inherit`` is the closest sensible one.
+FLOPs (fvcore + SDPA handle; ``mask_resolution: full`` and one ATM stage with query
+self-attention, as table 4.7's plain row 115.8 = 115.62 + MMSegmentation's 0.16 final resize,
+which our pipeline does not run). ViT-B 512², ours (thesis, ratio to plain ours / thesis):
+
+* plain + QD@6, no QU: 73.94 (74.1: 73.94 + 0.16 exactly);
+* QD@6 + ``learned`` QU: 97.50 (97.1; 0.843 / 0.838) = backbone 66.50 + QU 22.38 + head 8.61. The
+  released structure (no ``Linear(D, C)`` after QU, no head projection) counts 66.50 + 22.08 +
+  8.31 + 0.16 = 97.05: table 4.7's QD@6 row is the released model. ``inherit`` QU: 85.40;
+* QD@0 + ``inherit`` QU: 43.69 (46.1; 0.378 / 0.398) = 24.79 + 10.28 + 8.61; ``learned``: 55.79.
+  No structure we found gives 46.1 with the QU of the 97.1 row: the two rows' backbones differ by
+  41.7, the table's totals by 51.0; ``inherit`` (nothing worth storing before block 0) is closest;
+* EQD@0: 44.60 + the kept tokens' cost (the edge MLP is 0.91): table 4.7's 74.6 corresponds to
+  about 54% of the tokens kept (see ``benchmarks/shrunk_speed.py``).
+
+BEiTv2-L, QD@8 + ``learned`` QU: 223.75 at 512² (table 4.1: 210.3; without QU self-attention
+210.85), 375.31 at 640² (308.8, not reachable with QD at block 8: its backbone alone is ~294).
 """
 from __future__ import annotations
 
@@ -160,7 +167,8 @@ class QueryUpsampler(nn.Module):
         self.base_grid = tuple(base_grid)
         if mode == "learned":
             self.grid_queries = nn.Embedding(base_grid[0] * base_grid[1], dim)  # N(0, 1), as released
-            self.readers = nn.ModuleList(TokenReader(in_dim, dim, heads, num_layers, self_attn, dropout) for _ in range(2))
+            self.readers = nn.ModuleList(
+                TokenReader(in_dim, dim, heads, num_layers, self_attn, dropout) for _ in range(2))
         else:
             self.query_proj = nn.Linear(in_dim, dim)
             self.query_norm = nn.LayerNorm(dim)

@@ -11,8 +11,8 @@ embeddings, and trained against targets computed from the ground-truth labels.
   reading (C -> C/2 -> 2). The activation is not given: ReLU, as in the authors' MLP helper.
   Weights are truncated-normal (std 0.02) with zero bias, so at initialisation every token sits at
   p(edge) ~ 0.5 and nothing passes the 0.7 threshold until the branch has learnt something.
-* :func:`edge_targets` -- eq. 4.6 tokenises the labels into P x P patches and marks a patch whose
-  patch holds an edge pixel. "Edge" follows the thesis' own gloss (EQD keeps "tokens containing
+* :func:`edge_targets` -- eq. 4.6 tokenises the labels into P x P patches and marks a patch that
+  holds an edge pixel. "Edge" follows the thesis' own gloss (EQD keeps "tokens containing
   multiple categories"): a patch is an edge token iff its non-ignored pixels hold at least two
   different classes. Ignore pixels are not a class, so a boundary between a class and ignore is
   no edge, and a patch with no valid pixel gets the ignore target. Computed with max/min pooling
@@ -78,7 +78,8 @@ def edge_targets(labels: torch.Tensor, patch_size: int, grid: tuple[int, int], i
     return target[:, 0]  # [B, h, w]
 
 
-def edge_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = 255, weight: float = 1.0) -> torch.Tensor:
+def edge_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = 255,
+              weight: float = 1.0) -> torch.Tensor:
     """Cross-entropy of edge logits ``[B, N, 2]`` against targets ``[B, N]`` (ignore skipped), times ``weight``."""
     flat_targets = targets.reshape(-1)
     if not bool((flat_targets != ignore_index).any()):
