@@ -83,7 +83,7 @@ def test_bad_inputs_exit_2_without_traceback(cli, synth_root, tmp_path):
     assert res.exit_code == 2 and "nope.yaml" in res.output and "Traceback" not in res.output
     res = cli("train", SETR, "--set", "train.max_iter=3")
     assert res.exit_code == 2 and "did you mean 'max_iters'" in res.output
-    res = cli("train", SETR, "--set", "data.root=" + str(tmp_path / "missing"))
+    res = cli("train", SETR, "--set", "data.type=folder", "--set", "data.root=" + str(tmp_path / "missing"))
     assert res.exit_code == 2 and "missing" in res.output
     res = cli("eval", tmp_path / "none.pt")
     assert res.exit_code == 2 and "none.pt" in res.output
