@@ -20,7 +20,11 @@ front of a ``[B, M, C]`` tensor, M = the largest kept count of the batch, and th
 that with a key padding mask (``segcli/models/tokens.py``; measured against the alternatives in
 ``benchmarks/dtop_speed.py``). ``index`` [B, M] remembers each packed token's grid position.
 Padding changes nothing for real tokens: they attend to exactly the tokens they would attend
-to alone, so a batch gives every image the result it gets alone (tested).
+to alone, so a batch gives every image the result it gets alone (tested). Measured on the tiny
+recipe (batch 8, one thread of a shared 2-core CPU): a block on the tokens that reach the decode
+head takes 14.8 ms padded (24% of the slots are padding) vs 29.6 ms packed into one sequence
+with a block-diagonal mask; the whole pruned model saves 24% wall-clock for 29% fewer GFLOPs,
+while running the images one by one (the released strategy) is 10% slower than not pruning.
 
 Decisions (thesis and SPEC silent, or released code differs):
 
