@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import timm
 import torch
@@ -28,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     size = args.size
-    recipe = "recipes/segvit_vit_b_ade20k.yaml"
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "segvit_vit_b_ade20k.yaml"
     models = {}
     for resolution in ("low", "full"):
         rec = load_recipe(recipe, ["model.backbone.pretrained=null", f"model.decode_head.mask_resolution={resolution}",
@@ -49,10 +50,10 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
     base = statistics.median(times["timm ViT-B backbone"])
     print(f"{size}x{size}, batch 1, {args.threads} threads, median of {args.repeats}")
-    print(f"{'model':28s} {'seconds':>8s} {'x backbone':>10s}")
+    print(f"{'model':28s} {'median s':>9s} {'min s':>7s} {'x backbone (median)':>20s}")
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"{name:28s} {median:8.3f} {median / base:10.3f}")
+        print(f"{name:28s} {median:9.3f} {min(values):7.3f} {median / base:20.3f}")
 
 
 if __name__ == "__main__":

@@ -205,7 +205,7 @@ def prune(checkpoint: str | Path, p0: float = 0.95, k: int = 5, layers: str | tu
     return prune_checkpoint(checkpoint, p0, k, layers, out)
 
 
-def cl_step(recipe: Recipe | str | Path, task: int, work_dir: str | Path | None = None, overrides=(),
+def cl_step(recipe: Recipe | str | Path | None, task: int, work_dir: str | Path | None = None, overrides=(),
             device: str | None = None, resume: bool = False, callback=None):
     """One SegViT-CL step (thesis 4.2.3): task 1 trains the base model, task N adds and trains a head."""
     from .continual import cl_step as run_step

@@ -150,12 +150,21 @@ def train(
     if not main:
         return
     if result.metrics:
-        classes = [row["class"] for row in result.metrics["per_class"]]
         console.print(_metrics_table(result.metrics, f"{rec.name} @ {result.iterations} iterations"))
-        del classes
     console.print(f"wrote {result.last}" + (f" and {result.best} (best mIoU {result.best_miou:.2f})" if result.best else ""))
     best = result.best or result.last
-    console.print(f"next: segcli predict IMAGE --checkpoint {best} --overlay   |   segcli eval {best}")
+    console.print(f"next: segcli predict {_val_images(rec)} --checkpoint {best} --overlay", soft_wrap=True)
+    console.print(f"      segcli eval {best} --json", soft_wrap=True)
+
+
+def _val_images(rec) -> str:
+    """The validation image folder of a folder-layout recipe (something to predict on), else IMAGE."""
+    from .data.synthetic import DEFAULT_ROOT
+
+    if rec.data.type not in ("synthetic", "folder"):
+        return "IMAGE"
+    folder = Path(rec.data.root or DEFAULT_ROOT) / "images" / rec.data.val_split
+    return str(folder) if folder.is_dir() else "IMAGE"
 
 
 # --------------------------------------------------------------------------- eval
@@ -258,13 +267,16 @@ def prune(
 
     path = _guard(ctx, api.prune, checkpoint, p0, k, layers, out)
     _console().print(f"wrote {path} (p0={p0}, k={k})")
-    _console().print(f"next: segcli eval {path} --flops   |   segcli predict IMAGE --checkpoint {path} --show-pruning")
+    _console().print(f"next: segcli eval {path} --flops", soft_wrap=True)
+    _console().print(f"      segcli predict IMAGE --checkpoint {path} --show-pruning", soft_wrap=True)
 
 
 @app.command("cl-step")
 def cl_step(
     ctx: typer.Context,
-    recipe: Path = typer.Argument(..., help="A recipe with a cl: section and model.type: continual."),
+    recipe: Optional[Path] = typer.Argument(
+        None, help="A recipe with a cl: section and model.type: continual (optional for --task N > 1: "
+                   "continues the run in --work-dir, or the only one under runs/)."),
     task: int = typer.Option(..., "--task", help="1 = base classes; N > 1 adds task N's classes."),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", "-w", help="Default runs/<recipe name>; writes DIR/task{N}/."),
     set_: Optional[List[str]] = SetOpt,
@@ -293,9 +305,10 @@ def cl_step(
     console.print(f"task {result.task}/{result.num_tasks}: learnt classes {list(result.classes)} on "
                   f"{result.num_images} images; wrote {result.checkpoint}")
     if result.task < result.num_tasks:
-        console.print(f"next: segcli cl-step {recipe} --task {result.task + 1}"
-                      + (f" --work-dir {work_dir}" if work_dir else ""))
-    console.print(f"eval: segcli eval {result.checkpoint} --json   (adds base/new/all mIoU and forgetting)")
+        console.print(f"next: segcli cl-step --task {result.task + 1} --work-dir {result.work_dir.parent}",
+                      soft_wrap=True)
+    console.print(f"eval: segcli eval {result.checkpoint} --json   (adds base/new/all mIoU and forgetting)",
+                  soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- data

@@ -24,9 +24,15 @@ Decisions (the thesis is silent; SegViT-CL was not released):
   regions, where at test time they compete with the frozen heads in the concatenated argmax; with
   negatives they learn to stay off them. (``background="ignore"`` in :func:`task_train_dataset`
   gives the other reading, for comparison.)
-* **Labels of an evaluation at step t**: classes of later tasks are ignored (the model cannot know
-  them yet); their IoU is then NaN and drops out of the mean, so the mIoU is over the classes
-  seen so far, the "all" of that step. At the last step nothing changes.
+* **Evaluation at step t**: every validation image with its full labels; the means are over the
+  classes learnt so far (tasks 1..t, the "all" of that step) and later classes' IoU is reported
+  as None. Pixels of later classes stay valid: whatever the model predicts there is a false
+  positive of that class, as in MiB/PLOP, which relabel future classes as a counted background
+  at test time. So every step is scored on the same pixels and a base-class IoU changes between
+  steps only because the model did (the new head taking pixels from, or giving pixels back to,
+  the frozen ones). Ignoring those pixels instead would inflate step 1 and make a "drop" that is
+  an artefact of the relabelling: on the synthetic 6-2 run of the first implementation, base
+  mIoU 33.1 (ignored) vs 30.0 (counted) for the same step-1 model.
 * **The class-presence index** (which classes each training image contains) is what task
   membership is computed from, for any protocol and setting, with no image decoded twice. It is
   computed once per dataset split (masks read in parallel with ``data.num_workers`` processes)
@@ -38,12 +44,16 @@ Decisions (the thesis is silent; SegViT-CL was not released):
   costs well under a second.
 * **Iterations per step**: task 1 trains the whole model (``train.max_iters``); later tasks train
   one head. The thesis calls them "quick fine-tuning experiments" without numbers; recipes set
-  the incremental budget with ``--set train.max_iters=...`` (or ``cl.step_iters`` once the recipe
-  has that field). ``train.init_from`` applies to task 1 only (later tasks start from task t-1).
+  the incremental budget with ``cl.step_iters`` (default: ``train.max_iters``). ``train.init_from``
+  applies to task 1 only (later tasks start from task t-1).
 * **Metrics** (:func:`cl_metrics`, thesis 4.3.6, tables 4.11-4.12): base mIoU (task-1 classes),
   new mIoU (classes of tasks 2..t), all mIoU (tasks 1..t), avg mIoU (mean of each step's all
   mIoU, Douillard et al. 2021) and forgetting per task (mIoU of its classes at the step that
-  learnt it minus at step t; the average, as in table 4.12, is over tasks 2..t).
+  learnt it minus at step t; the average, as in table 4.12, is over tasks 2..t). Added:
+  ``base_mAcc``, the base classes' mean recall, at every step. A base-class IoU can *rise* after
+  a step, because the new head takes pixels of its classes that the old heads had claimed (false
+  positives of base classes); the recall depends only on base-class pixels, so its fall is
+  exactly the share of them that new heads took: the interference the frozen design leaves.
 """
 from __future__ import annotations
 
@@ -66,6 +76,7 @@ from .models.continual import BACKGROUND, IGNORE
 from .recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
 
 INDEX_VERSION = 1
+EVAL_VERSION = 3  # of the step evaluation in cl_step.json (2: later classes' pixels counted; 3: + Acc)
 STEP_FILE = "cl_step.json"
 
 Tasks = tuple[tuple[int, ...], ...]
@@ -199,17 +210,19 @@ def class_presence(dataset: SegDataset, root: str | Path, split: str, num_worker
 class TaskDataset(SegDataset):
     """Some images of a dataset with a second label mapping (global ids -> task labels) after its own."""
 
-    def __init__(self, base: SegDataset, indices, task_lut: np.ndarray, name: str):
+    def __init__(self, base: SegDataset, indices, task_lut: np.ndarray, name: str,
+                 mean_classes: tuple[int, ...] | None = None):
         super().__init__([base.samples[i] for i in indices], base.classes, base.palette, base.label_lut,
                          base.transform, name)
         self.task_lut = np.asarray(task_lut, dtype=np.uint8)  # [256]
+        self.mean_classes = mean_classes  # the classes an evaluation averages over (None = all)
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image, label = super().read(index)  # validated global ids
         return image, self.task_lut[label]
 
     def subset(self, indices) -> "TaskDataset":
-        return TaskDataset(self, indices, self.task_lut, self.name)
+        return TaskDataset(self, indices, self.task_lut, self.name, self.mean_classes)
 
 
 def task_images(presence: np.ndarray, tasks: Tasks, task: int,
@@ -231,11 +244,9 @@ def train_label_map(tasks: Tasks, task: int, background: Literal["negative", "ig
     return lut
 
 
-def eval_label_map(tasks: Tasks, task: int) -> np.ndarray:
-    """``[256]`` uint8: classes of tasks after ``task`` -> ignore, the rest as is."""
-    lut = np.arange(256, dtype=np.uint8)
-    lut[[c for later in tasks[task:] for c in later]] = IGNORE
-    return lut
+def seen_classes(tasks: Tasks, task: int) -> tuple[int, ...]:
+    """The class ids learnt by the end of step ``task``: tasks 1..task."""
+    return tuple(c for classes in tasks[:task] for c in classes)
 
 
 def task_train_dataset(dataset: SegDataset, presence: np.ndarray, tasks: Tasks, task: int,
@@ -247,8 +258,10 @@ def task_train_dataset(dataset: SegDataset, presence: np.ndarray, tasks: Tasks, 
 
 
 def task_eval_dataset(dataset: SegDataset, tasks: Tasks, task: int) -> TaskDataset:
-    """Every validation image, with the classes not yet learnt at step ``task`` ignored."""
-    return TaskDataset(dataset, range(len(dataset)), eval_label_map(tasks, task), f"{dataset.name}:seen{task}")
+    """Every validation image with its full labels; only the classes learnt by step ``task`` enter
+    the means (pixels of later classes still count against whatever the model predicts there)."""
+    return TaskDataset(dataset, range(len(dataset)), np.arange(256, dtype=np.uint8), f"{dataset.name}:seen{task}",
+                       mean_classes=seen_classes(tasks, task))
 
 
 def cl_eval_dataset(meta: dict, dataset: SegDataset) -> SegDataset:
@@ -282,6 +295,39 @@ def _load(recipe: Recipe | str | Path, overrides) -> Recipe:
     return load_recipe(recipe, overrides)
 
 
+def find_previous_step(task: int, work_dir: str | Path | None = None, runs: str | Path = "runs") -> tuple[Recipe, Path]:
+    """The recipe and work dir to continue with ``--task N`` when no recipe is given.
+
+    Decision: the recipe of a continual run is stored in every step checkpoint (``meta.cl.recipe``),
+    so ``segcli cl-step --task N`` needs no recipe: it continues ``DIR/task{N-1}/last.pt``, where
+    DIR is ``--work-dir`` or, without it, the one folder under ``runs/`` that holds such a step.
+    Several candidates are an error that names them.
+    """
+    from .engine.checkpoint import read_checkpoint
+
+    if task < 2:
+        raise SegcliError("task 1 starts a continual run and needs its recipe", "--task",
+                          "run `segcli cl-step RECIPE --task 1`")
+    if work_dir is not None:
+        candidates = [Path(work_dir)]
+    else:
+        candidates = sorted(p.parent.parent for p in Path(runs).glob(f"*/task{task - 1}/last.pt"))
+        if not candidates:
+            raise SegcliError(f"no continual run under {runs}/ has a task{task - 1}/last.pt", "--task",
+                              f"give the recipe (`segcli cl-step RECIPE --task {task}`) or --work-dir")
+        if len(candidates) > 1:
+            raise SegcliError(f"several continual runs could continue: {', '.join(map(str, candidates))}",
+                              "--work-dir", "pick one with --work-dir DIR (or give the recipe)")
+    previous = candidates[0] / f"task{task - 1}" / "last.pt"
+    if not previous.is_file():
+        raise SegcliError(f"missing {previous}", str(candidates[0]), f"train task {task - 1} first")
+    info = (read_checkpoint(previous).get("meta") or {}).get("cl") or {}
+    if "recipe" not in info:
+        raise SegcliError("this checkpoint does not record its continual-learning recipe", str(previous),
+                          f"give the recipe: `segcli cl-step RECIPE --task {task}`")
+    return recipe_from_dict(info["recipe"], str(previous)), candidates[0]
+
+
 def _check_cl_recipe(recipe: Recipe):
     if recipe.cl is None:
         raise SegcliError("the recipe has no cl: section", "cl", "add e.g. cl: {protocol: 100-50, setting: overlapped}")
@@ -300,8 +346,7 @@ def step_recipe(recipe: Recipe, tasks: Tasks, task: int) -> Recipe:
     recipe = recipe.replace(model=replace(recipe.model, options=options))
     if task == 1:
         return recipe
-    step_iters = getattr(recipe.cl, "step_iters", None)  # until CLConfig has the field: --set train.max_iters
-    train = replace(recipe.train, init_from=None, max_iters=step_iters or recipe.train.max_iters)
+    train = replace(recipe.train, init_from=None, max_iters=recipe.cl.step_iters or recipe.train.max_iters)
     return without_pretrained(recipe).replace(train=train)
 
 
@@ -349,20 +394,26 @@ def _per_class_iou(metrics: dict) -> list[float | None]:
     return [row["IoU"] for row in metrics["per_class"]]
 
 
+def _per_class_acc(metrics: dict) -> list[float | None]:
+    return [row["Acc"] for row in metrics["per_class"]]
+
+
 def _write_step_file(task_dir: Path, task: int, metrics: dict) -> None:
     record = {"task": task, "checkpoint": _checkpoint_key(task_dir / "last.pt"), "mIoU": metrics["mIoU"],
-              "per_class_iou": _per_class_iou(metrics)}
+              "per_class_iou": _per_class_iou(metrics), "per_class_acc": _per_class_acc(metrics),
+              "eval_version": EVAL_VERSION}
     (task_dir / STEP_FILE).write_text(json.dumps(record, indent=1))
 
 
-def cl_step(recipe: Recipe | str | Path, task: int, work_dir: str | Path | None = None, overrides=(),
+def cl_step(recipe: Recipe | str | Path | None, task: int, work_dir: str | Path | None = None, overrides=(),
             device: str | None = None, resume: bool = False,
             callback: Callable[[str, dict], None] | None = None) -> CLStepResult:
     """Train step ``task`` (1-based) of the recipe's protocol into ``DIR/task{task}/`` (thesis 4.2.3).
 
     Task 1 trains the base model. Task N > 1 loads ``DIR/task{N-1}/last.pt``, adds a head (class
     queries, ATM, class FC) for the task's classes, freezes everything else and trains it.
-    ``DIR`` defaults to ``runs/<recipe name>``. Events reach ``callback`` as in :func:`segcli.api.train`.
+    ``DIR`` defaults to ``runs/<recipe name>``; with ``recipe=None`` the run to continue is found by
+    :func:`find_previous_step`. Events reach ``callback`` as in :func:`segcli.api.train`.
     """
     from . import api
     from .data.synthetic import DEFAULT_ROOT
@@ -371,6 +422,8 @@ def cl_step(recipe: Recipe | str | Path, task: int, work_dir: str | Path | None 
     from .engine.trainer import run_training
     from .recipe import dump_recipe
 
+    if recipe is None:  # continue the run found in work_dir or runs/ (find_previous_step)
+        recipe, work_dir = find_previous_step(task, work_dir)
     recipe = _load(recipe, overrides)
     cl = _check_cl_recipe(recipe)
     root = Path(work_dir or Path("runs") / recipe.name)
@@ -405,7 +458,8 @@ def cl_step(recipe: Recipe | str | Path, task: int, work_dir: str | Path | None 
             model.load_state_dict(_previous_state(previous, tasks, task, model), strict=False)
         meta = {**api.dataset_meta(train_set),
                 "cl": {"protocol": cl.protocol, "setting": cl.setting, "task": task,
-                       "tasks": [list(t) for t in tasks], "previous": str(previous) if task > 1 else None}}
+                       "tasks": [list(t) for t in tasks], "previous": str(previous) if task > 1 else None,
+                       "recipe": recipe.to_dict()}}  # the run's recipe: later steps need no recipe argument
         if dist_info.is_main:
             task_dir.mkdir(parents=True, exist_ok=True)
             (task_dir / "recipe.yaml").write_text(dump_recipe(step))
@@ -428,26 +482,27 @@ def _miou(iou: list[float | None], classes) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _step_iou(root: Path, tasks: Tasks, step: int, device, progress) -> tuple[list | None, str]:
-    """Per-class IoU of step ``step``'s checkpoint: from its ``cl_step.json`` while that still
-    describes ``last.pt``, else evaluated now (and cached). ``(None, reason)`` when it is missing."""
+def _step_scores(root: Path, tasks: Tasks, step: int, device, progress) -> tuple[list | None, list | None, str]:
+    """Per-class IoU and Acc of step ``step``'s checkpoint: from its ``cl_step.json`` while that
+    still describes ``last.pt``, else evaluated now (and cached). ``(None, None, reason)`` when missing."""
     from . import api
     from .engine.evaluate import evaluate_model
 
     task_dir = root / f"task{step}"
     checkpoint = task_dir / "last.pt"
     if not checkpoint.is_file():
-        return None, f"missing {checkpoint}"
+        return None, None, f"missing {checkpoint}"
     try:
         record = json.loads((task_dir / STEP_FILE).read_text())
-        if record["checkpoint"] == _checkpoint_key(checkpoint) and record["task"] == step:
-            return record["per_class_iou"], STEP_FILE
+        if (record["checkpoint"] == _checkpoint_key(checkpoint) and record["task"] == step
+                and record.get("eval_version") == EVAL_VERSION):
+            return record["per_class_iou"], record["per_class_acc"], STEP_FILE
     except (OSError, ValueError, KeyError):
         pass
     loaded = api.load_checkpoint(checkpoint, device=device)
     info = loaded.meta.get("cl") or {}
     if tuple(tuple(t) for t in info.get("tasks", ())) != tasks or int(info.get("task", -1)) != step:
-        return None, f"{checkpoint} is not step {step} of this protocol"
+        return None, None, f"{checkpoint} is not step {step} of this protocol"
     (val_set,) = api.build_datasets(loaded.recipe, splits=("val",))
     metrics = evaluate_model(loaded.model, task_eval_dataset(val_set, tasks, step), loaded.recipe, device,
                              progress=progress)
@@ -455,7 +510,7 @@ def _step_iou(root: Path, tasks: Tasks, step: int, device, progress) -> tuple[li
         _write_step_file(task_dir, step, metrics)
     except OSError:
         pass
-    return _per_class_iou(metrics), "evaluated"
+    return _per_class_iou(metrics), _per_class_acc(metrics), "evaluated"
 
 
 def cl_metrics(checkpoint: str | Path, metrics: dict, meta: dict | None = None, device=None,
@@ -483,18 +538,19 @@ def cl_metrics(checkpoint: str | Path, metrics: dict, meta: dict | None = None, 
     steps, ious = [], {}
     for step in range(1, current + 1):
         if step == current:
-            iou, source = _per_class_iou(metrics), "this evaluation"
+            iou, acc, source = _per_class_iou(metrics), _per_class_acc(metrics), "this evaluation"
         elif root is None:
-            iou, source = None, f"{checkpoint} is not in a DIR/task{current}/ folder"
+            iou, acc, source = None, None, f"{checkpoint} is not in a DIR/task{current}/ folder"
         else:
-            iou, source = _step_iou(root, tasks, step, device, progress)
+            iou, acc, source = _step_scores(root, tasks, step, device, progress)
         ious[step] = iou
         seen = [c for classes in tasks[:step] for c in classes]
         new = [c for classes in tasks[1:step] for c in classes]
         steps.append({"task": step, "source": source,
                       "base_mIoU": _miou(iou, tasks[0]) if iou else None,
                       "new_mIoU": _miou(iou, new) if iou and new else None,
-                      "all_mIoU": _miou(iou, seen) if iou else None})
+                      "all_mIoU": _miou(iou, seen) if iou else None,
+                      "base_mAcc": _miou(acc, tasks[0]) if acc else None})
 
     forgetting = []
     for step in range(1, current + 1):
@@ -509,6 +565,7 @@ def cl_metrics(checkpoint: str | Path, metrics: dict, meta: dict | None = None, 
     return {
         "protocol": info["protocol"], "setting": info["setting"], "task": current, "num_tasks": len(tasks),
         "base_mIoU": here["base_mIoU"], "new_mIoU": here["new_mIoU"], "all_mIoU": here["all_mIoU"],
+        "base_mAcc": here["base_mAcc"],
         "avg_mIoU": None if None in all_steps else sum(all_steps) / len(all_steps),
         "steps": steps,
         "forgetting": forgetting,

@@ -16,7 +16,6 @@ auxiliary heads out while what really runs includes them (SPEC "DToP: FLOPs").
 from __future__ import annotations
 
 import copy
-import warnings
 from pathlib import Path
 
 import torch
@@ -52,6 +51,11 @@ def pruned_recipe(recipe: dict, p0: float = 0.95, k: int = 5, layers: tuple[int,
     options = dict(model.get("options") or {}) if model.get("type") == "dtop" else {}
     options.update({"p0": float(p0), "k": int(k), "exit_layers": None if layers is None else [int(b) for b in layers]})
     model["type"], model["options"] = "dtop", options
+    # DToP combines the stages' per-token predictions before upsampling: the ATM head's "low" order.
+    # The weights do not depend on it, so a base model trained with mask_resolution: full prunes as is.
+    for head in [model.get("decode_head") or {}, *(model.get("aux_heads") or [])]:
+        if isinstance(head, dict) and head.get("type") == "atm":
+            head["mask_resolution"] = "low"
     return raw
 
 
@@ -106,23 +110,8 @@ def _dtop_prefixes(root: nn.Module) -> list[str]:
 def gflops_split(model: nn.Module, *inputs: torch.Tensor) -> dict[str, float]:
     """GFLOPs of ``model(*inputs)`` in eval mode: ``gflops`` (everything that runs),
     ``gflops_aux`` (auxiliary heads + grading) and ``gflops_without_aux`` (the thesis' figures)."""
-    from fvcore.nn import FlopCountAnalysis
+    from .engine.flops import flop_analysis
 
-    from .engine.flops import sdpa_flop_jit
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            analysis = FlopCountAnalysis(model, inputs)
-            analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
-            analysis.unsupported_ops_warnings(False)
-            analysis.uncalled_modules_warnings(False)
-            analysis.tracer_warnings("none")
-            total = analysis.total()
-            by_module = analysis.by_module()
-    finally:
-        model.train(was_training)
+    total, by_module = flop_analysis(model, *inputs)
     aux = sum(by_module.get(prefix, 0) for prefix in _dtop_prefixes(model))
     return {"gflops": total / 1e9, "gflops_aux": aux / 1e9, "gflops_without_aux": (total - aux) / 1e9}

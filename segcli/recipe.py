@@ -69,6 +69,7 @@ class DataConfig:
     synthetic_size: int = 128
     synthetic_train: int = 96
     synthetic_val: int = 24
+    synthetic_seed: int = 0  # another seed gives other scenes (same classes): e.g. a "pretraining" set
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -130,6 +131,11 @@ class CLConfig:
 
     protocol: str = "100-50"
     setting: Literal["overlapped", "disjoint"] = "overlapped"
+    step_iters: int | None = None  # iterations of every task after the first; None = train.max_iters
+
+    def __post_init__(self):
+        if self.step_iters is not None and self.step_iters < 1:
+            raise ValueError("step_iters must be >= 1")
 
 
 @dataclass(frozen=True)

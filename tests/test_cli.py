@@ -106,3 +106,19 @@ def test_named_model_from_cache(cli, synth_root, tmp_path, monkeypatch):
     monkeypatch.setenv("SEGCLI_CACHE", str(tmp_path / "cache"))
     res = cli("predict", "x.jpg", "--model", "quickstart")
     assert res.exit_code == 2 and "segcli train recipes/quickstart.yaml" in res.output
+
+
+def test_predict_named_segvit(cli, synth_root, tmp_path, monkeypatch):
+    """`segcli predict IMG --model segvit` once a (tiny) SegViT checkpoint sits in the cache."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SEGCLI_CACHE", str(cache))
+    work = tmp_path / "segvit"
+    overrides = tiny_overrides(synth_root, **{"train.max_iters": 1, "train.eval_interval": 1})
+    assert cli("train", REPO / "recipes" / "tiny" / "segvit.yaml", "--work-dir", work, *overrides).exit_code == 0
+    cache.mkdir()
+    (cache / "segvit.pt").write_bytes((work / "best.pt").read_bytes())
+    image = next((synth_root / "images" / "val").iterdir())
+    res = cli("predict", image, "--model", "segvit", "--out", tmp_path / "pred")
+    assert res.exit_code == 0, res.output
+    label = cv2.imread(str(tmp_path / "pred" / f"{image.stem}.png"), cv2.IMREAD_UNCHANGED)
+    assert label is not None and label.shape == (64, 64) and label.max() < 8

@@ -1,6 +1,7 @@
 """SegViT-CL: protocols, task data, the class-presence cache, frozen steps and CL metrics."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from segcli import api
-from segcli.continual import (BACKGROUND, class_presence, cl_eval_dataset, cl_metrics, cl_step, eval_label_map,
+from segcli.continual import (BACKGROUND, class_presence, cl_eval_dataset, cl_metrics, cl_step,
                               parse_protocol, task_eval_dataset, task_images, task_train_dataset, train_label_map)
 from segcli.data import build_dataset
 from segcli.errors import SegcliError
@@ -30,6 +31,7 @@ def small(data_root: Path, **extra) -> list[str]:
         "train.max_iters": 1, "train.warmup_iters": 1, "train.eval_interval": 1, "train.log_interval": 1,
         "model.backbone.patch_size": 16, "model.backbone.img_size": 64, "model.backbone.depth": 3,
         "model.backbone.out_indices": "[0, 1, 2]", "model.decode_head.num_layers": 1,
+        "model.backbone.pretrained": "null", "data.synthetic_seed": 0, "cl.step_iters": "null",
     }
     values.update(extra)
     return [f"{key}={value}" for key, value in values.items()]
@@ -75,7 +77,8 @@ def test_unknown_task_and_missing_cl_section(tmp_path, synth_root):
         cl_step(RECIPE, 3, tmp_path, small(synth_root))
     assert err.value.where == "--task"
     with pytest.raises(SegcliError) as err:
-        cl_step(REPO / "recipes" / "tiny" / "segvit.yaml", 1, tmp_path, small(synth_root))
+        cl_step(REPO / "recipes" / "tiny" / "segvit.yaml", 1, tmp_path,
+                [o for o in small(synth_root) if not o.startswith("cl.")])
     assert err.value.where == "cl"
 
 
@@ -144,14 +147,14 @@ def test_label_remapping_overlapped_vs_disjoint(folder4):
     # image 2 (2, 3, 0, 0) is only in the overlapped view: the future class 3 is background too
     _, label = overlapped.read(1)
     assert np.array_equal(label, quadrants(2, bg, bg, bg))
-    # "ignore" reading of background, and the evaluation view (future classes ignored)
+    # "ignore" reading of background, and the evaluation view (full labels, means over seen classes)
     ignored = task_train_dataset(dataset, presence, tasks, 2, "overlapped", background="ignore")
     assert np.array_equal(ignored.read(1)[1], quadrants(2, 255, 255, 255))
     val = build_dataset(folder_recipe(folder4).data, "val")
-    assert np.array_equal(task_eval_dataset(val, tasks, 2).read(0)[1], quadrants(0, 1, 2, 255))
-    assert np.array_equal(task_eval_dataset(val, tasks, 3).read(0)[1], quadrants(0, 1, 2, 3))
+    assert np.array_equal(task_eval_dataset(val, tasks, 2).read(0)[1], quadrants(0, 1, 2, 3))
+    assert task_eval_dataset(val, tasks, 2).mean_classes == (0, 1, 2)
+    assert task_eval_dataset(val, tasks, 3).subset([0]).mean_classes == (0, 1, 2, 3)
     assert train_label_map(tasks, 1)[[0, 1, 2, 3, 255]].tolist() == [0, 1, bg, bg, 255]
-    assert eval_label_map(tasks, 1)[[0, 1, 2, 3, 255]].tolist() == [0, 1, 255, 255, 255]
     assert len(overlapped.subset([1])) == 1 and np.array_equal(overlapped.subset([1]).read(0)[1], label)
 
 
@@ -263,14 +266,14 @@ def test_eval_and_cl_metrics_of_a_step(cl_run):
     (val_set,) = api.build_datasets(loaded.recipe, splits=("val",))
     assert cl_eval_dataset({}, val_set) is val_set
     first_meta = api.load_checkpoint(first.checkpoint).meta
-    tasks = ((0, 1, 2, 3), (4, 5, 6, 7))
-    assert np.array_equal(cl_eval_dataset(first_meta, val_set).task_lut, eval_label_map(tasks, 1))
+    assert cl_eval_dataset(first_meta, val_set).mean_classes == (0, 1, 2, 3)
     metrics = api.evaluate(second.checkpoint)
     cl = cl_metrics(second.checkpoint, metrics, loaded.meta)
     iou = [row["IoU"] for row in metrics["per_class"]]
     mean = lambda values: float(np.mean([v for v in values if v is not None]))  # noqa: E731
     assert cl["task"] == 2 and cl["num_tasks"] == 2 and cl["protocol"] == "4-4"
     assert cl["base_mIoU"] == pytest.approx(mean(iou[:4]))
+    assert cl["base_mAcc"] == pytest.approx(mean([row["Acc"] for row in metrics["per_class"]][:4]))
     assert cl["new_mIoU"] == pytest.approx(mean(iou[4:]))
     assert cl["all_mIoU"] == pytest.approx(mean(iou))
     step1 = first.metrics["per_class"]
@@ -301,3 +304,28 @@ def test_protocol_override_on_a_folder_dataset(tmp_path):
     with pytest.raises(SegcliError) as err:
         cl_step(RECIPE, 1, tmp_path / "bad", small(root, **{"cl.protocol": "100-50"}) + ["data.type=folder"])
     assert err.value.where == "cl.protocol"
+
+
+def test_cl_steps_through_the_cli(cli, synth_root, tmp_path, monkeypatch):
+    """`segcli cl-step RECIPE --task 1`, then `segcli cl-step --task 2` (no recipe: the run is found
+    under runs/), then `segcli eval --json` with the cl block."""
+    monkeypatch.chdir(tmp_path)
+    sets = [arg for value in small(synth_root) for arg in ("--set", value)]
+    res = cli("cl-step", RECIPE, "--task", "1", *sets)
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "runs" / "cl" / "task1" / "last.pt").is_file()
+    assert "segcli cl-step --task 2" in res.output
+    res = cli("cl-step", "--task", "2", "--set", "train.max_iters=2")
+    assert res.exit_code == 0, res.output
+    res = cli("eval", "runs/cl/task2/last.pt", "--json")
+    assert res.exit_code == 0, res.output
+    cl = json.loads(res.stdout)["cl"]
+    assert cl["task"] == 2 and cl["steps"][0]["base_mIoU"] is not None and cl["new_mIoU"] is not None
+    # a second run makes the recipe-less form ambiguous; task 1 has nothing to continue
+    (tmp_path / "runs" / "other" / "task2").mkdir(parents=True)
+    (tmp_path / "runs" / "other" / "task2" / "last.pt").write_bytes(b"")
+    (tmp_path / "runs" / "cl" / "task3").mkdir()
+    res = cli("cl-step", "--task", "3")
+    assert res.exit_code == 2 and "several continual runs" in res.output
+    res = cli("cl-step", "--task", "1")
+    assert res.exit_code == 2 and "needs its recipe" in res.output

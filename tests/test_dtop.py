@@ -7,6 +7,7 @@ picked from the model's own confidences.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +20,9 @@ from segcli.engine.flops import count_flops
 from segcli.errors import SegcliError
 from segcli.models.dtop import DToPSegmentor, atm_class_probs, atm_token_probs, exit_decision
 from segcli.pruning import gflops_split, parse_layers, prune_checkpoint
-from segcli.recipe import recipe_from_dict
+from segcli.recipe import load_recipe, recipe_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
 
 NUM_CLASSES = len(SYNTHETIC_CLASSES)
 BACKBONE = {"type": "vit", "name": "test_vit", "img_size": 64, "patch_size": 8, "out_indices": [2, 3, 5],
@@ -243,6 +246,7 @@ def test_prune_writes_a_checkpoint_that_evaluates(synth_root, tmp_path):
     metrics = api.evaluate(out, device="cpu", flops=True, limit=2)
     assert len(metrics["exit_fraction"]) == 2 and 0 <= metrics["kept_fraction"] <= 1
     assert metrics["gflops_avg"] > 0 and not np.isnan(metrics["aAcc"])
+    assert 0 < metrics["gflops_avg_without_aux"] < metrics["gflops_avg"]  # p0 = 0.5 grades: aux heads ran
     result = api.predict([str(synth_root / "images" / "val")], out, tmp_path / "pred", device="cpu", show_pruning=True)
     assert any(p.name.endswith("_exit1.png") for p in result.written)
     # pruning again replaces the options; default output name
@@ -279,3 +283,17 @@ def test_prune_rejects_wrong_inputs(synth_root, tmp_path):
     cascaded = {**ATM_MODEL, "decode_head": {**ATM, "in_index": [2, 1]}}
     with pytest.raises(SegcliError, match="decode head must read one backbone layer"):
         build(cascaded, p0=0.9)
+
+
+def test_a_base_model_assembled_at_full_resolution_prunes(synth_root, tmp_path):
+    """Full-size SegViT recipes assemble masks at full resolution; DToP needs the low order, which
+    changes no weight: pruning switches it instead of refusing (and the full-size DToP recipes build)."""
+    full = copy.deepcopy(ATM_MODEL)
+    full["decode_head"]["mask_resolution"] = "full"
+    base = tmp_path / "full.pt"
+    write_base_checkpoint(base, full, synth_root)
+    loaded = api.load_checkpoint(prune_checkpoint(base, p0=0.9, k=1))
+    assert loaded.recipe.model.decode_head.cfg.mask_resolution == "low"
+    recipe = load_recipe(REPO / "recipes" / "dtop_vit_b_ade20k_finetune.yaml",
+                         ["model.backbone.pretrained=null", "model.backbone.img_size=64"])
+    assert isinstance(api.build_model(recipe, num_classes=NUM_CLASSES), DToPSegmentor)

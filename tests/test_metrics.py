@@ -54,3 +54,17 @@ def test_trimap_band():
     ev.process(pred, label)
     m = ev.evaluate()
     assert m["trimap_mIoU"] < m["mIoU"]
+
+
+def test_mean_over_a_subset_of_classes():
+    """Classes outside ``mean_classes`` keep their pixels (false positives of what is predicted
+    there) but leave the means: a continual-learning step scored on the classes it has learnt."""
+    label = torch.tensor([[0, 0, 1, 2]])
+    pred = torch.tensor([[0, 0, 1, 0]])  # the class-2 pixel is predicted 0
+    ev = SegEvaluator(3, ["a", "b", "c"], mean_classes=[0, 1])
+    ev.process(pred, label)
+    res = ev.evaluate()
+    iou = [row["IoU"] for row in res["per_class"]]
+    assert iou[0] == 2 / 3 * 100 and iou[1] == 100.0 and iou[2] is None
+    assert math.isclose(res["mIoU"], (200 / 3 + 100) / 2)
+    assert res["per_class"][2]["Acc"] is None and math.isclose(res["aAcc"], 75.0)

@@ -285,3 +285,40 @@ def test_tiny_recipes_build_and_run(recipe):
     assert isinstance(model, ShrunkSegmentor) and (model.edge_head is not None) == (recipe == "segvit_shrunk")
     model.eval()
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, NUM_CLASSES, 64, 64)
+
+
+def test_eqd_through_the_cli(cli, synth_root, tmp_path):
+    """train -> eval --flops (dataset-average GFLOPs, kept/edge fractions) -> predict --show-pruning."""
+    import json
+
+    from conftest import tiny_overrides
+
+    work = tmp_path / "eqd"
+    recipe = REPO / "recipes" / "tiny" / "segvit_shrunk.yaml"
+    res = cli("train", recipe, "--work-dir", work, *tiny_overrides(synth_root, **{"train.max_iters": 2}))
+    assert res.exit_code == 0, res.output
+    res = cli("eval", work / "last.pt", "--json", "--flops")
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(res.stdout)
+    assert 0.25 <= metrics["kept_fraction"] <= 1 and 0 <= metrics["edge_fraction"] <= 1
+    assert metrics["gflops_avg"] > 0
+    res = cli("predict", synth_root / "images" / "val", "--checkpoint", work / "last.pt", "--out", tmp_path / "pred",
+              "--show-pruning")
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "pred").glob("*_exit0.png"))) == len(list((synth_root / "images" / "val").iterdir()))
+
+
+def test_full_size_cost_structure_of_table_4_7():
+    """ViT-B 512²: QD@6 + QU and QD@0 against the plain one-stage ATM model (table 4.7: 0.84 and 0.40)."""
+    from segcli import api
+
+    def gflops(name, model_type=None):
+        overrides = ["model.backbone.pretrained=null"]
+        if model_type:  # the plain model of the table: the same head, no QD
+            overrides += [f"model.type={model_type}", "model.options={}"]
+        return api.flops(REPO / "recipes" / f"{name}.yaml", (512, 512), overrides)["gflops"]
+
+    plain = gflops("segvit_shrunk_qd6_vit_b_ade20k", "encoder_decoder")
+    assert plain == pytest.approx(115.8, rel=0.01)
+    assert gflops("segvit_shrunk_qd6_vit_b_ade20k") / plain == pytest.approx(97.1 / 115.8, rel=0.02)
+    assert gflops("segvit_shrunk_qd0_vit_b_ade20k") / plain == pytest.approx(46.1 / 115.8, rel=0.06)

@@ -1,4 +1,6 @@
 """ViT backbone: block-level forward equals timm's, BEiT relative bias, pretrained loading."""
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -68,6 +70,22 @@ def test_pretrained_timm_checkpoint_loads(tmp_path):
     assert torch.equal(backbone.vit.blocks[2].attn.qkv.weight, source.blocks[2].attn.qkv.weight)
     # position embeddings: cls slot kept aside, the 2x2 grid resized to 4x4
     assert backbone.vit.pos_embed.shape == (1, 17, 192)
+
+
+def test_pretrained_from_a_segcli_checkpoint(tmp_path):
+    """A segcli checkpoint as ``pretrained``: its encoder is loaded, its heads are skipped."""
+    from segcli import build_model
+    from segcli.recipe import load_recipe
+
+    torch.manual_seed(2)
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "segvit.yaml",
+                         ["model.backbone.img_size=64", "model.backbone.patch_size=16"])
+    source = build_model(recipe, num_classes=5)
+    path = tmp_path / "run.pt"
+    torch.save({"model": source.state_dict(), "meta": {"num_classes": 5}}, path)
+    backbone = ViTBackbone(_cfg(img_size=64, patch_size=16, pretrained=str(path)))
+    assert torch.equal(backbone.vit.blocks[3].mlp.fc1.weight, source.backbone.vit.blocks[3].mlp.fc1.weight)
+    assert torch.equal(backbone.vit.pos_embed, source.backbone.vit.pos_embed)
 
 
 def test_pretrained_errors(tmp_path):

@@ -2,7 +2,9 @@
 
 Per-image GFLOPs (``count_gflops``) trace the whole test-time computation of each image (scales,
 flips, windows) with fvcore, so input-dependent models (DToP, EQD) report what they really ran;
-the dataset average is ``gflops_avg``.
+the dataset average is ``gflops_avg``. A model that names some of its submodules in
+``aux_flop_modules`` (DToP: its auxiliary heads and grading) also gets ``gflops_avg_without_aux``,
+the average without them (how the thesis' DToP tables count).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from torch import nn
 
 from .distributed import DistInfo
 from .evaluator import SegEvaluator
-from .flops import count_flops
+from .flops import flop_analysis
 from .inference import infer
 
 
@@ -47,7 +49,8 @@ def evaluate_model(
     if limit is not None:
         dataset = dataset.subset(range(min(limit, len(dataset))))
     loader = build_eval_loader(dataset, recipe.data.num_workers, dist_info.rank, dist_info.world_size)
-    evaluator = SegEvaluator(dataset.num_classes, dataset.classes, dataset.ignore_index, device, trimap)
+    evaluator = SegEvaluator(dataset.num_classes, dataset.classes, dataset.ignore_index, device, trimap,
+                             mean_classes=getattr(dataset, "mean_classes", None))
     core = getattr(model, "module", model)
     was_training = core.training
     core.eval()
@@ -63,7 +66,9 @@ def evaluate_model(
             for key, value in getattr(core, "last_stats", {}).items():
                 stats.setdefault(key, []).append(value)
             if count_gflops:
-                gflops.append(count_flops(TestTimeModel(core, recipe.test, recipe.data.crop_size), images))
+                total, by_module = flop_analysis(TestTimeModel(core, recipe.test, recipe.data.crop_size), images)
+                aux = sum(by_module.get(f"model.{name}", 0) for name in getattr(core, "aux_flop_modules", ()))
+                gflops.append((total / 1e9, (total - aux) / 1e9))
             if progress is not None:
                 progress(step + 1, total)
     core.train(was_training)
@@ -71,12 +76,15 @@ def evaluate_model(
     result = evaluator.evaluate()
     result["num_images"] = len(dataset)
     if count_gflops:
-        gflops_t = torch.tensor([sum(gflops), float(len(gflops))], dtype=torch.float64)
+        gflops_t = torch.tensor([sum(g for g, _ in gflops), sum(g for _, g in gflops), float(len(gflops))],
+                                dtype=torch.float64)
         if dist_info.enabled:
             import torch.distributed as dist
 
             dist.all_reduce(gflops_t)
-        result["gflops_avg"] = float(gflops_t[0] / gflops_t[1].clamp(min=1))
+        result["gflops_avg"] = float(gflops_t[0] / gflops_t[2].clamp(min=1))
+        if getattr(core, "aux_flop_modules", ()):
+            result["gflops_avg_without_aux"] = float(gflops_t[1] / gflops_t[2].clamp(min=1))
     for key, values in stats.items():  # e.g. DToP's exit fractions, averaged over images
         result[key] = _mean_nested(values)
     return result

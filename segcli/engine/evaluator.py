@@ -40,8 +40,13 @@ class SegEvaluator:
     """``reset / process / evaluate`` over a confusion matrix."""
 
     def __init__(self, num_classes: int, class_names: list[str] | tuple[str, ...] | None = None,
-                 ignore_index: int = 255, device: torch.device | str = "cpu", trimap_width: int | None = None):
+                 ignore_index: int = 255, device: torch.device | str = "cpu", trimap_width: int | None = None,
+                 mean_classes: list[int] | tuple[int, ...] | None = None):
+        """``mean_classes``: the classes that enter mIoU/mAcc (None = all). The others' pixels
+        still count (a prediction of class c on them is a false positive of c) but their own
+        IoU/Acc are reported as None: e.g. classes a continual-learning step has not learnt yet."""
         self.num_classes = num_classes
+        self.mean_classes = None if mean_classes is None else sorted(set(int(c) for c in mean_classes))
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.ignore_index = ignore_index
         self.device = torch.device(device)
@@ -79,7 +84,7 @@ class SegEvaluator:
                 dist.all_reduce(self.trimap_confusion)
 
     @staticmethod
-    def metrics_from_confusion(confusion: torch.Tensor) -> dict:
+    def metrics_from_confusion(confusion: torch.Tensor, mean_classes: list[int] | None = None) -> dict:
         conf = confusion.double().cpu()
         inter = conf.diag()
         gt = conf.sum(1)
@@ -88,6 +93,11 @@ class SegEvaluator:
         iou = torch.where(union > 0, inter / union.clamp(min=1), torch.full_like(inter, float("nan")))
         acc = torch.where(gt > 0, inter / gt.clamp(min=1), torch.full_like(inter, float("nan")))
         total = gt.sum()
+        if mean_classes is not None:  # classes outside the mean: NaN, so they drop out of it
+            outside = torch.ones_like(iou, dtype=torch.bool)
+            outside[list(mean_classes)] = False
+            iou = iou.masked_fill(outside, float("nan"))
+            acc = acc.masked_fill(outside, float("nan"))
         return {
             "mIoU": float(torch.nanmean(iou) * 100) if not torch.isnan(iou).all() else float("nan"),
             "mAcc": float(torch.nanmean(acc) * 100) if not torch.isnan(acc).all() else float("nan"),
@@ -98,7 +108,7 @@ class SegEvaluator:
 
     def evaluate(self) -> dict:
         """``{"mIoU", "mAcc", "aAcc", "per_class": [{"class", "IoU", "Acc"}], ["trimap_mIoU"]}`` (percent)."""
-        m = self.metrics_from_confusion(self.confusion)
+        m = self.metrics_from_confusion(self.confusion, self.mean_classes)
         result = {
             "mIoU": m["mIoU"],
             "mAcc": m["mAcc"],
@@ -109,7 +119,7 @@ class SegEvaluator:
             ],
         }
         if self.trimap_confusion is not None:
-            result["trimap_mIoU"] = self.metrics_from_confusion(self.trimap_confusion)["mIoU"]
+            result["trimap_mIoU"] = self.metrics_from_confusion(self.trimap_confusion, self.mean_classes)["mIoU"]
             result["trimap_width"] = self.trimap_width
         return result
 

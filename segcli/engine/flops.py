@@ -33,9 +33,12 @@ def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
     return flops
 
 
-def count_flops(model: nn.Module, *inputs: torch.Tensor) -> float:
-    """Total GFLOPs of ``model(*inputs)`` (eval mode, no grad)."""
-    from fvcore.nn import FlopCountAnalysis
+def flop_analysis(model: nn.Module, *inputs: torch.Tensor) -> tuple[float, dict[str, int]]:
+    """``(total flops, flops by module name)`` of ``model(*inputs)`` in eval mode, no grad; every
+    module's training flag is restored afterwards."""
+    with warnings.catch_warnings():  # fvcore's import scripts a loss with torch.jit (deprecated in new torch)
+        warnings.simplefilter("ignore", FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
 
     modes = [(module, module.training) for module in model.modules()]  # restored one by one below
     model.eval()
@@ -47,10 +50,15 @@ def count_flops(model: nn.Module, *inputs: torch.Tensor) -> float:
             analysis.unsupported_ops_warnings(False)
             analysis.uncalled_modules_warnings(False)
             analysis.tracer_warnings("none")
-            total = analysis.total()
+            return analysis.total(), analysis.by_module()
     finally:
         for module, training in modes:
             module.training = training
+
+
+def count_flops(model: nn.Module, *inputs: torch.Tensor) -> float:
+    """Total GFLOPs of ``model(*inputs)`` (eval mode, no grad)."""
+    total, _ = flop_analysis(model, *inputs)
     return total / 1e9
 
 

@@ -250,6 +250,8 @@ class PruneTrace:
 class DToPSegmentor(nn.Module):
     """Backbone + decode head + auxiliary heads, run in stages with early exit of easy tokens."""
 
+    aux_flop_modules = AUX_MODULES  # counted apart by `segcli eval --flops` (gflops_avg_without_aux)
+
     def __init__(self, options: DToPOptions, backbone: nn.Module, decode_head: nn.Module, aux_heads):
         super().__init__()
         for name in ("embed", "run_block", "out_indices"):

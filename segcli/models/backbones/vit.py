@@ -37,7 +37,7 @@ class ViTConfig:
     name: str = "vit_base_patch16_384"  # any timm ViT / DeiT3 / BEiT name
     out_indices: tuple[int, ...] = (5, 7, 11)  # 0-based blocks whose outputs are returned
     img_size: int = 512  # the size the position embeddings / rel-pos tables are built for
-    pretrained: str | None = None  # local timm-format weights (.pth/.pt/.bin/.safetensors/.npz)
+    pretrained: str | None = None  # local timm-format weights (.pth/.pt/.bin/.safetensors/.npz) or a segcli checkpoint
     drop_path_rate: float = 0.1
     patch_size: int | None = None  # None = the timm model's; another value only for training from scratch
     depth: int | None = None  # None = the timm model's; fewer blocks only for training from scratch
@@ -258,6 +258,8 @@ class ViTBackbone(Backbone):
             self.vit.load_pretrained(str(file))
             return
         state = load_state_dict_file(file)
+        if any(k.startswith("backbone.vit.") for k in state):  # a segcli checkpoint: its encoder only
+            state = {k.removeprefix("backbone.vit."): v for k, v in state.items() if k.startswith("backbone.vit.")}
         state = {k.removeprefix("module.").removeprefix("backbone.").removeprefix("encoder."): v for k, v in state.items()}
         state.pop("cls_token", None)
         state.pop("reg_token", None)
