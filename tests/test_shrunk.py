@@ -322,3 +322,23 @@ def test_full_size_cost_structure_of_table_4_7():
     assert plain == pytest.approx(115.8, rel=0.01)
     assert gflops("segvit_shrunk_qd6_vit_b_ade20k") / plain == pytest.approx(97.1 / 115.8, rel=0.02)
     assert gflops("segvit_shrunk_qd0_vit_b_ade20k") / plain == pytest.approx(46.1 / 115.8, rel=0.06)
+
+
+def test_qu_skip_puts_shrunk_tokens_back_nearest():
+    from segcli.models.shrunk import nearest_grid
+
+    grid = (4, 4)
+    keep = subsample_mask(grid).expand(2, -1).clone()  # positions 0, 2, 8, 10
+    keep[1, 5] = True  # an edge token in image 1
+    tokens = torch.arange(16, dtype=torch.float32).view(1, 16, 1).expand(2, -1, -1)  # token value = position
+    packed = [tokens[b][keep[b]] for b in range(2)]
+    index = torch.tensor([keep[0].nonzero()[:, 0].tolist() + [0], keep[1].nonzero()[:, 0].tolist()])  # 0 padded
+    values = torch.stack([torch.cat([packed[0], torch.zeros(1, 1)]), packed[1]])
+    pad = torch.tensor([[False] * 4 + [True], [False] * 5])
+    out = nearest_grid(values, index, pad, keep, grid)[..., 0].view(2, 4, 4)
+    expected = torch.tensor([[0, 0, 2, 2], [0, 0, 2, 2], [8, 8, 10, 10], [8, 8, 10, 10]], dtype=torch.float32)
+    assert torch.equal(out[0], expected)
+    expected[1, 1] = 5  # the edge token keeps its own value
+    assert torch.equal(out[1], expected)
+    model = _model(qd_index=0, qu="inherit", qu_skip=True).eval()
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, NUM_CLASSES, 64, 64)
