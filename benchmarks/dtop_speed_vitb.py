@@ -18,7 +18,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +25,9 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from dtop_speed import over_set, timed  # noqa: E402  (the same timing as the tiny benchmark)
 
 from segcli.api import build_model  # noqa: E402
 from segcli.models.dtop import atm_token_probs  # noqa: E402
@@ -49,24 +51,6 @@ class FractionExit(nn.Module):
         rank = noise.argsort(dim=1).argsort(dim=1)  # [B, M] random order among the valid tokens
         leave = rank < (share.clamp(0, 0.95) * valid.sum(1, keepdim=True)).long()  # [B, M]
         return scores, leave & valid
-
-
-def timed(fn, repeats: int) -> tuple[float, float]:
-    fn()
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - start)
-    return min(runs), statistics.median(runs)
-
-
-def over(model, images: torch.Tensor, batch: int):
-    def run():
-        with torch.no_grad():
-            for start in range(0, len(images), batch):
-                model(images[start:start + batch])
-    return run
 
 
 def main() -> None:
@@ -111,8 +95,8 @@ def main() -> None:
     print("\n| batch | unpruned s (min / median) | pruned s (min / median) | wall saving | / GFLOPs saving |")
     print("|---|---|---|---|---|")
     for batch in (int(b) for b in args.batch_sizes.split(",")):
-        t_base = timed(over(unpruned, images, batch), args.repeats)
-        t_pruned = timed(over(pruned, images, batch), args.repeats)
+        t_base = timed(over_set(unpruned, images, batch), args.repeats)
+        t_pruned = timed(over_set(pruned, images, batch), args.repeats)
         wall = 1 - t_pruned[0] / t_base[0]
         print(f"| {batch} | {t_base[0]:.2f} / {t_base[1]:.2f} | {t_pruned[0]:.2f} / {t_pruned[1]:.2f} | "
               f"{100 * wall:.1f}% | {wall / saving:.2f} |", flush=True)
