@@ -122,3 +122,25 @@ def test_predict_named_segvit(cli, synth_root, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     label = cv2.imread(str(tmp_path / "pred" / f"{image.stem}.png"), cv2.IMREAD_UNCHANGED)
     assert label is not None and label.shape == (64, 64) and label.max() < 8
+
+
+def test_a_bad_validation_mask_keeps_the_trained_weights(cli, tmp_path):
+    """The evaluation after training meets a mask with an unknown class id: exit 2, one line naming
+    the file, and last.pt written (the training is not lost)."""
+    root = tmp_path / "folder"
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "masks" / split).mkdir(parents=True)
+        for i in range(2):
+            mask = np.zeros((40, 56), np.uint8)
+            mask[20:] = 1
+            if split == "val" and i == 1:
+                mask[:4, :4] = 7  # 3 classes: 7 is no class id
+            cv2.imwrite(str(root / "images" / split / f"x{i}.png"), np.full((40, 56, 3), 90 * mask[..., None], np.uint8))
+            cv2.imwrite(str(root / "masks" / split / f"x{i}.png"), mask)
+    (root / "classes.txt").write_text("a\nb\nc\n")
+    work = tmp_path / "run"
+    res = cli("train", SETR, "--work-dir", work, *tiny_overrides(root, **{"data.type": "folder", "train.max_iters": 1}))
+    assert res.exit_code == 2
+    assert "x1.png" in res.output and "last.pt" in res.output and "Traceback" not in res.output
+    assert (work / "last.pt").is_file()

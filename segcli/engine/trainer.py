@@ -221,7 +221,14 @@ def run_training(
                 tic, tic_iter = time.perf_counter(), iteration
             callback("step", {"iter": iteration, "max_iters": cfg.max_iters, "lr": lr, "loss": total})
             if iteration % cfg.eval_interval == 0 or iteration == cfg.max_iters:
-                metrics = evaluate(iteration)
+                try:
+                    metrics = evaluate(iteration)
+                except SegcliError as err:  # e.g. a bad validation mask: keep what was trained
+                    save_last(iteration)
+                    hint = f"{err.hint}; " if err.hint else ""
+                    raise SegcliError(err.message, err.where,
+                                      f"{hint}the weights trained so far are in {last_path}: fix the data, then "
+                                      f"`segcli eval {last_path}`") from None
                 core.train()
                 save_last(iteration)
             elif cfg.checkpoint_interval and iteration % cfg.checkpoint_interval == 0:
