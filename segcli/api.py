@@ -247,7 +247,35 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
             files += matches
         else:
             failed.append((item, "no such file or folder"))
-    return files, failed
+    unique = list(dict.fromkeys(p.resolve() for p in files))  # a file given twice is segmented once
+    return unique, failed
+
+
+def output_stems(files: list[Path]) -> list[str]:
+    """Output names: the file stem; where stems collide, the extension is added (same folder) or
+    parent folder names are prefixed (``a/x.jpg``, ``b/x.jpg`` -> ``a_x``, ``b_x``), so that no
+    prediction overwrites another."""
+    def label(path: Path, depth: int, ext: bool) -> str:
+        parts = list(path.parent.parts[len(path.parent.parts) - depth:]) if depth else []
+        parts.append(path.stem + (path.suffix.replace(".", "_") if ext else ""))
+        return "_".join(part.strip("/\\") or "root" for part in parts)
+
+    state = {path: [0, False] for path in files}  # parents prefixed, extension added
+    names = [path.stem for path in files]
+    for _ in range(64):
+        names = [label(path, *state[path]) for path in files]
+        clashes = {n for n in names if names.count(n) > 1}
+        if not clashes:
+            return names
+        for path, n in zip(files, names):
+            if n not in clashes:
+                continue
+            twin = any(q != path and q.parent == path.parent and q.stem == path.stem for q in files)
+            if twin and not state[path][1]:
+                state[path][1] = True
+            elif state[path][0] < len(path.parent.parts):
+                state[path][0] += 1
+    return [f"{n}_{i}" for i, n in enumerate(names)]
 
 
 def predict(inputs: list[str], checkpoint: str | Path, out_dir: str | Path = "predictions", overlay: bool = False,
@@ -267,7 +295,7 @@ def predict(inputs: list[str], checkpoint: str | Path, out_dir: str | Path = "pr
     palette = np.asarray(loaded.meta["palette"], dtype=np.uint8)
     mean = torch.tensor(loaded.recipe.data.mean).view(1, 3, 1, 1)
     std = torch.tensor(loaded.recipe.data.std).view(1, 3, 1, 1)
-    for i, path in enumerate(files):
+    for i, (path, stem) in enumerate(zip(files, output_stems(files))):
         try:
             image = read_image(path)
         except SegcliError as err:
@@ -278,7 +306,6 @@ def predict(inputs: list[str], checkpoint: str | Path, out_dir: str | Path = "pr
             scores = infer(loaded.model, tensor.to(dev), loaded.recipe.test, loaded.recipe.data.crop_size)
         pred = scores.argmax(1)[0].cpu().numpy()
         label_dtype = np.uint8 if loaded.meta["num_classes"] <= 255 else np.uint16
-        stem = path.stem
         save_png(out / f"{stem}.png", pred.astype(label_dtype))
         result.written.append(out / f"{stem}.png")
         color = colorize(pred, palette)

@@ -122,6 +122,14 @@ def test_predict_named_segvit(cli, synth_root, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     label = cv2.imread(str(tmp_path / "pred" / f"{image.stem}.png"), cv2.IMREAD_UNCHANGED)
     assert label is not None and label.shape == (64, 64) and label.max() < 8
+    # two inputs with the same name in different folders (and one given twice): nothing is overwritten
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.png").write_bytes(image.read_bytes())
+    res = cli("predict", tmp_path / "a" / "x.png", tmp_path / "b", tmp_path / "a" / "x.png", "--model", "segvit",
+              "--out", tmp_path / "same")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "same").glob("*.png") if "_color" not in p.name) == ["a_x.png", "b_x.png"]
 
 
 def test_a_bad_validation_mask_keeps_the_trained_weights(cli, tmp_path):
