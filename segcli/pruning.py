@@ -24,7 +24,6 @@ from torch import nn
 from .engine.checkpoint import load_model_state, read_checkpoint, save_checkpoint
 from .errors import SegcliError
 from .models import dtop as _dtop  # registers the 'dtop' segmentor
-from .models.dtop import AUX_MODULES, DToPSegmentor
 
 __all__ = ["prune_checkpoint", "pruned_recipe", "parse_layers", "gflops_split"]
 
@@ -98,20 +97,10 @@ def prune_checkpoint(checkpoint: str | Path, p0: float = 0.95, k: int = 5, layer
     })
 
 
-def _dtop_prefixes(root: nn.Module) -> list[str]:
-    """Qualified names of the auxiliary modules of every DToP model inside ``root``."""
-    prefixes = []
-    for name, module in root.named_modules():
-        if isinstance(module, DToPSegmentor):
-            prefixes += [f"{name}.{aux}" if name else aux for aux in AUX_MODULES]
-    return prefixes
-
-
 def gflops_split(model: nn.Module, *inputs: torch.Tensor) -> dict[str, float]:
     """GFLOPs of ``model(*inputs)`` in eval mode: ``gflops`` (everything that runs),
     ``gflops_aux`` (auxiliary heads + grading) and ``gflops_without_aux`` (the thesis' figures)."""
-    from .engine.flops import flop_analysis
+    from .engine.flops import count_flops_split
 
-    total, by_module = flop_analysis(model, *inputs)
-    aux = sum(by_module.get(prefix, 0) for prefix in _dtop_prefixes(model))
-    return {"gflops": total / 1e9, "gflops_aux": aux / 1e9, "gflops_without_aux": (total - aux) / 1e9}
+    total, aux = count_flops_split(model, *inputs)
+    return {"gflops": total, "gflops_aux": aux, "gflops_without_aux": total - aux}

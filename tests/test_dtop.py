@@ -243,7 +243,9 @@ def test_prune_writes_a_checkpoint_that_evaluates(synth_root, tmp_path):
     loaded = api.load_checkpoint(out)
     assert isinstance(loaded.model, DToPSegmentor) and loaded.model.exit_layers == (2, 3)
     assert loaded.recipe.model.options == {"p0": 0.5, "k": 1, "exit_layers": [2, 3]}
-    metrics = api.evaluate(out, device="cpu", flops=True, limit=2)
+    seen = []
+    metrics = api.evaluate(out, device="cpu", flops=True, limit=2, progress=lambda done, total: seen.append(total))
+    assert seen == [2, 2]  # the progress total is the image count, also while FLOPs are counted
     assert len(metrics["exit_fraction"]) == 2 and 0 <= metrics["kept_fraction"] <= 1
     assert metrics["gflops_avg"] > 0 and not np.isnan(metrics["aAcc"])
     assert 0 < metrics["gflops_avg_without_aux"] < metrics["gflops_avg"]  # p0 = 0.5 grades: aux heads ran

@@ -15,7 +15,7 @@ from torch import nn
 
 from .distributed import DistInfo
 from .evaluator import SegEvaluator
-from .flops import flop_analysis
+from .flops import count_flops_split
 from .inference import infer
 
 
@@ -66,9 +66,8 @@ def evaluate_model(
             for key, value in getattr(core, "last_stats", {}).items():
                 stats.setdefault(key, []).append(value)
             if count_gflops:
-                total, by_module = flop_analysis(TestTimeModel(core, recipe.test, recipe.data.crop_size), images)
-                aux = sum(by_module.get(f"model.{name}", 0) for name in getattr(core, "aux_flop_modules", ()))
-                gflops.append((total / 1e9, (total - aux) / 1e9))
+                everything, aux = count_flops_split(TestTimeModel(core, recipe.test, recipe.data.crop_size), images)
+                gflops.append((everything, everything - aux))
             if progress is not None:
                 progress(step + 1, total)
     core.train(was_training)
@@ -83,7 +82,7 @@ def evaluate_model(
 
             dist.all_reduce(gflops_t)
         result["gflops_avg"] = float(gflops_t[0] / gflops_t[2].clamp(min=1))
-        if getattr(core, "aux_flop_modules", ()):
+        if any(getattr(module, "aux_flop_modules", ()) for module in core.modules()):
             result["gflops_avg_without_aux"] = float(gflops_t[1] / gflops_t[2].clamp(min=1))
     for key, values in stats.items():  # e.g. DToP's exit fractions, averaged over images
         result[key] = _mean_nested(values)

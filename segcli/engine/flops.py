@@ -56,6 +56,16 @@ def flop_analysis(model: nn.Module, *inputs: torch.Tensor) -> tuple[float, dict[
             module.training = training
 
 
+def count_flops_split(model: nn.Module, *inputs: torch.Tensor) -> tuple[float, float]:
+    """``(GFLOPs of model(*inputs), GFLOPs of its auxiliary modules)``: the submodules that any
+    module of ``model`` names in its ``aux_flop_modules`` attribute (DToP: auxiliary heads and
+    grading), counted in the same trace."""
+    total, by_module = flop_analysis(model, *inputs)
+    prefixes = [f"{name}.{aux}" if name else aux
+                for name, module in model.named_modules() for aux in getattr(module, "aux_flop_modules", ())]
+    return total / 1e9, sum(by_module.get(prefix, 0) for prefix in prefixes) / 1e9
+
+
 def count_flops(model: nn.Module, *inputs: torch.Tensor) -> float:
     """Total GFLOPs of ``model(*inputs)`` (eval mode, no grad)."""
     total, _ = flop_analysis(model, *inputs)

@@ -63,7 +63,7 @@ Decisions (thesis and SPEC silent, or released code differs):
   default). Auxiliary heads that are not exits are frozen and unused.
 * **FLOPs.** The grading work lives in parameter-free ``graders.{m}`` modules next to
   ``aux_heads``, so a by-module count separates "with" and "without" auxiliary heads
-  (``AUX_MODULES``; :func:`segcli.pruning.gflops_split`).
+  (``aux_flop_modules``, read by :func:`segcli.engine.flops.count_flops_split`).
 """
 from __future__ import annotations
 
