@@ -261,7 +261,6 @@ def output_stems(files: list[Path]) -> list[str]:
         return "_".join(part.strip("/\\") or "root" for part in parts)
 
     state = {path: [0, False] for path in files}  # parents prefixed, extension added
-    names = [path.stem for path in files]
     for _ in range(64):
         names = [label(path, *state[path]) for path in files]
         clashes = {n for n in names if names.count(n) > 1}
