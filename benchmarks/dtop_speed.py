@@ -28,7 +28,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -42,16 +41,8 @@ from segcli.engine.flops import count_flops  # noqa: E402
 from segcli.models.tokens import select_tokens  # noqa: E402
 from segcli.pruning import gflops_split, prune_checkpoint  # noqa: E402
 
-
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """(min, median) wall seconds of ``repeats`` calls after one warm-up."""
-    fn()
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - start)
-    return min(runs), statistics.median(runs)
+sys.path.insert(0, str(REPO / "benchmarks"))
+from timing import timed  # noqa: E402
 
 
 def over_set(model, images: torch.Tensor, batch: int):

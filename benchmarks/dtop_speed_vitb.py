@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from dtop_speed import over_set, timed  # noqa: E402  (the same timing as the tiny benchmark)
+from dtop_speed import over_set  # noqa: E402  (the tiny benchmark's batching)
+from timing import timed  # noqa: E402
 
 from segcli.api import build_model  # noqa: E402
 from segcli.models.dtop import atm_token_probs  # noqa: E402

@@ -11,7 +11,6 @@ as the whole decoder and as the dynamic per-patch MLP alone.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -19,23 +18,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from segcli.models.backbones.resnet import ResNetBackbone, ResNetConfig  # noqa: E402
 from segcli.models.base import HeadContext  # noqa: E402
 from segcli.models.heads.bilinear import BilinearConfig, BilinearHead  # noqa: E402
 from segcli.models.heads.deeplabv3plus import DeepLabV3PlusConfig, DeepLabV3PlusHead  # noqa: E402
 from segcli.models.heads.nrd import PATCH_MLP, NRDConfig, NRDHead, split_params  # noqa: E402
-
-
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """(median, min) seconds of ``repeats`` calls after one warm-up (min resists a busy machine)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times)
+from timing import timed  # noqa: E402
 
 
 def main() -> None:
@@ -85,10 +75,10 @@ def main() -> None:
           f"C = {args.num_classes}, median of {args.repeats}")
     width = max(len(name) for name, _ in rows)
     print(f"{'what':<{width}}  median s   min s")
-    for name, (median, fastest) in rows:
+    for name, (fastest, median) in rows:
         print(f"{name:<{width}}  {median:8.3f}  {fastest:6.3f}")
     results = dict(rows)
-    ratio = results["decoder: DeepLabV3+"][0] / results["decoder: NRD (einsum)"][0]
+    ratio = results["decoder: DeepLabV3+"][1] / results["decoder: NRD (einsum)"][1]
     print(f"DeepLabV3+ / NRD (einsum) decoder, medians: {ratio:.1f}x")
 
 
