@@ -1,9 +1,22 @@
 """CPU latency of SegViT (ViT-B, 512², ATM head) against the bare timm ViT-B backbone, one run.
 
 The thesis' ATM head is ~6% of the model's FLOPs; the head's wall-clock overhead should be close
-(target: SegViT <= 1.10x the backbone). Both models are built with random weights (no download),
-batch 1, ``torch.set_num_threads(threads)``, the median of ``repeats`` timed forwards after a warm-up,
-interleaved so that machine load affects both alike.
+(target: SegViT <= 1.10x the backbone). All models are built with random weights (no download),
+batch 1, ``torch.set_num_threads(threads)``; every figure is the median of ``repeats`` timed calls
+after a warm-up, and the models are timed round-robin so that machine load affects all alike.
+
+Rows:
+
+* ``timm ViT-B backbone`` - ``timm`` ``vit_base_patch16_384`` at 512², cls token dropped, no head;
+* ``SegViT ViT-B (low|full)`` - the whole model, image -> ``[1, 150, 512, 512]`` scores, with the
+  class scores formed at 1/16 (default) or at full size (released code; see ``models/heads/atm.py``);
+* ``SETR-naive ViT-B`` - the thesis' baseline, which returns the same full-size scores;
+* a breakdown of SegViT (low): the segcli ViT-B backbone, the ATM head on its features, the
+  score assembly at 1/16 and the final bilinear upsampling of the 150 score maps to 512².
+
+The last step writes a fresh 157 MB tensor; on glibc most of its time is the kernel mapping and
+zeroing new pages (``--out-buffer`` times the same upsampling into a preallocated tensor to show
+it). Any model that returns full-size scores for 150 classes pays it, SETR included.
 
     python benchmarks/segvit_latency.py [--threads 2] [--repeats 7] [--size 512]
 """
@@ -11,14 +24,38 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 
-from segcli.api import build_model
-from segcli.recipe import load_recipe
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from segcli.api import build_model  # noqa: E402
+from segcli.recipe import load_recipe  # noqa: E402
+
+
+def build(recipe: str, size: int, *overrides: str):
+    rec = load_recipe(REPO / "recipes" / recipe, ["model.backbone.pretrained=null", f"model.backbone.img_size={size}",
+                                                  *overrides])
+    return build_model(rec, num_classes=150).eval()
+
+
+def round_robin(fns: dict, repeats: int) -> dict[str, float]:
+    """Median wall seconds per entry of ``fns``, timed in turns after one warm-up call each."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -29,31 +66,41 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     size = args.size
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "segvit_vit_b_ade20k.yaml"
-    models = {}
-    for resolution in ("low", "full"):
-        rec = load_recipe(recipe, ["model.backbone.pretrained=null", f"model.decode_head.mask_resolution={resolution}",
-                                   f"model.backbone.img_size={size}"])
-        models[f"SegViT ViT-B ({resolution})"] = build_model(rec, num_classes=150).eval()
+    low = build("segvit_vit_b_ade20k.yaml", size, "model.decode_head.mask_resolution=low")
+    full = build("segvit_vit_b_ade20k.yaml", size, "model.decode_head.mask_resolution=full")
+    setr = build("setr_vit_b_ade20k.yaml", size)
     backbone = timm.create_model("vit_base_patch16_384", pretrained=False, num_classes=0, img_size=size,
                                  class_token=False, global_pool="avg").eval()
-    models["timm ViT-B backbone"] = backbone
     images = torch.randn(1, 3, size, size)
-    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
-        for model in models.values():
-            model(images)  # warm-up
-        for _ in range(args.repeats):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(images)
-                times[name].append(time.perf_counter() - start)
-    base = statistics.median(times["timm ViT-B backbone"])
-    print(f"{size}x{size}, batch 1, {args.threads} threads, median of {args.repeats}")
-    print(f"{'model':28s} {'median s':>9s} {'min s':>7s} {'x backbone (median)':>20s}")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"{name:28s} {median:9.3f} {min(values):7.3f} {median / base:20.3f}")
+        features = low.backbone(images)
+        outputs = low.decode_head(features)
+        probs = outputs["pred_logits"].softmax(-1)[..., :-1]  # [1, K, K]
+        scores = torch.einsum("bqc,bqhw->bchw", probs, outputs["pred_masks"].sigmoid())  # [1, K, h, w]
+        buffer = torch.empty(1, scores.shape[1], size, size)
+        fns = {
+            "timm ViT-B backbone": lambda: backbone.forward_features(images),
+            "SegViT ViT-B (low)": lambda: low(images),
+            "SegViT ViT-B (full)": lambda: full(images),
+            "SETR-naive ViT-B": lambda: setr(images),
+            "  segcli ViT-B backbone": lambda: low.backbone(images),
+            "  ATM head (3 stages)": lambda: low.decode_head(features),
+            "  scores at 1/16": lambda: torch.einsum("bqc,bqhw->bchw", outputs["pred_logits"].softmax(-1)[..., :-1],
+                                                     outputs["pred_masks"].sigmoid()),
+            "  upsample to full size": lambda: F.interpolate(scores, size=(size, size), mode="bilinear",
+                                                             align_corners=False),
+            "  (same, into a buffer)": lambda: torch._C._nn.upsample_bilinear2d(scores, (size, size), False, None, None,
+                                                                               out=buffer),
+        }
+        medians = round_robin(fns, args.repeats)
+    base = medians["timm ViT-B backbone"]
+    print(f"{size}x{size}, batch 1, {args.threads} threads, median of {args.repeats}, 150 classes")
+    print(f"{'':30s} {'median s':>9s} {'x backbone':>11s}")
+    for name, median in medians.items():
+        print(f"{name:30s} {median:9.3f} {median / base:11.3f}")
+    head = medians["  ATM head (3 stages)"] + medians["  scores at 1/16"]
+    print(f"ATM head + 1/16 scores over the timm backbone: {(base + head) / base:.3f}x "
+          f"(+ the final upsampling: {(base + head + medians['  upsample to full size']) / base:.3f}x)")
 
 
 if __name__ == "__main__":
