@@ -28,18 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from segcli.api import build_datasets, load_checkpoint  # noqa: E402
-
-
-def confusion(pred: np.ndarray, label: np.ndarray, num_classes: int, ignore_index: int) -> np.ndarray:
-    valid = label != ignore_index
-    return np.bincount(num_classes * label[valid] + pred[valid], minlength=num_classes ** 2).reshape(num_classes, -1)
-
-
-def miou(hist: np.ndarray) -> float:
-    inter = np.diag(hist)
-    union = hist.sum(0) + hist.sum(1) - inter
-    seen = hist.sum(1) > 0
-    return float(100 * np.mean(inter[seen] / np.maximum(union[seen], 1)))
+from segcli.engine.evaluator import SegEvaluator  # noqa: E402
 
 
 def main() -> None:
@@ -53,8 +42,8 @@ def main() -> None:
         sys.exit(f"{args.checkpoint}: not a SegViT (ATM) model")
     (val,) = build_datasets(loaded.recipe, splits=("val",))
     ignore = val.ignore_index
-    hists = {name: np.zeros((num_classes, num_classes), dtype=np.int64)
-             for name in ("standard", "mask only", "oracle presence")}
+    evaluators = {name: SegEvaluator(num_classes, classes, ignore_index=ignore)
+                  for name in ("standard", "mask only", "oracle presence")}
     own_prob: dict[bool, list[list[float]]] = {True: [[] for _ in range(num_classes)],
                                                False: [[] for _ in range(num_classes)]}
     with torch.inference_mode():
@@ -63,20 +52,19 @@ def main() -> None:
             image, label = sample["image"][None], sample["label"].numpy()
             outputs = model.decode_head(model.backbone(image))
             size = tuple(label.shape)
-            standard = model.decode_head.seg_logits(outputs, size)[0].argmax(0).numpy()
+            standard = model.decode_head.seg_logits(outputs, size)[0].argmax(0)
             masks = F.interpolate(outputs["pred_masks"], size=size, mode="bilinear", align_corners=False)[0].sigmoid()
             present = np.zeros(num_classes, dtype=bool)
             present[np.unique(label[label != ignore])] = True
-            oracle = (masks * torch.as_tensor(present, dtype=masks.dtype)[:, None, None]).argmax(0).numpy()
-            for name, pred in (("standard", standard), ("mask only", masks.argmax(0).numpy()),
-                               ("oracle presence", oracle)):
-                hists[name] += confusion(pred, label, num_classes, ignore)
+            oracle = (masks * torch.as_tensor(present, dtype=masks.dtype)[:, None, None]).argmax(0)
+            for name, pred in (("standard", standard), ("mask only", masks.argmax(0)), ("oracle presence", oracle)):
+                evaluators[name].process(pred, sample["label"])
             probs = outputs["pred_logits"][0].softmax(-1).diagonal()  # [K]: P(query c says class c)
             for c in range(num_classes):
                 own_prob[bool(present[c])][c].append(float(probs[c]))
     print(f"{args.checkpoint}: {len(val)} validation images")
-    for name, hist in hists.items():
-        print(f"  {name:16s} mIoU {miou(hist):6.2f}")
+    for name, evaluator in evaluators.items():
+        print(f"  {name:16s} mIoU {evaluator.evaluate()['mIoU']:6.2f}")
     print(f"  {'class':14s} {'P(present) where present':>26s} {'where absent':>14s}")
     for c in range(num_classes):
         name = classes[c] if classes else str(c)
