@@ -27,7 +27,9 @@ SetOpt = typer.Option(None, "--set", "-s", help="Override a recipe key: --set tr
 
 
 def _console(stderr: bool = False) -> Console:
-    return Console(stderr=stderr, highlight=False)
+    """Rich console; long lines (paths, commands, summaries) are never wrapped mid-line, so the
+    output stays greppable and copy-pasteable when piped (rich assumes 80 columns then)."""
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
 
 
 def _is_main_process() -> bool:
@@ -49,7 +51,7 @@ def _guard(ctx: typer.Context, fn, *args, **kwargs):
     except SegcliError as err:
         if debug:
             raise
-        _console(stderr=True).print(f"[bold red]error:[/] {_error_text(err)}", soft_wrap=True)
+        _console(stderr=True).print(f"[bold red]error:[/] {_error_text(err)}")
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         _console(stderr=True).print("interrupted")
@@ -153,8 +155,8 @@ def train(
         console.print(_metrics_table(result.metrics, f"{rec.name} @ {result.iterations} iterations"))
     console.print(f"wrote {result.last}" + (f" and {result.best} (best mIoU {result.best_miou:.2f})" if result.best else ""))
     best = result.best or result.last
-    console.print(f"next: segcli predict {_val_images(rec)} --checkpoint {best} --overlay", soft_wrap=True)
-    console.print(f"      segcli eval {best} --json", soft_wrap=True)
+    console.print(f"next: segcli predict {_val_images(rec)} --checkpoint {best} --overlay")
+    console.print(f"      segcli eval {best} --json")
 
 
 def _val_images(rec) -> str:
@@ -221,7 +223,7 @@ def predict(
     console = _console()
     err = _console(stderr=True)
     for path, reason in result.failed:
-        err.print(f"[bold red]error:[/] {path}: {reason} (skipped)", soft_wrap=True)
+        err.print(f"[bold red]error:[/] {path}: {reason} (skipped)")
     images = len([p for p in result.written if p.name.endswith("_color.png")])
     console.print(f"wrote {images} prediction(s) to {out}/")
     if result.failed:
@@ -267,8 +269,8 @@ def prune(
 
     path = _guard(ctx, api.prune, checkpoint, p0, k, layers, out)
     _console().print(f"wrote {path} (p0={p0}, k={k})")
-    _console().print(f"next: segcli eval {path} --flops", soft_wrap=True)
-    _console().print(f"      segcli predict IMAGE --checkpoint {path} --show-pruning", soft_wrap=True)
+    _console().print(f"next: segcli eval {path} --flops")
+    _console().print(f"      segcli predict IMAGE --checkpoint {path} --show-pruning")
 
 
 @app.command("cl-step")
@@ -305,10 +307,8 @@ def cl_step(
     console.print(f"task {result.task}/{result.num_tasks}: learnt classes {list(result.classes)} on "
                   f"{result.num_images} images; wrote {result.checkpoint}")
     if result.task < result.num_tasks:
-        console.print(f"next: segcli cl-step --task {result.task + 1} --work-dir {result.work_dir.parent}",
-                      soft_wrap=True)
-    console.print(f"eval: segcli eval {result.checkpoint} --json   (adds base/new/all mIoU and forgetting)",
-                  soft_wrap=True)
+        console.print(f"next: segcli cl-step --task {result.task + 1} --work-dir {result.work_dir.parent}")
+    console.print(f"eval: segcli eval {result.checkpoint} --json   (adds base/new/all mIoU and forgetting)")
 
 
 # --------------------------------------------------------------------------- data

@@ -49,6 +49,11 @@ def test_train_eval_predict_flops(cli, synth_root, tmp_path):
     assert res.exit_code == 0, res.output
     flops = json.loads(res.stdout)
     assert flops["gflops"] > 0 and flops["params_m"] > 1
+    long_name = tmp_path / ("a_recipe_with_a_name_longer_than_a_terminal_line_" * 2 + ".yaml")
+    long_name.write_text(f"_base_: {SETR}\n")
+    res = cli("flops", long_name, "--shape", "64", "96", "--set", "model.backbone.patch_size=16")
+    line = f"{long_name}: {flops['gflops']:.2f} GFLOPs at 64x96, {flops['params_m']:.2f} M parameters"
+    assert res.exit_code == 0 and line in res.output.splitlines(), res.output  # one line, however long
 
 
 def test_resume_is_exact(cli, synth_root, tmp_path):
