@@ -89,9 +89,10 @@ def main() -> None:
                                                      outputs["pred_masks"].sigmoid()),
             "  upsample to full size": lambda: F.interpolate(scores, size=(size, size), mode="bilinear",
                                                              align_corners=False),
-            "  (same, into a buffer)": lambda: torch._C._nn.upsample_bilinear2d(scores, (size, size), False, None, None,
-                                                                               out=buffer),
         }
+        into_buffer = getattr(torch.ops.aten.upsample_bilinear2d, "out", None)  # aten's out= overload
+        if into_buffer is not None:
+            fns["  (same, into a buffer)"] = lambda: into_buffer(scores, [size, size], False, None, None, out=buffer)
         medians = round_robin(fns, args.repeats)
     base = medians["timm ViT-B backbone"]
     print(f"{size}x{size}, batch 1, {args.threads} threads, median of {args.repeats}, 150 classes")
