@@ -15,8 +15,8 @@ Rows:
   score assembly at 1/16 and the final bilinear upsampling of the 150 score maps to 512².
 
 The last step writes a fresh 157 MB tensor; on glibc most of its time is the kernel mapping and
-zeroing new pages (``--out-buffer`` times the same upsampling into a preallocated tensor to show
-it). Any model that returns full-size scores for 150 classes pays it, SETR included.
+zeroing new pages (the row ``(same, into a buffer)`` times the same upsampling into a preallocated
+tensor to show it). Any model that returns full-size scores for 150 classes pays it, SETR included.
 
     python benchmarks/segvit_latency.py [--threads 2] [--repeats 7] [--size 512]
 """
@@ -75,8 +75,11 @@ def main() -> None:
     with torch.inference_mode():
         features = low.backbone(images)
         outputs = low.decode_head(features)
-        probs = outputs["pred_logits"].softmax(-1)[..., :-1]  # [1, K, K]
-        scores = torch.einsum("bqc,bqhw->bchw", probs, outputs["pred_masks"].sigmoid())  # [1, K, h, w]
+        def low_scores():  # ATM's class scores at 1/16: [1, K, h, w]
+            probs = outputs["pred_logits"].softmax(-1)[..., :-1]  # [1, K, K]
+            return torch.einsum("bqc,bqhw->bchw", probs, outputs["pred_masks"].sigmoid())
+
+        scores = low_scores()
         buffer = torch.empty(1, scores.shape[1], size, size)
         fns = {
             "timm ViT-B backbone": lambda: backbone.forward_features(images),
@@ -85,8 +88,7 @@ def main() -> None:
             "SETR-naive ViT-B": lambda: setr(images),
             "  segcli ViT-B backbone": lambda: low.backbone(images),
             "  ATM head (3 stages)": lambda: low.decode_head(features),
-            "  scores at 1/16": lambda: torch.einsum("bqc,bqhw->bchw", outputs["pred_logits"].softmax(-1)[..., :-1],
-                                                     outputs["pred_masks"].sigmoid()),
+            "  scores at 1/16": low_scores,
             "  upsample to full size": lambda: F.interpolate(scores, size=(size, size), mode="bilinear",
                                                              align_corners=False),
         }

@@ -544,8 +544,8 @@ def cl_metrics(checkpoint: str | Path, metrics: dict, meta: dict | None = None, 
         else:
             iou, acc, source = _step_scores(root, tasks, step, device, progress)
         ious[step] = iou
-        seen = [c for classes in tasks[:step] for c in classes]
-        new = [c for classes in tasks[1:step] for c in classes]
+        seen = seen_classes(tasks, step)
+        new = seen[len(tasks[0]):]  # tasks 2..step
         steps.append({"task": step, "source": source,
                       "base_mIoU": _miou(iou, tasks[0]) if iou else None,
                       "new_mIoU": _miou(iou, new) if iou and new else None,

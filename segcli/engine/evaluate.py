@@ -15,7 +15,7 @@ from torch import nn
 
 from .distributed import DistInfo
 from .evaluator import SegEvaluator
-from .flops import count_flops_split
+from .flops import aux_flop_prefixes, count_flops_split
 from .inference import infer
 
 
@@ -82,7 +82,7 @@ def evaluate_model(
 
             dist.all_reduce(gflops_t)
         result["gflops_avg"] = float(gflops_t[0] / gflops_t[2].clamp(min=1))
-        if any(getattr(module, "aux_flop_modules", ()) for module in core.modules()):
+        if aux_flop_prefixes(core):
             result["gflops_avg_without_aux"] = float(gflops_t[1] / gflops_t[2].clamp(min=1))
     for key, values in stats.items():  # e.g. DToP's exit fractions, averaged over images
         result[key] = _mean_nested(values)

@@ -61,9 +61,14 @@ def count_flops_split(model: nn.Module, *inputs: torch.Tensor) -> tuple[float, f
     module of ``model`` names in its ``aux_flop_modules`` attribute (DToP: auxiliary heads and
     grading), counted in the same trace."""
     total, by_module = flop_analysis(model, *inputs)
-    prefixes = [f"{name}.{aux}" if name else aux
-                for name, module in model.named_modules() for aux in getattr(module, "aux_flop_modules", ())]
-    return total / 1e9, sum(by_module.get(prefix, 0) for prefix in prefixes) / 1e9
+    return total / 1e9, sum(by_module.get(prefix, 0) for prefix in aux_flop_prefixes(model)) / 1e9
+
+
+def aux_flop_prefixes(model: nn.Module) -> list[str]:
+    """Qualified names of the auxiliary submodules that the modules of ``model`` name in their
+    ``aux_flop_modules`` attribute (empty for a model without any)."""
+    return [f"{name}.{aux}" if name else aux
+            for name, module in model.named_modules() for aux in getattr(module, "aux_flop_modules", ())]
 
 
 def count_flops(model: nn.Module, *inputs: torch.Tensor) -> float:
