@@ -2,7 +2,7 @@
 
 Takes a trained checkpoint with auxiliary heads (a base model, e.g. ``segcli train
 recipes/tiny/dtop.yaml``, or a DToP@Finetune one), sets it to ``--p0`` and to ``p0 = 1`` (the
-unpruned model: same weights, no grading) with :func:`segcli.pruning.prune_checkpoint` and, on the
+unpruned model: same weights, no grading) with :func:`segcli.workflows.prune.prune_checkpoint` and, on the
 validation images of its recipe, times in one run:
 
 * the unpruned model and the pruned one at batch 1 and batch 8 (``--batch-sizes``): the whole
@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 from segcli.api import build_datasets, load_checkpoint  # noqa: E402
 from segcli.engine.flops import count_flops  # noqa: E402
 from segcli.models.tokens import select_tokens  # noqa: E402
-from segcli.pruning import gflops_split, prune_checkpoint  # noqa: E402
+from segcli.workflows.prune import gflops_split, prune_checkpoint  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from timing import timed  # noqa: E402

@@ -32,7 +32,7 @@ from timing import timed  # noqa: E402
 
 from segcli.api import build_model  # noqa: E402
 from segcli.models.dtop import atm_token_probs  # noqa: E402
-from segcli.pruning import gflops_split  # noqa: E402
+from segcli.workflows.prune import gflops_split  # noqa: E402
 from segcli.recipe import load_recipe  # noqa: E402
 
 

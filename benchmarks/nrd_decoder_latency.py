@@ -1,7 +1,7 @@
 """CPU latency of the NRD decoder vs the DeepLabV3+ decoder on the same encoder (thesis 3.3.1).
 
-SPEC "NRD": batch 1, 2 threads, the same R50 + ASPP features of a 1024×2048 image: NRD decoder
-0.24 s vs DeepLabV3+ decoder 1.98 s. The encoder runs once; each decoder is then timed alone
+Thesis 3.3.1: batch 1, the same R50 + ASPP features of a 1024×2048 image, NRD decoder vs
+DeepLabV3+ decoder. The encoder runs once; each decoder is then timed alone
 (forward + scores at the input size), ``--repeats`` times after one warm-up, and the median
 (and the minimum) is printed. Also compares NRD's two batched g_θ implementations (``impl: einsum | grouped_conv``),
 as the whole decoder and as the dynamic per-patch MLP alone.

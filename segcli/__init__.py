@@ -3,7 +3,7 @@
 The importable API lives in :mod:`segcli.api`; its main entry points are re-exported here
 lazily so that ``import segcli`` stays cheap.
 """
-__version__ = "0.1.0"
+from .version import __version__
 
 _API = ("build_model", "load_checkpoint", "train", "evaluate", "predict", "flops", "load_recipe")
 

@@ -142,7 +142,7 @@ def train(
         rec = api.load_recipe(recipe, set_ or [])
         reporter = _TrainReporter(console, rec.train.log_interval) if main else None
         try:
-            result = api.train(rec, work_dir, resume=resume, device=device, callback=reporter)
+            result = api.train(rec, work_dir=work_dir, resume=resume, device=device, callback=reporter)
         finally:
             if reporter:
                 reporter.close()
@@ -188,7 +188,8 @@ def eval_(
     from . import api
 
     console = _console(stderr=json_out)
-    metrics = _guard(ctx, api.evaluate, checkpoint, recipe, set_ or [], device, trimap, flops, limit)
+    metrics = _guard(ctx, api.evaluate, checkpoint, recipe=recipe, overrides=set_ or [], device=device,
+                     trimap=trimap, flops=flops, limit=limit)
     if json_out:
         typer.echo(json.dumps(metrics))
         return
@@ -217,7 +218,7 @@ def predict(
         if (checkpoint is None) == (model is None):
             raise SegcliError("give exactly one of --checkpoint or --model", "predict")
         path = checkpoint if checkpoint is not None else zoo.resolve(model)
-        return api.predict(list(inputs), path, out, overlay=overlay, device=device, show_pruning=show_pruning)
+        return api.predict(list(inputs), path, out_dir=out, overlay=overlay, device=device, show_pruning=show_pruning)
 
     result = _guard(ctx, run)
     console = _console()
@@ -244,7 +245,7 @@ def flops(
     """GFLOPs (fvcore, attention counted) and parameters of a recipe's model."""
     from . import api
 
-    result = _guard(ctx, api.flops, recipe, tuple(shape) if shape else None, set_ or [])
+    result = _guard(ctx, api.flops, recipe, shape=tuple(shape) if shape else None, overrides=set_ or [])
     if json_out:
         typer.echo(json.dumps(result))
         return
@@ -261,13 +262,22 @@ def prune(
     checkpoint: Path = typer.Argument(..., help="A trained checkpoint with auxiliary heads on the exit blocks."),
     p0: float = typer.Option(0.95, "--p0", help="Exit threshold on a token's max class probability (1.0 = no pruning)."),
     k: int = typer.Option(5, "--k", help="Top-k most confident exiting tokens per class kept for context."),
-    layers: Optional[str] = typer.Option(None, "--layers", help="0-based exit blocks, e.g. 5,7 (default: every aux head)."),
+    exit_layers: Optional[str] = typer.Option(None, "--exit-layers", "--layers",
+                                              help="0-based exit blocks, e.g. 5,7 (default: every aux head)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output checkpoint (default <stem>_dtop.pt)."),
 ):
     """DToP@Direct: write a pruned checkpoint that eval/predict/flops use as is (thesis ch. 5)."""
     from . import api
 
-    path = _guard(ctx, api.prune, checkpoint, p0, k, layers, out)
+    def run():
+        try:
+            return api.prune(checkpoint, p0=p0, k=k, exit_layers=exit_layers, out=out)
+        except SegcliError as err:  # an error about an option names its flag (same name)
+            if err.where in ("p0", "k", "exit_layers"):
+                raise SegcliError(err.message, "--" + err.where.replace("_", "-"), err.hint) from None
+            raise
+
+    path = _guard(ctx, run)
     _console().print(f"wrote {path} (p0={p0}, k={k})")
     _console().print(f"next: segcli eval {path} --flops")
     _console().print(f"      segcli predict IMAGE --checkpoint {path} --show-pruning")
@@ -294,7 +304,8 @@ def cl_step(
     def run():
         reporter = _TrainReporter(console, 50) if main else None
         try:
-            return api.cl_step(recipe, task, work_dir, set_ or [], device=device, resume=resume, callback=reporter)
+            return api.cl_step(recipe, task, work_dir=work_dir, overrides=set_ or [], device=device, resume=resume,
+                               callback=reporter)
         finally:
             if reporter:
                 reporter.close()

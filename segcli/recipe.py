@@ -11,6 +11,7 @@ like the file. Unknown keys anywhere are rejected with a "did you mean" hint.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +30,9 @@ class ModelConfig:
     """``model:`` — a segmentor (``type``) wiring a backbone, a decode head and auxiliary heads.
 
     ``num_classes`` comes from the dataset unless given. ``options`` are the segmentor's own
-    settings, typed by the segmentor's registered dataclass (e.g. DToP's ``p0``).
+    settings: written as a mapping, validated once at load (:func:`recipe_from_dict`) into the
+    dataclass the segmentor registered (e.g. :class:`~segcli.models.dtop.DToPOptions`), and held
+    typed from then on (``None`` for segmentors without options).
     """
 
     backbone: Component = component_field("backbone")
@@ -37,7 +40,7 @@ class ModelConfig:
     type: str = "encoder_decoder"
     aux_heads: tuple[Component, ...] = field(default=(), metadata={"registry": "head"})
     num_classes: int | None = None
-    options: dict[str, Any] = field(default_factory=dict)
+    options: Any = None  # the segmentor's typed options after recipe_from_dict
     sync_bn: bool = True  # BatchNorm -> SyncBatchNorm under DDP
 
 
@@ -151,8 +154,6 @@ class Recipe:
         return to_dict(self)
 
     def replace(self, **sections) -> "Recipe":
-        import dataclasses
-
         return dataclasses.replace(self, **sections)
 
 
@@ -245,7 +246,7 @@ def recipe_from_dict(raw: dict, where: str = "recipe", name: str | None = None) 
     """Validate a merged dict into a :class:`Recipe` (registries are populated first)."""
     from . import data as _data  # noqa: F401  (registers datasets)
     from . import models as _models  # noqa: F401  (registers backbones, heads, segmentors)
-    from .registry import DATASETS, SEGMENTORS
+    from .registry import DATASETS
 
     raw = dict(raw)
     if name is not None and "name" not in raw:
@@ -254,12 +255,24 @@ def recipe_from_dict(raw: dict, where: str = "recipe", name: str | None = None) 
         raise SegcliError("missing the 'model' section", where)
     recipe = from_dict(Recipe, raw, where)
     DATASETS.get(recipe.data.type, f"{where}: data.type")
-    entry = SEGMENTORS.get(recipe.model.type, f"{where}: model.type")
-    if entry.config_cls is not None:  # validate segmentor options now, not at build time
-        from_dict(entry.config_cls, recipe.model.options, f"{where}: model.options")
-    elif recipe.model.options:
-        raise SegcliError(f"segmentor '{recipe.model.type}' takes no options", f"{where}: model.options")
-    return recipe
+    options = typed_options(recipe.model.type, recipe.model.options, f"{where}: model.options")
+    return recipe.replace(model=dataclasses.replace(recipe.model, options=options))
+
+
+def typed_options(segmentor: str, options: Any, where: str = "model.options") -> Any:
+    """A segmentor's options as its registered dataclass (validated), or None when it has none."""
+    from .registry import SEGMENTORS
+
+    entry = SEGMENTORS.get(segmentor, "model.type")
+    if entry.config_cls is None:
+        if options:
+            raise SegcliError(f"segmentor '{segmentor}' takes no options", where)
+        return None
+    if isinstance(options, entry.config_cls):
+        return options
+    if dataclasses.is_dataclass(options):  # another segmentor's options (e.g. model.type changed)
+        options = to_dict(options)
+    return from_dict(entry.config_cls, options, where)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

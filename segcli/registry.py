@@ -20,6 +20,7 @@ class Entry:
     name: str
     builder: Callable[..., Any]
     config_cls: type | None
+    classes: Any = None  # datasets: their class names, a tuple or ``fn(data_cfg) -> tuple``
 
 
 class Registry:
@@ -27,13 +28,17 @@ class Registry:
         self.kind = kind
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str, config: type | None = None):
-        """Decorator: ``@HEADS.register("atm", ATMConfig)`` on a builder ``fn(cfg, **context)``."""
+    def register(self, name: str, config: type | None = None, *, classes: Any = None):
+        """Decorator: ``@HEADS.register("atm", ATMConfig)`` on a builder ``fn(cfg, **context)``.
+
+        Datasets also register their class names (``classes=``), the one list of them, so that a
+        model can be built for a dataset without reading it.
+        """
 
         def deco(builder):
             if name in self._entries:
                 raise RuntimeError(f"{self.kind} '{name}' registered twice")
-            self._entries[name] = Entry(name, builder, config)
+            self._entries[name] = Entry(name, builder, config, classes)
             return builder
 
         return deco

@@ -47,6 +47,22 @@ def synth_root(tmp_path_factory) -> Path:
     return root
 
 
+def overrides_dict(data_root: Path, **extra) -> list[str]:
+    """:func:`tiny_overrides` as the ``KEY=VALUE`` list the API takes."""
+    return tiny_overrides(data_root, **extra)[1::2]
+
+
+@pytest.fixture(scope="session")
+def setr_run(tmp_path_factory, synth_root):
+    """A tiny SETR trained once through the API (4 iterations, evaluated at 2 and 4) for every
+    test that needs a real run or checkpoint: ``(work_dir, TrainResult)``."""
+    from segcli import api
+
+    work = tmp_path_factory.mktemp("setr_run") / "run"
+    recipe = api.load_recipe(REPO / "recipes" / "tiny" / "setr.yaml", overrides_dict(synth_root))
+    return work, api.train(recipe, work_dir=work, device="cpu")
+
+
 @pytest.fixture()
 def cli():
     runner = CliRunner()

@@ -9,7 +9,8 @@ from segcli.configurable import from_dict
 from segcli.errors import SegcliError
 from segcli.models.atm_criterion import ATMCriterion, class_targets, dice_loss, present_classes
 from segcli.models.base import HeadContext
-from segcli.models.heads.atm import ATMConfig, ATMHead, ATMStage, MaskAttention, semantic_scores
+from segcli.models.heads.atm import ATMConfig, ATMHead, ATMStage, semantic_scores
+from segcli.models.layers import MaskAttention
 
 C, K = 32, 5  # channels of the fake backbone maps, classes
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

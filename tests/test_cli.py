@@ -1,4 +1,5 @@
-"""The CLI end to end on real files: train -> eval -> predict -> flops, resume, bad inputs."""
+"""The CLI itself: argument parsing, rendering and exit codes (behaviour is tested at the API in
+test_workflows.py and the per-method test files)."""
 from __future__ import annotations
 
 import json
@@ -13,42 +14,34 @@ from conftest import REPO, tiny_overrides
 SETR = REPO / "recipes" / "tiny" / "setr.yaml"
 
 
-def _losses(path):
-    return [r["loss"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
-
-
-def test_train_eval_predict_flops(cli, synth_root, tmp_path):
+def test_train_prints_what_to_do_next(cli, synth_root, tmp_path):
     work = tmp_path / "run"
-    res = cli("train", SETR, "--work-dir", work, *tiny_overrides(synth_root))
+    res = cli("train", SETR, "--work-dir", work, *tiny_overrides(synth_root, **{"train.max_iters": 1,
+                                                                                 "train.eval_interval": 1}))
     assert res.exit_code == 0, res.output
-    for name in ("last.pt", "best.pt", "metrics.jsonl", "recipe.yaml"):
-        assert (work / name).is_file(), name
-    assert "segcli predict" in res.output  # tells the user what to do next
-    records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iter"] for r in records if "mIoU" in r] == [2, 4]
+    assert (work / "last.pt").is_file() and "segcli predict" in res.output and "mean" in res.output
 
-    res = cli("eval", work / "best.pt", "--json", "--trimap", "3", "--flops")
+
+def test_eval_json_is_one_object_on_stdout(cli, setr_run):
+    work, _ = setr_run
+    res = cli("eval", work / "best.pt", "--json", "--limit", "1")
     assert res.exit_code == 0, res.output
-    metrics = json.loads(res.stdout)
-    for key in ("mIoU", "mAcc", "aAcc", "per_class", "trimap_mIoU", "gflops_avg"):
-        assert key in metrics
-    assert len(metrics["per_class"]) == 8 and metrics["gflops_avg"] > 0
+    assert set(json.loads(res.stdout)) >= {"mIoU", "mAcc", "aAcc", "per_class"}
 
-    images = synth_root / "images" / "val"
+
+def test_predict_reports_a_broken_file_and_exits_2(cli, setr_run, synth_root, tmp_path):
+    work, _ = setr_run
+    image = next((synth_root / "images" / "val").iterdir())
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
-    out = tmp_path / "pred"
-    res = cli("predict", images, tmp_path / "broken.jpg", "--checkpoint", work / "best.pt", "--out", out, "--overlay")
-    assert res.exit_code == 2  # the broken file is reported, the others still written
-    assert "broken.jpg" in res.output
-    for image in images.iterdir():
-        label = cv2.imread(str(out / f"{image.stem}.png"), cv2.IMREAD_UNCHANGED)
-        assert label is not None and label.shape == (64, 64) and label.max() < 8
-        assert (out / f"{image.stem}_color.png").is_file() and (out / f"{image.stem}_overlay.png").is_file()
+    res = cli("predict", image, tmp_path / "broken.jpg", "--checkpoint", work / "best.pt", "--out", tmp_path / "p")
+    assert res.exit_code == 2 and "broken.jpg" in res.output and "wrote 1 prediction" in res.output
+    assert (tmp_path / "p" / f"{image.stem}.png").is_file()
 
+
+def test_flops_prints_one_line_however_long(cli, tmp_path):
     res = cli("flops", SETR, "--shape", "64", "96", "--json", "--set", "model.backbone.patch_size=16")
     assert res.exit_code == 0, res.output
     flops = json.loads(res.stdout)
-    assert flops["gflops"] > 0 and flops["params_m"] > 1
     long_name = tmp_path / ("a_recipe_with_a_name_longer_than_a_terminal_line_" * 2 + ".yaml")
     long_name.write_text(f"_base_: {SETR}\n")
     res = cli("flops", long_name, "--shape", "64", "96", "--set", "model.backbone.patch_size=16")
@@ -56,31 +49,10 @@ def test_train_eval_predict_flops(cli, synth_root, tmp_path):
     assert res.exit_code == 0 and line in res.output.splitlines(), res.output  # one line, however long
 
 
-def test_resume_is_exact(cli, synth_root, tmp_path):
-    from segcli import api
-    from segcli.recipe import load_recipe
-
-    overrides = tiny_overrides(synth_root, **{"train.max_iters": 6, "train.eval_interval": 3})
-    full = tmp_path / "full"
-    assert cli("train", SETR, "--work-dir", full, *overrides).exit_code == 0
-
-    keys = [v for i, v in enumerate(overrides) if i % 2 == 1]
-    recipe = load_recipe(SETR, keys)
-    part = tmp_path / "part"
-
-    def stop_at_4(event, info):
-        if event == "step" and info["iter"] == 4:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        api.train(recipe, part, callback=stop_at_4)
-    assert torch.load(part / "last.pt", weights_only=True)["iteration"] == 4
-    res = cli("train", SETR, "--work-dir", part, "--resume", *overrides)
-    assert res.exit_code == 0, res.output
-    assert np.allclose(_losses(part / "metrics.jsonl"), _losses(full / "metrics.jsonl"), rtol=1e-5, atol=1e-6)
-    a = torch.load(full / "last.pt", weights_only=True)["model"]
-    b = torch.load(part / "last.pt", weights_only=True)["model"]
-    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+def test_prune_errors_name_the_flag(cli, setr_run):
+    work, _ = setr_run
+    res = cli("prune", work / "last.pt", "--p0", "1.5")
+    assert res.exit_code == 2 and "--p0" in res.output and "Traceback" not in res.output
 
 
 def test_bad_inputs_exit_2_without_traceback(cli, synth_root, tmp_path):
@@ -99,10 +71,8 @@ def test_bad_inputs_exit_2_without_traceback(cli, synth_root, tmp_path):
     assert res.exit_code == 2 and "did you mean 'segvit'" in res.output
 
 
-def test_checkpoint_of_the_wrong_model(cli, synth_root, tmp_path):
-    work = tmp_path / "run"
-    assert cli("train", SETR, "--work-dir", work, *tiny_overrides(synth_root, **{"train.max_iters": 1,
-                                                                                  "train.eval_interval": 1})).exit_code == 0
+def test_checkpoint_of_the_wrong_model(cli, setr_run):
+    work, _ = setr_run
     res = cli("eval", work / "last.pt", "--set", "model.decode_head.channels=64")
     assert res.exit_code == 2 and "does not fit" in res.output and "decode_head" in res.output
 
@@ -115,13 +85,16 @@ def test_named_model_from_cache(cli, synth_root, tmp_path, monkeypatch):
 
 def test_predict_named_segvit(cli, synth_root, tmp_path, monkeypatch):
     """`segcli predict IMG --model segvit` once a (tiny) SegViT checkpoint sits in the cache."""
+    from segcli import api
+    from segcli.build import dataset_meta
+    from segcli.engine.checkpoint import save_checkpoint
+
     cache = tmp_path / "cache"
     monkeypatch.setenv("SEGCLI_CACHE", str(cache))
-    work = tmp_path / "segvit"
-    overrides = tiny_overrides(synth_root, **{"train.max_iters": 1, "train.eval_interval": 1})
-    assert cli("train", REPO / "recipes" / "tiny" / "segvit.yaml", "--work-dir", work, *overrides).exit_code == 0
-    cache.mkdir()
-    (cache / "segvit.pt").write_bytes((work / "best.pt").read_bytes())
+    recipe = api.load_recipe(REPO / "recipes" / "tiny" / "segvit.yaml", tiny_overrides(synth_root)[1::2])
+    (val,) = api.build_datasets(recipe, splits=("val",))
+    save_checkpoint(cache / "segvit.pt", {"version": "test", "recipe": recipe.to_dict(), "meta": dataset_meta(val),
+                                          "model": api.build_model(recipe).state_dict()})
     image = next((synth_root / "images" / "val").iterdir())
     res = cli("predict", image, "--model", "segvit", "--out", tmp_path / "pred")
     assert res.exit_code == 0, res.output

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from segcli import api
-from segcli.continual import (BACKGROUND, class_presence, cl_eval_dataset, cl_metrics, cl_step,
+from segcli.workflows.continual import (class_presence, cl_eval_dataset, cl_metrics, cl_step,
                               parse_protocol, task_eval_dataset, task_images, task_train_dataset, train_label_map)
 from segcli.data import build_dataset
 from segcli.errors import SegcliError
-from segcli.models.continual import ContinualSegmentor, head_label_map
+from segcli.models.continual import BACKGROUND, ContinualSegmentor, head_label_map
 from segcli.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +159,7 @@ def test_label_remapping_overlapped_vs_disjoint(folder4):
 
 
 def test_presence_index_is_cached_reused_and_invalidated(folder4, tmp_path, monkeypatch):
-    import segcli.continual as continual
+    import segcli.workflows.continual.presence as continual
 
     reads = []
     original = continual.read_mask

@@ -19,7 +19,7 @@ from segcli.engine.checkpoint import save_checkpoint
 from segcli.engine.flops import count_flops
 from segcli.errors import SegcliError
 from segcli.models.dtop import DToPSegmentor, atm_class_probs, atm_token_probs, exit_decision
-from segcli.pruning import gflops_split, parse_layers, prune_checkpoint
+from segcli.workflows.prune import gflops_split, parse_layers, prune_checkpoint
 from segcli.recipe import load_recipe, recipe_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,7 +153,9 @@ def test_batch_equals_each_image_alone(model, images):
     assert kept[0] != kept[1] and (together.exit_stage >= 0).any()  # different kept counts: padding is used
     for i in range(2):
         assert torch.equal(together.exit_stage[i], alone[i].exit_stage[0])
-        assert torch.allclose(together.scores[i], alone[i].scores[0], atol=1e-5)
+        # relative: FCN scores reach ~70, where batched and single-image kernels differ by ~5e-5
+        scale = alone[i].scores[0].abs().max()
+        assert torch.allclose(together.scores[i], alone[i].scores[0], rtol=1e-5, atol=1e-6 * float(scale))
     with torch.no_grad():
         assert count_flops(pruned, images[:1]) < count_flops(plain, images[:1])
 
@@ -239,10 +241,11 @@ def write_base_checkpoint(path, model: dict, data_root) -> None:
 def test_prune_writes_a_checkpoint_that_evaluates(synth_root, tmp_path):
     base = tmp_path / "base.pt"
     write_base_checkpoint(base, ATM_MODEL, synth_root)
-    out = prune_checkpoint(base, p0=0.5, k=1, layers=parse_layers("2,3"), out=tmp_path / "pruned.pt")
+    out = prune_checkpoint(base, p0=0.5, k=1, exit_layers=parse_layers("2,3"), out=tmp_path / "pruned.pt")
     loaded = api.load_checkpoint(out)
     assert isinstance(loaded.model, DToPSegmentor) and loaded.model.exit_layers == (2, 3)
-    assert loaded.recipe.model.options == {"p0": 0.5, "k": 1, "exit_layers": [2, 3]}
+    options = loaded.recipe.model.options  # typed DToPOptions
+    assert (options.p0, options.k, options.exit_layers) == (0.5, 1, (2, 3))
     seen = []
     metrics = api.evaluate(out, device="cpu", flops=True, limit=2, progress=lambda done, total: seen.append(total))
     assert seen == [2, 2]  # the progress total is the image count, also while FLOPs are counted
@@ -254,7 +257,7 @@ def test_prune_writes_a_checkpoint_that_evaluates(synth_root, tmp_path):
     # pruning again replaces the options; default output name
     again = prune_checkpoint(out, p0=0.9)
     assert again.name == "pruned_dtop.pt"
-    assert api.load_checkpoint(again).recipe.model.options["p0"] == 0.9
+    assert api.load_checkpoint(again).recipe.model.options.p0 == 0.9
 
 
 def test_fcn_model_prunes(synth_root, tmp_path):
@@ -273,13 +276,13 @@ def test_prune_rejects_wrong_inputs(synth_root, tmp_path):
     base = tmp_path / "base.pt"
     write_base_checkpoint(base, ATM_MODEL, synth_root)
     with pytest.raises(SegcliError, match="block 1 has no auxiliary head") as err:
-        prune_checkpoint(base, layers=(1,))
-    assert err.value.where == "--layers" and "2, 3" in err.value.message
+        prune_checkpoint(base, exit_layers=(1,))
+    assert err.value.where == "exit_layers" and "2, 3" in err.value.message  # the option, by name
     with pytest.raises(SegcliError, match="must be increasing"):
-        prune_checkpoint(base, layers=(3, 2))
+        prune_checkpoint(base, exit_layers=(3, 2))
     with pytest.raises(SegcliError) as err:
         prune_checkpoint(base, p0=1.5)
-    assert err.value.where == "--p0"
+    assert err.value.where == "p0"
     with pytest.raises(SegcliError, match="list of block numbers"):
         parse_layers("5;7")
     cascaded = {**ATM_MODEL, "decode_head": {**ATM, "in_index": [2, 1]}}

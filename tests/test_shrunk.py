@@ -272,7 +272,8 @@ def test_exit_maps_mark_the_kept_queries():
 def test_full_recipes_validate(recipe):
     loaded = load_recipe(REPO / "recipes" / f"{recipe}.yaml")
     assert loaded.model.type == "shrunk"
-    options = from_dict(ShrunkOptions, loaded.model.options, "model.options")
+    options = loaded.model.options  # typed at load
+    assert isinstance(options, ShrunkOptions)
     assert options.qd_index in (0, 6, 8)
     assert loaded.model.backbone.cfg.out_indices in ((11,), (23,))
 

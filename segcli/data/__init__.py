@@ -14,6 +14,15 @@ from .synthetic import SYNTHETIC_CLASSES, SYNTHETIC_PALETTE, generate_synthetic,
 from .transforms import IGNORE_INDEX, EvalTransform, TrainTransform
 
 
+def dataset_classes(data_cfg) -> tuple[str, ...]:
+    """The class names a recipe's dataset has, without reading its images: ``data.classes``, else
+    the list the dataset type registered (``folder``: ``ROOT/classes.txt``)."""
+    if data_cfg.classes:
+        return tuple(data_cfg.classes)
+    classes = DATASETS.get(data_cfg.type, "data.type").classes
+    return tuple(classes(data_cfg) if callable(classes) else classes)
+
+
 def build_dataset(data_cfg, split: str) -> SegDataset:
     """The dataset of ``data_cfg.type`` for logical split "train" or "val"."""
     return DATASETS.get(data_cfg.type, "data.type").builder(data_cfg, split)
@@ -21,6 +30,6 @@ def build_dataset(data_cfg, split: str) -> SegDataset:
 
 __all__ = [
     "IGNORE_INDEX", "SYNTHETIC_CLASSES", "SYNTHETIC_PALETTE", "EvalTransform", "SampleKey", "SegDataset",
-    "TrainTransform", "build_dataset", "build_eval_loader", "build_train_loader", "collate",
+    "TrainTransform", "build_dataset", "dataset_classes", "build_eval_loader", "build_train_loader", "collate",
     "generate_synthetic", "global_batch", "read_image", "read_mask", "reduce_zero_label_lut", "render_scene",
 ]

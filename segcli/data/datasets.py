@@ -302,7 +302,7 @@ def make_dataset(data_cfg, split: str, samples, default_classes: tuple[str, ...]
 # --------------------------------------------------------------------------- registered layouts
 
 
-@DATASETS.register("ade20k")
+@DATASETS.register("ade20k", classes=known.ADE20K_CLASSES)
 def build_ade20k(data_cfg, split: str) -> SegDataset:
     """ADE20K (SceneParse150, ``ADEChallengeData2016``): 150 classes, raw 0 ignored."""
     root = dataset_root(data_cfg, "data/ade/ADEChallengeData2016")
@@ -312,7 +312,7 @@ def build_ade20k(data_cfg, split: str) -> SegDataset:
     return make_dataset(data_cfg, split, samples, known.ADE20K_CLASSES, known.ADE20K_PALETTE, True, "ade20k")
 
 
-@DATASETS.register("cityscapes")
+@DATASETS.register("cityscapes", classes=known.CITYSCAPES_CLASSES)
 def build_cityscapes(data_cfg, split: str) -> SegDataset:
     """Cityscapes fine annotations as the 19 train ids (``*_gtFine_labelTrainIds.png``)."""
     root = dataset_root(data_cfg, "data/cityscapes")
@@ -339,21 +339,21 @@ def _pascal_context_samples(data_cfg, split: str) -> list[tuple[str, str]]:
     return pair_by_list(list_file, root / "JPEGImages", root / "SegmentationClassContext", ".jpg", ".png", layout)
 
 
-@DATASETS.register("pascal_context")
+@DATASETS.register("pascal_context", classes=known.PASCAL_CONTEXT_60_CLASSES)
 def build_pascal_context(data_cfg, split: str) -> SegDataset:
     """Pascal Context with background: 60 classes."""
     return make_dataset(data_cfg, split, _pascal_context_samples(data_cfg, split), known.PASCAL_CONTEXT_60_CLASSES,
                         known.PASCAL_CONTEXT_60_PALETTE, False, "pascal_context")
 
 
-@DATASETS.register("pascal_context_59")
+@DATASETS.register("pascal_context_59", classes=known.PASCAL_CONTEXT_59_CLASSES)
 def build_pascal_context_59(data_cfg, split: str) -> SegDataset:
     """Pascal Context without background (0 -> 255, the rest -1): 59 classes."""
     return make_dataset(data_cfg, split, _pascal_context_samples(data_cfg, split), known.PASCAL_CONTEXT_59_CLASSES,
                         known.PASCAL_CONTEXT_59_PALETTE, True, "pascal_context_59")
 
 
-@DATASETS.register("coco_stuff10k")
+@DATASETS.register("coco_stuff10k", classes=known.COCO_STUFF_CLASSES)
 def build_coco_stuff10k(data_cfg, split: str) -> SegDataset:
     """COCO-Stuff-10K as MMSegmentation's converter writes it: 171 classes, raw 0 ignored."""
     root = dataset_root(data_cfg, "data/coco_stuff10k")
@@ -393,12 +393,19 @@ def read_palette_file(path: Path, num_classes: int) -> np.ndarray:
     return palette[:num_classes].astype(np.uint8)
 
 
-@DATASETS.register("folder")
+@DATASETS.register("folder", classes=lambda data_cfg: folder_classes(data_cfg))
 def build_folder(data_cfg, split: str) -> SegDataset:
     """Any dataset in the simple folder layout (see the module docstring); classes from classes.txt."""
     root = dataset_root(data_cfg, "data/my_dataset")
     layout = "ROOT/images/{train,val}/*.{jpg,jpeg,png} + ROOT/masks/{train,val}/<same stem>.png + ROOT/classes.txt"
     return build_folder_at(root, data_cfg, split, layout, name="folder")
+
+
+def folder_classes(data_cfg) -> tuple[str, ...]:
+    """The class names of a folder-layout dataset: ``data.classes`` or ``ROOT/classes.txt``."""
+    if data_cfg.classes:
+        return tuple(data_cfg.classes)
+    return read_class_file(dataset_root(data_cfg, "data/my_dataset") / "classes.txt")
 
 
 def build_folder_at(root: Path, data_cfg, split: str, layout: str, name: str) -> SegDataset:

@@ -277,7 +277,7 @@ def generate_synthetic(root: str | Path, n_train: int = 96, n_val: int = 24, siz
     return root
 
 
-@DATASETS.register("synthetic")
+@DATASETS.register("synthetic", classes=SYNTHETIC_CLASSES)
 def build_synthetic(data_cfg, split: str) -> SegDataset:
     """Generate (once) and read the synthetic dataset; ``data.root`` defaults to ./data/synthetic."""
     root = generate_synthetic(data_cfg.root or DEFAULT_ROOT, data_cfg.synthetic_train, data_cfg.synthetic_val,

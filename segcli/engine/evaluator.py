@@ -1,4 +1,4 @@
-"""Segmentation metrics (SPEC "shared conventions"), accumulated over the whole set.
+"""Segmentation metrics (MMSegmentation's conventions), accumulated over the whole set.
 
 A confusion matrix ``[K, K]`` (rows: ground truth, columns: prediction) is accumulated on the
 model's device; ignore pixels are dropped before counting. IoU_c = I/(P+G-I), NaN when the

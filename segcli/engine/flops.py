@@ -1,8 +1,8 @@
-"""GFLOPs with fvcore, attention included (SPEC: "GFLOPs").
+"""GFLOPs with fvcore, attention included (how the thesis' tables count).
 
 fvcore counts one multiply-add as one flop and has no handle for
 ``aten::scaled_dot_product_attention``; we register one that counts ``Nq·Nk·d`` (QKᵀ) plus
-``Nq·Nk·dv`` (AV) per batch·head. Check: timm ViT-B/16 at 512² counts 107.0 (backbone).
+``Nq·Nk·dv`` (AV) per batch·head (checked against the thesis' backbone counts in the tests).
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .. import __version__
+from ..version import __version__
 from ..errors import SegcliError
 from .checkpoint import load_model_state, read_checkpoint, save_checkpoint
 from .distributed import DistInfo

@@ -14,8 +14,9 @@ No Hungarian matching: query k is class k (thesis 4.2.1; released ``ATMLoss``). 
 * **Ignore pixels** (label ``ignore_index``) are excluded from focal and dice
   (``mask_loss_ignore="exclude"``, the default; the focal mean is over the mask's valid pixels).
   The released code treats them as negatives of every class; ``"negative"`` reproduces that.
-  Excluding is the correct reading of "ignore" (SPEC), and it matters at crop borders, where
-  the padding is labelled ignore.
+  Excluding is our decision (thesis 4.2.1 does not discuss ignore pixels): an ignore pixel
+  carries no label, so it is neither a positive nor a negative of any mask. It matters at crop
+  borders, where the padding is labelled ignore.
 * **Deep supervision**: each entry of ``outputs["aux_outputs"]`` (earlier stages' class logits
   and cumulative masks) gets the same three terms, named ``s{i}.loss_ce`` etc.
 * All terms are multiplied by ``loss_weight`` and computed in float32. An image with no valid

@@ -21,5 +21,8 @@ def build_segmentor(model_cfg, num_classes: int, ignore_index: int = 255):
     decode_head = build_head(model_cfg.decode_head, context)
     aux_heads = [build_head(c, context) for c in model_cfg.aux_heads]
     entry = SEGMENTORS.get(model_cfg.type, "model.type")
-    options = from_dict(entry.config_cls, model_cfg.options, "model.options") if entry.config_cls else None
+    options = model_cfg.options
+    if entry.config_cls is not None and not isinstance(options, entry.config_cls):
+        # a ModelConfig written in code rather than loaded from a recipe: type its options here
+        options = from_dict(entry.config_cls, options, "model.options")
     return entry.builder(options, backbone, decode_head, aux_heads)

@@ -6,7 +6,8 @@ classes: ``|C_t|`` new class queries (the thesis' class tokens ``G_t``), its own
 (``A_t``) and its own class FC ``Linear(D, |C_t| + 1)`` (``W_t``). Everything learnt before task
 ``t`` — the ViT encoder and the heads of tasks ``1..t-1`` — is frozen (eq. 4.7-4.9). The output is
 the concatenation, along the class axis, of every task's per-class scores (each head's own
-:func:`~segcli.models.heads.atm.semantic_scores`), and the prediction is its argmax (SPEC).
+:func:`~segcli.models.heads.atm.semantic_scores`), and the prediction is its argmax (thesis
+4.2.3, eq. 4.9 and the text after it).
 
 Decisions (the thesis is silent; SegViT-CL was not released):
 
@@ -25,7 +26,7 @@ Decisions (the thesis is silent; SegViT-CL was not released):
 * **Labels.** Labels reach the model with global class ids. The trained (last) head sees them
   mapped to its own ids: its classes ``o..o+n-1`` -> ``0..n-1``, ignore (255) stays ignore, and
   every other valid pixel — a class of an earlier or later task, or the "background" value 254
-  that ``segcli/continual.py`` writes for them — becomes the head's background ``n``. For the
+  that ``segcli/workflows/continual/task_data.py`` writes for them — becomes the head's background ``n``. For the
   ATM criterion a background pixel is a valid pixel of no class: it is a negative of every mask
   (focal and dice) and adds no class target (``present_classes`` drops slot ``n``). This is how
   "old and future classes are labelled background" (thesis 4.3.6) reads for a decoder without a
@@ -46,7 +47,7 @@ from torch import nn
 
 from ..errors import SegcliError
 from ..registry import SEGMENTORS
-from .base import Backbone, HeadContext
+from .base import Backbone, FrozenPartsMixin, HeadContext
 from .heads.atm import ATMHead
 
 BACKGROUND = 254  # label value for "a valid pixel of none of the trained head's classes"
@@ -78,7 +79,7 @@ def head_label_map(offset: int, num_classes: int) -> torch.Tensor:
     return table
 
 
-class ContinualSegmentor(nn.Module):
+class ContinualSegmentor(FrozenPartsMixin, nn.Module):
     """A shared backbone and one ATM head per task; only the last head learns (thesis fig. 4.6)."""
 
     def __init__(self, backbone: Backbone, heads: list[ATMHead]):
@@ -93,8 +94,7 @@ class ContinualSegmentor(nn.Module):
             raise SegcliError(f"{offset + self.task_classes[-1]} classes do not fit 8-bit labels with the "
                               f"background value {BACKGROUND}", "model.options.task_classes")
         self.register_buffer("label_map", head_label_map(offset, self.task_classes[-1]), persistent=False)
-        for module in self.frozen_modules():
-            module.requires_grad_(False)
+        self.freeze_parts()
 
     @property
     def num_classes(self) -> int:
@@ -106,17 +106,11 @@ class ContinualSegmentor(nn.Module):
         return len(self.heads)
 
     def frozen_modules(self) -> list[nn.Module]:
-        """What earlier tasks learnt: the backbone and every head but the last (nothing for one task)."""
+        """What earlier tasks learnt: the backbone and every head but the last (nothing for one task).
+        They stay in eval mode when the model trains (:class:`~segcli.models.base.FrozenPartsMixin`)."""
         if self.num_tasks == 1:
             return []
         return [self.backbone, *self.heads[:-1]]
-
-    def train(self, mode: bool = True) -> "ContinualSegmentor":
-        """Train mode for the learning head only; frozen parts stay in eval mode (no dropout, no stats)."""
-        super().train(mode)
-        for module in self.frozen_modules():
-            module.eval()
-        return self
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None):
         features = self.backbone(images)
@@ -148,6 +142,7 @@ def build_continual(options: ContinualOptions, backbone: Backbone, decode_head, 
     """
     if aux_heads:
         raise SegcliError("the continual segmentor takes no auxiliary heads", "model.aux_heads", "remove them")
+    # a true type requirement: the per-task heads are new ATM heads built from this one's config
     if not isinstance(decode_head, ATMHead):
         raise SegcliError("the continual segmentor grows ATM heads; the decode head must be 'atm'",
                           "model.decode_head.type", "use type: atm")
@@ -158,7 +153,7 @@ def build_continual(options: ContinualOptions, backbone: Backbone, decode_head, 
                           "the checkpoint or recipe belongs to another dataset")
     if sizes == (decode_head.num_classes,):
         return ContinualSegmentor(backbone, [decode_head])
-    ignore = decode_head.criterion.ignore_index
+    ignore = decode_head.ignore_index
     heads = [
         ATMHead(decode_head.cfg, HeadContext(tuple(backbone.out_channels), tuple(backbone.out_strides), n, ignore))
         for n in sizes

@@ -17,20 +17,19 @@ and drives the backbone through its block-level API (``embed`` / ``run_block``).
 Batching (what the released code does not do: it zeroes exited tokens and, once one token has
 exited, loops over the images of a batch). The kept tokens of every image are packed to the
 front of a ``[B, M, C]`` tensor, M = the largest kept count of the batch, and the blocks run on
-that with a key padding mask (``segcli/models/tokens.py``; measured against the alternatives in
-``benchmarks/dtop_speed.py``). ``index`` [B, M] remembers each packed token's grid position.
-Padding changes nothing for real tokens: they attend to exactly the tokens they would attend
-to alone, so a batch gives every image the result it gets alone (tested). Measured on the tiny
-recipe (batch 8, one thread of a shared 2-core CPU): a block on the tokens that reach the decode
-head takes 14.8 ms padded (24% of the slots are padding) vs 29.6 ms packed into one sequence
-with a block-diagonal mask; the whole pruned model saves 24% wall-clock for 29% fewer GFLOPs,
-while running the images one by one (the released strategy) is 10% slower than not pruning.
+that with a key padding mask (``segcli/models/tokens.py``). ``index`` [B, M] remembers each
+packed token's grid position. Padding changes nothing for real tokens: they attend to exactly
+the tokens they would attend to alone, so a batch gives every image the result it gets alone
+(tested). Padding beats both alternatives, packing the batch into one sequence with a
+block-diagonal mask and the released image-by-image loop, which can be slower than not pruning
+at all (measured by ``benchmarks/dtop_speed.py``, which times all three).
 
-Decisions (thesis and SPEC silent, or released code differs):
+Decisions (the thesis is silent, or the released code, zbwxp/Dynamic-Token-Pruning, differs):
 
 * **Score.** Per token, the largest per-class probability under the grading head. For an ATM
   head query c is class c (no matching, thesis 4.2.1), so the probability of class c is
-  ``softmax(cls_c)[c] · sigmoid(mask_c)``: the released formula (SPEC), at most 1. (The head's
+  ``softmax(cls_c)[c] · sigmoid(mask_c)``: the released formula (``per_img_forward`` in
+  ``mmseg_custom/decode_heads/prune_head.py``), at most 1. (The head's
   map sums over queries, ``Σ_q softmax(cls_q)[c] · sigmoid(mask_q)`` (eq. 4.4), which can exceed 1
   and so is no probability; the two agree once queries predict only their class or "no
   object", which is what the ATM loss trains.) For logit heads (FCN, SETR): the softmax over
@@ -40,11 +39,13 @@ Decisions (thesis and SPEC silent, or released code differs):
   deterministic. With ``k = 0`` (table 5.5's "Remove") an image whose every token would exit
   keeps its least confident one, because a head needs at least one token.
 * **Heads.** Every grading head and the decode head must read one backbone layer (ATM with one
-  stage, FCN, SETR...), as the thesis decouples them (5.2.3); the decode head reads the block
-  after the last exit. An ATM head runs on the packed tokens with the padding mask. An FCN
-  head of 1×1 convolutions is per-token and runs on the packed tokens too. Other heads need a
-  spatial map: they get the full grid in which exited tokens keep the features they had when
-  they exited (their own map would otherwise have holes).
+  stage, FCN, SETR...: ``head.input_layer()`` is not None), as the thesis decouples them (5.2.3);
+  the decode head reads the block after the last exit. A head that says it runs on token subsets
+  (``head.supports_token_input``: a one-stage ATM head with the padding mask, a bilinear head or
+  an FCN head of 1×1 convolutions, per token) runs on the packed tokens through
+  ``head.forward_tokens``. Other heads need a spatial map: they get the full grid in which
+  exited tokens keep the features they had when they exited (their own map would otherwise have
+  holes). How a head runs is decided once by :func:`head_kind`.
 * **Combining** (the thesis: exited tokens keep the prediction of the head where they exited;
   the released code instead keeps their early mask logits with the final head's class
   probabilities, which needs ATM heads everywhere: not offered). With an ATM decode head, a
@@ -55,12 +56,14 @@ Decisions (thesis and SPEC silent, or released code differs):
   upsampled bilinearly among exited tokens only (normalised by the upsampled exit indicator).
   Log-probabilities differ from the head's logits by a per-pixel constant, so averaging over
   flips and windows ranks classes the same way.
-* **Training (DToP@Finetune).** Pruning is active when training too (SPEC). Each head's loss is
+* **Training (DToP@Finetune).** Pruning is active when training too (thesis 5.3.3.1: the heads
+  are finetuned, or the model retrained, "using DToP"). Each head's loss is
   computed on the tokens it saw: pixels of tokens that exited before it are labelled ignore
   (the released SegViT's ``crop_train`` masks labels the same way); the exit rule takes no
   gradient. ``freeze_backbone: true`` trains the heads only (thesis 5.3.3.1 "finetuning the
   segmentation heads"; the released config trains everything with the head lr ×10: the
-  default). Auxiliary heads that are not exits are frozen and unused.
+  default). Auxiliary heads that are not exits are frozen and unused (``frozen_modules`` lists
+  what is frozen; :class:`~segcli.models.base.FrozenPartsMixin` keeps it in eval mode).
 * **FLOPs.** The grading work lives in parameter-free ``graders.{m}`` modules next to
   ``aux_heads``, so a by-module count separates "with" and "without" auxiliary heads
   (``aux_flop_modules``, read by :func:`segcli.engine.flops.count_flops_split`).
@@ -76,10 +79,7 @@ from torch import nn
 
 from ..errors import SegcliError
 from ..registry import SEGMENTORS
-from .base import resize
-from .heads.atm import ATMHead
-from .heads.bilinear import BilinearHead
-from .heads.fcn import FCNHead
+from .base import DecodeHead, FrozenPartsMixin, resize
 from .tokens import scatter_tokens, select_tokens
 
 AUX_MODULES = ("aux_heads", "graders")  # module names whose FLOPs are the auxiliary heads' cost
@@ -180,39 +180,20 @@ def atm_class_probs(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> to
 # --------------------------------------------------------------------------- heads on token subsets
 
 
-def head_layer(head: nn.Module, num_outputs: int) -> int | None:
-    """The one backbone output a head reads (0-based position), or None if it reads several."""
-    index = getattr(head, "in_index", None)
-    if index is None and hasattr(head, "cfg"):
-        index = getattr(head.cfg, "in_index", None)
-    if isinstance(index, (tuple, list)):
-        if len(index) != 1:
-            return None
-        index = index[0]
-    if isinstance(head, ATMHead) and len(head.stages) != 1:
-        return None
-    return None if index is None else int(index) % num_outputs
+def head_kind(head: DecodeHead, decode: bool = False) -> str:
+    """How DToP runs a head on the tokens in play, from what the head says it can do:
 
-
-def head_kind(head: nn.Module, decode: bool = False) -> str:
-    """How a head runs on a token subset: ``atm`` (tokens + padding mask), ``pointwise`` (1×1
-    convolutions on the packed tokens; grading heads only: a decode head's logits are upsampled
-    spatially) or ``map`` (the full grid)."""
-    if isinstance(head, ATMHead):
-        return "atm"
-    if decode:
+    * ``class_masks``: a mask-classification head (ATM) on the packed tokens with the padding mask
+      (``forward_tokens``); as grader and as decode head, whose per-token scores form the output;
+    * ``pointwise``: a per-token logit head on the packed tokens; grading heads only, because a
+      logit decode head's scores are its own spatial upsampling of a full map;
+    * ``map``: the full grid, exited tokens frozen at exit.
+    """
+    if not head.supports_token_input:
         return "map"
-    one_by_one = isinstance(head, FCNHead) and (head.cfg.num_convs == 0 or head.cfg.kernel_size == 1)
-    if isinstance(head, BilinearHead) or one_by_one:
-        return "pointwise"
-    return "map"
-
-
-def _ignore_index(head: nn.Module) -> int:
-    if hasattr(head, "ignore_index"):
-        return int(head.ignore_index)
-    criterion = getattr(head, "criterion", None)
-    return int(getattr(criterion, "ignore_index", 255))
+    if head.output_format == "class_masks":
+        return "class_masks"
+    return "map" if decode else "pointwise"
 
 
 @dataclass
@@ -247,7 +228,7 @@ class PruneTrace:
 # --------------------------------------------------------------------------- the segmentor
 
 
-class DToPSegmentor(nn.Module):
+class DToPSegmentor(FrozenPartsMixin, nn.Module):
     """Backbone + decode head + auxiliary heads, run in stages with early exit of easy tokens."""
 
     aux_flop_modules = AUX_MODULES  # counted apart by `segcli eval --flops` (gflops_avg_without_aux)
@@ -262,18 +243,17 @@ class DToPSegmentor(nn.Module):
         self.backbone = backbone
         self.decode_head = decode_head
         self.aux_heads = nn.ModuleList(aux_heads)
-        outputs = len(backbone.out_indices)
-        decode_layer = head_layer(decode_head, outputs)
+        decode_layer = decode_head.input_layer()
         if decode_layer is None:
             raise SegcliError("DToP's decode head must read one backbone layer (its heads are decoupled, thesis "
                               "5.2.3)", "model.decode_head.in_index", "e.g. atm with in_index: [2], or setr/fcn")
-        if isinstance(decode_head, ATMHead) and decode_head.mask_resolution != "low":
+        if head_kind(decode_head, decode=True) == "class_masks" and decode_head.mask_resolution != "low":
             raise SegcliError("DToP combines the stages' predictions at token resolution, which is the ATM head's "
                               "'low' order", "model.decode_head.mask_resolution",
                               "set it to low (the weights do not depend on it)")
         self.decode_layer = decode_layer
         self.decode_block = backbone.out_indices[decode_layer]
-        aux_layers = [head_layer(h, outputs) for h in aux_heads]
+        aux_layers = [h.input_layer() for h in aux_heads]
         aux_blocks = [backbone.out_indices[i] if i is not None else None for i in aux_layers]
         if not aux_heads:
             raise SegcliError("DToP needs auxiliary heads to grade tokens, and this model has none", "model.aux_heads",
@@ -305,11 +285,7 @@ class DToPSegmentor(nn.Module):
         self.needs_full = head_kind(decode_head, decode=True) == "map" or any(
             head_kind(self.aux_heads[i]) == "map" for i in self.exit_heads)
         self.graders = nn.ModuleList(TokenGrader(options) for _ in exits)
-        for i, head in enumerate(self.aux_heads):
-            if i not in self.exit_heads:
-                head.requires_grad_(False)  # kept for the checkpoint, never run
-        if options.freeze_backbone:
-            self.backbone.requires_grad_(False)
+        self.freeze_parts()
         self.last_stats: dict = {}
 
     @property
@@ -320,11 +296,11 @@ class DToPSegmentor(nn.Module):
     def pruning(self) -> bool:
         return self.options.p0 < 1.0
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.options.freeze_backbone:
-            self.backbone.eval()  # a frozen backbone also keeps drop-path and dropout off
-        return self
+    def frozen_modules(self) -> list[nn.Module]:
+        """Auxiliary heads that are no exit (kept for the checkpoint, never run) and, with
+        ``freeze_backbone``, the backbone (whose drop-path and dropout then stay off too)."""
+        unused = [head for i, head in enumerate(self.aux_heads) if i not in self.exit_heads]
+        return [*unused, self.backbone] if self.options.freeze_backbone else unused
 
     # ------------------------------------------------------------------ running heads on kept tokens
     def _features(self, feature_map: torch.Tensor, position: int) -> list:
@@ -338,13 +314,11 @@ class DToPSegmentor(nn.Module):
         for ATM, logits [B, K, M] for pointwise heads, the head's outputs on the full grid for map heads."""
         kind = head_kind(head, decode)
         padded = bool(state.pad.any())
-        if kind == "atm":
-            queries = head.initial_queries(state.packed.shape[0])  # [B, K, D]
-            queries, mask_logits = head.stages[0](queries, state.packed, state.pad if padded else None)  # [B, K, M]
-            return kind, (head.class_head(queries), mask_logits)  # [B, K, K+1], [B, K, M]
+        if kind == "class_masks":
+            outputs = head.forward_tokens(state.packed, state.pad if padded else None)
+            return kind, (outputs["pred_logits"], outputs["pred_masks"])  # [B, K, K+1], [B, K, M]
         if kind == "pointwise":
-            column = state.packed.transpose(1, 2).unsqueeze(-1)  # [B, C, M, 1]
-            return kind, head(self._features(column, position))["logits"].squeeze(-1)  # [B, K, M]
+            return kind, head.forward_tokens(state.packed)["logits"]  # [B, K, M]
         full_map = self.backbone.tokens_to_map(state.sync_full(), grid)  # [B, C, h, w]
         return kind, head(self._features(full_map, position))
 
@@ -362,7 +336,7 @@ class DToPSegmentor(nn.Module):
 
     def _loss_outputs(self, head, kind, raw, state, grid) -> dict:
         """A head's outputs in its own format on the full grid, for its loss."""
-        if kind == "atm":
+        if kind == "class_masks":
             class_logits, mask_logits = raw
             return {"pred_logits": class_logits, "pred_masks": self._grid_canvas(mask_logits, state, grid)}
         if kind == "pointwise":
@@ -397,7 +371,7 @@ class DToPSegmentor(nn.Module):
                 trace.heads.append((f"aux{self.exit_heads[stage]}", head, outputs, seen))
             if not self.pruning:
                 continue
-            if kind == "atm":
+            if kind == "class_masks":
                 probs, leave = self.graders[stage](~state.pad, class_logits=raw[0], mask_logits=raw[1])
             else:
                 logits = raw if kind == "pointwise" else self._token_logits(head, raw, state, grid)
@@ -423,7 +397,7 @@ class DToPSegmentor(nn.Module):
             trace.heads.append(("decode", self.decode_head, outputs, exit_stage < 0))
             return trace
         size = tuple(images.shape[-2:])
-        if kind == "atm":
+        if kind == "class_masks":
             probs = atm_token_probs(*raw)  # [B, M, K]
             canvas = exit_probs if exit_probs is not None else probs.new_zeros(batch, num, probs.shape[-1])
             trace.token_scores = scatter_tokens(canvas.to(probs.dtype), probs, state.index, state.pad)  # [B, N, K]
@@ -467,7 +441,7 @@ class DToPSegmentor(nn.Module):
         for name, head, outputs, seen in trace.heads:
             unseen = (~seen).to(torch.float32).view(batch, 1, *trace.grid)  # [B, 1, h, w]
             unseen = F.interpolate(unseen, size=tuple(labels.shape[-2:]), mode="nearest")[:, 0] > 0  # [B, H, W]
-            head_labels = labels.masked_fill(unseen, _ignore_index(head))
+            head_labels = labels.masked_fill(unseen, head.ignore_index)
             losses.update({f"{name}.{k}": v for k, v in head.loss(outputs, head_labels).items()})
         return losses
 

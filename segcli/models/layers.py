@@ -1,6 +1,13 @@
-"""Small reusable layers (MMSegmentation's ConvModule conventions: no conv bias when a norm follows)."""
+"""Small reusable layers, composed by heads and wrappers (timm's ``layers/``).
+
+* conv blocks (MMSegmentation's ConvModule conventions: no conv bias when a norm follows);
+* the ATM attention and decoder layer (thesis 4.2.1, eqs. 4.1-4.2), used by the ATM head and by
+  Shrunk's query upsampling.
+"""
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -25,3 +32,81 @@ class SeparableConvBNReLU(nn.Sequential):
         self.pointwise = ConvBNReLU(in_channels, out_channels, 1)
 
 
+class MaskAttention(nn.Module):
+    """Multi-head attention from ``queries`` to ``tokens`` (eqs. 4.1-4.2) with separate q/k/v
+    projections (with bias) and an output projection; optionally also returns the similarity
+    map ``QKᵀ/sqrt(d)`` averaged over heads, the ATM mask logits."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # [B, h, L, d]
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        tokens: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        return_similarity: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``queries`` [B, Q, D], ``tokens`` [B, N, D] -> (output [B, Q, D], similarity [B, Q, N] or None)."""
+        q = self._heads(self.q_proj(queries))  # [B, h, Q, d]
+        k = self._heads(self.k_proj(tokens))  # [B, h, N, d]
+        v = self._heads(self.v_proj(tokens))  # [B, h, N, d]
+        dropout = self.dropout if self.training else 0.0
+        similarity = None
+        if return_similarity:
+            logits = torch.matmul(q * self.head_dim ** -0.5, k.transpose(-2, -1))  # [B, h, Q, N]
+            similarity = logits.mean(dim=1)  # [B, Q, N]
+            if key_padding_mask is not None:
+                logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+            weights = F.dropout(logits.softmax(dim=-1), dropout, self.training)
+            out = torch.matmul(weights, v)  # [B, h, Q, d]
+        else:
+            attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # [B, 1, 1, N]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)  # [B, h, Q, d]
+        out = out.transpose(1, 2).flatten(2)  # [B, Q, D]
+        return self.out_proj(out), similarity
+
+
+class ATMDecoderLayer(nn.Module):
+    """Post-norm decoder layer: (query self-attention) -> cross-attention -> ReLU FFN."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_ratio: int = 4, dropout: float = 0.1, self_attn: bool = False):
+        super().__init__()
+        self.self_attn = MaskAttention(dim, num_heads, dropout) if self_attn else None
+        self.self_norm = nn.LayerNorm(dim) if self_attn else None
+        self.cross_attn = MaskAttention(dim, num_heads, dropout)
+        self.cross_norm = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, ffn_ratio * dim), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(ffn_ratio * dim, dim)
+        )
+        self.ffn_norm = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        tokens: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        return_similarity: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``queries`` [B, Q, D], ``tokens`` [B, N, D] -> (queries [B, Q, D], similarity [B, Q, N] or None)."""
+        if self.self_attn is not None:
+            update, _ = self.self_attn(queries, queries)
+            queries = self.self_norm(queries + self.drop(update))
+        update, similarity = self.cross_attn(queries, tokens, key_padding_mask, return_similarity)
+        queries = self.cross_norm(queries + self.drop(update))
+        queries = self.ffn_norm(queries + self.drop(self.ffn(queries)))
+        return queries, similarity

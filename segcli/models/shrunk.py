@@ -1,6 +1,6 @@
 """Shrunk SegViT: query downsampling (QD / EQD) inside the plain ViT, query upsampling (QU) after it.
 
-Thesis 4.2.2 (figs. 4.4, 4.5), table 4.7; SPEC "Shrunk". A segmentor (``model.type: shrunk``)
+Thesis 4.2.2 (figs. 4.4, 4.5), table 4.7. A segmentor (``model.type: shrunk``)
 that runs the ViT backbone block by block through its block-level API and hands the decode head
 the usual feature maps:
 
@@ -20,31 +20,34 @@ the usual feature maps:
 * **QU** (``qu``): 1/16 queries cross-attend to the shrunk tokens and return a 1/16 map with the
   backbone's C channels, which replaces the deepest backbone output, so the *normal* decode head
   reads restored 1/16 features (the thesis' pipeline: "ATM on the restored features").
-  ``inherit`` (SPEC's thesis reading, the default): the queries are the 1/16 tokens kept from just
-  before QD (projected to D), refined by one decoder reading the final tokens. ``learned``
+  ``inherit`` (our reading of thesis fig. 4.4, the default): the queries are the 1/16 tokens kept
+  from just before QD (projected to D), refined by one decoder reading the final tokens. ``learned``
   (released code and the thesis' own 4.2.2 paragraph): a learnable ``(H/16)(W/16) x D`` grid of
   queries, one decoder reading the last 1/16 block before QD (the embeddings when
   ``qd_index: 0``), a second one reading the final block. ``none``: no QU (table 4.7's
   "Plain + QD" row; the head then reads 1/32 maps; not with EQD). A decoder is ``qu_layers``
-  post-norm layers of :class:`~segcli.models.heads.atm.ATMDecoderLayer` (query self-attention as
+  post-norm layers of :class:`~segcli.models.layers.ATMDecoderLayer` (query self-attention as
   released, ``qu_self_attn``; cross-attention; ReLU FFN 4D; dropout 0.1) behind its own
   ``Linear(C, D) + LayerNorm`` of the memory tokens. D = ``qu_dim`` (default C/2, heads of 32).
 
-Decisions (the thesis and SPEC are silent, or the released code differs):
+Decisions (the thesis is silent, or the released code, zbwxp/SegVit ``backbone/vit_shrink.py``
+and ``decode_heads/tpn_atm_head.py``, differs):
 
 * **QU width and output.** QU works at the head's width D = C/2 as released, then
   ``Linear(D, C)`` back to C so that any decode head reads it unchanged. The released head skips
-  its own C->D projection instead (``use_proj=False``); ours keeps it: +0.60 GFLOPs on ViT-B 512²
-  (two 1024x768x384 projections), in exchange for heads that know nothing of Shrunk.
+  its own C->D projection instead (``use_proj=False``); ours keeps it: two extra projections of
+  the 1/16 tokens, in exchange for heads that know nothing of Shrunk.
 * **QU skip** (``qu_skip: true``, off by default: not in the thesis nor the released code): the
   shrunk tokens, put back on the 1/16 grid by nearest neighbour (``nearest_grid``), are added to
   the QU output, so the restored map starts from the deep features instead of having to rebuild
-  them through cross-attention alone. Measured on the tiny fine-tuned recipes (600 iterations):
-  QD@0 + QU 27.4 mIoU, QD@0 with no QU (head on the 1/32 map) 39.9, plain 52.2.
-* **Released ATM after QU** (``head_mode: released``): one ATM stage whose every decoder layer
-  yields its own class logits and mask (no summing over layers), the last layer's pair being the
-  prediction and every earlier layer's pair deep-supervised with the same ATM loss. Needs a
-  one-stage ATM head (``use_stages: 1``; the released layer has query self-attention:
+  them through cross-attention alone (offered because on the tiny recipes, trained from
+  scratch, QD + QU scored below QD with no QU at all; ``benchmarks/tiny_compare.py`` re-measures
+  it).
+* **Released ATM after QU** (``head_mode: released``, zbwxp/SegVit
+  ``decode_heads/atm_single_head.py``, run by ``ATMHead.forward_layerwise``): one ATM stage whose
+  every decoder layer yields its own class logits and mask (no summing over layers), the last
+  layer's pair being the prediction and every earlier layer's pair deep-supervised with the same
+  ATM loss. Needs a one-stage ATM head (``use_stages: 1``; the released layer has query self-attention:
   ``self_attn: true``). ``thesis`` (default) just calls the decode head.
 * **Which tokens EQD keeps while training**: the predicted edges, as at test time
   (``edge_keep_train: predicted``; the branch learns from step one, so early on QD is plain 2x2);
@@ -58,22 +61,11 @@ Decisions (the thesis and SPEC are silent, or the released code differs):
   tokens); the evaluation loop averages them over the dataset. (With slide inference it is the
   last window's value.)
 
-FLOPs (fvcore + SDPA handle; ``mask_resolution: full`` and one ATM stage with query
-self-attention, as table 4.7's plain row 115.8 = 115.62 + MMSegmentation's 0.16 final resize,
-which our pipeline does not run). ViT-B 512², ours (thesis, ratio to plain ours / thesis):
-
-* plain + QD@6, no QU: 73.94 (74.1: 73.94 + 0.16 exactly);
-* QD@6 + ``learned`` QU: 97.50 (97.1; 0.843 / 0.838) = backbone 66.50 + QU 22.38 + head 8.61. The
-  released structure (no ``Linear(D, C)`` after QU, no head projection) counts 66.50 + 22.08 +
-  8.31 + 0.16 = 97.05: table 4.7's QD@6 row is the released model. ``inherit`` QU: 85.40;
-* QD@0 + ``inherit`` QU: 43.69 (46.1; 0.378 / 0.398) = 24.79 + 10.28 + 8.61; ``learned``: 55.79.
-  No structure we found gives 46.1 with the QU of the 97.1 row: the two rows' backbones differ by
-  41.7, the table's totals by 51.0; ``inherit`` (nothing worth storing before block 0) is closest;
-* EQD@0: 44.60 + the kept tokens' cost (the edge MLP is 0.91): table 4.7's 74.6 corresponds to
-  about 54% of the tokens kept (see ``benchmarks/shrunk_speed.py``).
-
-BEiTv2-L, QD@8 + ``learned`` QU: 223.75 at 512² (table 4.1: 210.3; without QU self-attention
-210.85), 375.31 at 640² (308.8, not reachable with QD at block 8: its backbone alone is ~294).
+FLOPs: table 4.7's rows count ``mask_resolution: full`` and one ATM stage with query
+self-attention; ``benchmarks/shrunk_speed.py`` counts (fvcore + the SDPA handle) and times the
+plain model and the Shrunk variants that way. The released structure (no ``Linear(D, C)`` after
+QU, no head projection) is what table 4.7's QD@6 row counts; EQD's cost depends on the share of
+tokens kept, which the benchmark sets with a stand-in edge head.
 """
 from __future__ import annotations
 
@@ -87,8 +79,9 @@ from torch import nn
 
 from ..errors import SegcliError
 from ..registry import SEGMENTORS
-from .heads.atm import ATMDecoderLayer, ATMHead
+from .heads.atm import ATMHead
 from .heads.edge import EdgeHead, edge_loss, edge_targets
+from .layers import ATMDecoderLayer
 from .segmentor import EncoderDecoder
 from .tokens import scatter_tokens, select_tokens
 
@@ -244,6 +237,7 @@ class ShrunkSegmentor(EncoderDecoder):
         if between and options.edge:
             raise SegcliError(f"blocks {between} run after EQD on ragged token sets; no head can read them",
                               "model.backbone.out_indices", f"use blocks before {options.qd_index} or the last one")
+        # a true type requirement: the released mode is the ATM head's own layer-wise forward
         if options.head_mode == "released" and not (isinstance(decode_head, ATMHead) and len(decode_head.stages) == 1):
             raise SegcliError("head_mode 'released' needs a one-stage ATM decode head", "model.decode_head",
                               "set type: atm and use_stages: 1 (self_attn: true as released)")
@@ -254,7 +248,7 @@ class ShrunkSegmentor(EncoderDecoder):
             self.qu = QueryUpsampler(options.qu, channels, options.qu_dim or channels // 2, options.qu_layers,
                                      options.qu_self_attn, options.qu_dropout, backbone.base_grid)
         self.edge_head = EdgeHead(channels, options.edge_hidden) if options.edge else None
-        self.ignore_index = getattr(getattr(decode_head, "criterion", None), "ignore_index", 255)
+        self.ignore_index = decode_head.ignore_index  # the edge targets' too
         self.last_stats: dict[str, float] = {}
 
     # ------------------------------------------------------------------ encoder
@@ -327,26 +321,7 @@ class ShrunkSegmentor(EncoderDecoder):
     def decode(self, features: list[torch.Tensor]) -> dict:
         if self.options.head_mode == "thesis":
             return self.decode_head(features)
-        return self._released_outputs(features)
-
-    def _released_outputs(self, features: list[torch.Tensor]) -> dict:
-        """One ATM stage; every layer's own class logits and mask (released ``ATMSingleHead``)."""
-        head = self.decode_head
-        feature_map = features[head.in_index[0]]
-        batch, _, height, width = feature_map.shape
-        stage = head.stages[0]
-        memory = stage.proj_norm(stage.proj(feature_map.flatten(2).transpose(1, 2)))  # [B, h*w, D]
-        queries = head.initial_queries(batch)  # [B, K, D]
-        last = len(stage.layers) - 1
-        class_logits, masks = [], []
-        for i, layer in enumerate(stage.layers):
-            supervised = self.training or i == last
-            queries, similarity = layer(queries, memory, return_similarity=supervised)
-            if supervised:
-                class_logits.append(head.class_head(queries))  # [B, K, K+1]
-                masks.append(similarity.view(batch, -1, height, width))  # [B, K, h, w], this layer's own
-        aux = [{"pred_logits": c, "pred_masks": m} for c, m in zip(class_logits[:-1], masks[:-1])]
-        return {"pred_logits": class_logits[-1], "pred_masks": masks[-1], "aux_outputs": aux}
+        return self.decode_head.forward_layerwise(features)  # released ``ATMSingleHead``
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None):

@@ -4,7 +4,7 @@ Images of a batch keep different numbers of tokens. We pack each image's kept to
 front of a ``[B, M, C]`` tensor (M = the largest kept count in the batch) with a padding mask,
 run blocks on that with ``key_padding_mask`` (padded keys get no attention weight, so real
 tokens see exactly the attention they would see alone), and scatter results back by index.
-Decision (measured in DToP's benchmark): padding to the batch maximum rather than packing all
+Decision (measured by ``benchmarks/dtop_speed.py``): padding to the batch maximum rather than packing all
 images into one sequence with a block-diagonal mask, since SDPA's cost is then B·M² instead of
 (ΣN)², and M is close to every image's count once easy regions exit.
 """

@@ -2,9 +2,10 @@
 
 NRD's encoder "is the same as DeepLabV3+": a CNN backbone plus an ASPP module (thesis 3.2.1).
 The thesis builds on MMSegmentation, whose ResNets are "V1c" (a deep 3×3 stem 32-32-64); timm
-builds the same network with ``stem_type="deep", stem_width=32`` (SPEC "NRD").
+builds the same network with ``stem_type="deep", stem_width=32`` (thesis 3.3, "Implementation
+details": the settings "inherit the default settings in MMSegmentation").
 
-Decisions (SPEC "NRD"; thesis 3.2.1, 3.3.1):
+Decisions (thesis 3.2.1, 3.3.1):
 
 * **The ASPP belongs to the encoder.** The thesis counts it in the encoder ("total" = encoder +
   decoder, table 3.1) and all three decoders compared there (NRD, DeepLabV3+, bilinear) sit on

@@ -1,8 +1,8 @@
 """Plain ViT backbones from timm (ViT, DeiT3, BEiT/BEiTv2) with block-level access.
 
-SPEC "shared conventions": tokens are patches only (the cls token is dropped before the blocks
-and deleted from the module, so DDP sees no unused parameter); no final norm on the features fed
-to heads; absolute position embeddings are resized bicubically to the input grid on the fly;
+Conventions every head and wrapper relies on (decisions of this project): tokens are patches
+only (the cls token is dropped before the blocks and deleted from the module, so DDP sees no
+unused parameter); no final norm on the features fed to heads; absolute position embeddings are resized bicubically to the input grid on the fly;
 features are taken after the given 0-based blocks and returned as NCHW maps ``[B, C, H/p, W/p]``.
 
 The blocks are run by :func:`block_forward` rather than timm's ``Block.forward`` so that one

@@ -12,14 +12,15 @@ stage's queries (K classes + "no object"). Outputs: ``pred_logits [B, K, K+1]`` 
 ``pred_masks [B, K, h, w]`` of the last stage, and ``aux_outputs`` (earlier stages, for deep
 supervision). The loss lives in ``models/atm_criterion.py``.
 
-Decisions (the thesis and SPEC are silent, or they differ from the released code):
+Decisions (the thesis is silent, or it differs from the released code, zbwxp/SegVit
+``decode_heads/atm_head.py``):
 
 * ``in_index`` lists backbone outputs in the order the stages consume them, deepest first.
   With ``out_indices: [5, 7, 11]`` the default ``(2, 1, 0)`` runs stages on blocks 11, 7, 5;
   ``use_stages: 1`` keeps the first entry only (table 4.7's "one stage on block 11"). Negative
   indices count from the end as in Python.
 * ``self_attn`` defaults to off (thesis fig. 4.3: removed for speed); the released v1 head keeps
-  it (SPEC).
+  it (its decoder layers are ``TransformerDecoderLayer``-style, with query self-attention).
 * Dropout ``dropout`` (0.1) is applied as in the released head (torch's
   ``TransformerDecoderLayer`` defaults): on the attention weights, after each residual branch and
   inside the FFN.
@@ -28,31 +29,24 @@ Decisions (the thesis and SPEC are silent, or they differ from the released code
 * The attention output uses ``F.scaled_dot_product_attention`` in every layer but the last of a
   stage. The last layer also needs the head-averaged logits, so it computes ``QKᵀ`` once with an
   explicit matmul and reuses it for the softmax and the mask. The alternative, SDPA plus a
-  second ``QKᵀ`` for the mask, costs one more ``K·N·D`` multiply-add per stage (fvcore: +0.18
-  GFLOPs for ViT-B at 512²) and would no longer count what the thesis counts. Measured on CPU
-  (one thread, B=2, K=150, N=1024, 12 heads; min of 20 runs on a shared machine): explicit
-  19.7 ms forward / 41.9 ms forward+backward, SDPA + per-head ``QKᵀ`` 18.2 / 46.1, SDPA + the
-  folded ``QKᵀ`` (the head mean equals the full-width product / heads) 11.3 / 38.9: a few ms
-  either way, against ~200 ms for the whole head, so fidelity of the count decides.
+  second ``QKᵀ`` for the mask, costs one more ``K·N·D`` multiply-add per stage and would no
+  longer count what the thesis counts; the wall-clock difference between the two is small
+  against the whole head, so fidelity of the count decides.
 * Assembling the map (:func:`semantic_scores`): ``mask_resolution="full"`` is the released
   code (upsample the mask logits to the output size, sigmoid, then
-  ``einsum('bqc,bqhw->bchw', softmax(cls)[..., :K], masks)`` at full size: K²·H·W multiply-adds,
-  5.9 GFLOPs at 512² with K=150). ``"low"`` forms the scores at 1/16 and upsamples those. Because
-  bilinear resizing is linear, ``"low"`` equals "sigmoid at 1/16, upsample the masks, multiply",
-  which is the order thesis eq. 4.3 and the text after it describe (the mask is
-  ``Sigmoid(S)``, *then* reshaped and upsampled); it differs from ``"full"`` only in where the
-  sigmoid sits relative to the upsampling. Default: ``"low"`` (the thesis' formula, ~K× cheaper
-  einsum). The thesis' GFLOPs figures were produced with the released code, so to reproduce them
-  count with ``mask_resolution: full`` (``--set model.decode_head.mask_resolution=full``).
-* FLOPs (fvcore + the SDPA handle of ``engine/flops.py``, head alone on ViT-shaped maps, K=150,
-  self-attention off unless said): ViT-B 512² ``full`` 12.75 (self-attn on 13.71, one stage on
-  block 11 8.30), ``low`` 6.88; ViT-L 640² ``full`` 25.31 (on 26.94), ``low`` 16.13. With the
-  backbones of SPEC (107.00 / 610.66) the ``full`` totals are the thesis' totals minus 0.16 / 0.25:
-  MMSegmentation's ``encode_decode`` resizes the [1, K, H, W] scores to the image size even when
-  the sizes already match, and fvcore counts that bilinear resize at 4 flops per output element.
-  So thesis 120.87 (ViT-B, self-attn on) = 107.00 + 13.71 + 0.16, 119.91 (off) = 107.00 + 12.75 +
-  0.16, 637.85 (ViT-L, on) = 610.66 + 26.94 + 0.25, and table 4.7's one-stage 115.8 = 107.00 +
-  8.30 + 0.32 (one stage of self-attention) + 0.16: that row had query self-attention.
+  ``einsum('bqc,bqhw->bchw', softmax(cls)[..., :K], masks)`` at full size: K²·H·W multiply-adds).
+  ``"low"`` forms the scores at 1/16 and upsamples those. Because bilinear resizing is linear,
+  ``"low"`` equals "sigmoid at 1/16, upsample the masks, multiply", which is the order thesis
+  eq. 4.3 and the text after it describe (the mask is ``Sigmoid(S)``, *then* reshaped and
+  upsampled); it differs from ``"full"`` only in where the sigmoid sits relative to the
+  upsampling. Default: ``"low"`` (the thesis' formula, an einsum ~K× smaller). The thesis'
+  GFLOPs figures were produced with the released code, so to reproduce them count with
+  ``mask_resolution: full`` (``--set model.decode_head.mask_resolution=full``).
+* FLOPs are counted by fvcore with the SDPA handle of ``engine/flops.py`` (``segcli eval
+  --flops``). MMSegmentation's ``encode_decode`` resizes the ``[1, K, H, W]`` scores to the
+  image size even when the sizes already match, and fvcore counts that bilinear resize (4 flops
+  per output element); our pipeline does not run it, so thesis totals include a small term that
+  ours lack.
 * ``key_padding_mask`` (``[B, N]``, True = padding) lets DToP run a stage on per-image token
   subsets padded to a common length; padded tokens get no attention weight, their mask values are
   finite but meaningless. Every image must keep at least one real token.
@@ -70,6 +64,7 @@ from ...errors import SegcliError
 from ...registry import HEADS
 from ..atm_criterion import ATMCriterion
 from ..base import DecodeHead, HeadContext, resize
+from ..layers import ATMDecoderLayer
 
 HEAD_DIM = 32  # thesis' ViT-B (384/12) and ViT-L (512/16) heads
 
@@ -113,86 +108,6 @@ class ATMConfig:
 
 
 # --------------------------------------------------------------------------- building blocks
-
-
-class MaskAttention(nn.Module):
-    """Multi-head attention from ``queries`` to ``tokens`` (eqs. 4.1-4.2) with separate q/k/v
-    projections (with bias) and an output projection; optionally also returns the similarity
-    map ``QKᵀ/sqrt(d)`` averaged over heads, the ATM mask logits."""
-
-    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.dropout = dropout
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = x.shape
-        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # [B, h, L, d]
-
-    def forward(
-        self,
-        queries: torch.Tensor,
-        tokens: torch.Tensor,
-        key_padding_mask: torch.Tensor | None = None,
-        return_similarity: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``queries`` [B, Q, D], ``tokens`` [B, N, D] -> (output [B, Q, D], similarity [B, Q, N] or None)."""
-        q = self._heads(self.q_proj(queries))  # [B, h, Q, d]
-        k = self._heads(self.k_proj(tokens))  # [B, h, N, d]
-        v = self._heads(self.v_proj(tokens))  # [B, h, N, d]
-        dropout = self.dropout if self.training else 0.0
-        similarity = None
-        if return_similarity:
-            logits = torch.matmul(q * self.head_dim ** -0.5, k.transpose(-2, -1))  # [B, h, Q, N]
-            similarity = logits.mean(dim=1)  # [B, Q, N]
-            if key_padding_mask is not None:
-                logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-            weights = F.dropout(logits.softmax(dim=-1), dropout, self.training)
-            out = torch.matmul(weights, v)  # [B, h, Q, d]
-        else:
-            attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # [B, 1, 1, N]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)  # [B, h, Q, d]
-        out = out.transpose(1, 2).flatten(2)  # [B, Q, D]
-        return self.out_proj(out), similarity
-
-
-class ATMDecoderLayer(nn.Module):
-    """Post-norm decoder layer: (query self-attention) -> cross-attention -> ReLU FFN."""
-
-    def __init__(self, dim: int, num_heads: int, ffn_ratio: int = 4, dropout: float = 0.1, self_attn: bool = False):
-        super().__init__()
-        self.self_attn = MaskAttention(dim, num_heads, dropout) if self_attn else None
-        self.self_norm = nn.LayerNorm(dim) if self_attn else None
-        self.cross_attn = MaskAttention(dim, num_heads, dropout)
-        self.cross_norm = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(
-            nn.Linear(dim, ffn_ratio * dim), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(ffn_ratio * dim, dim)
-        )
-        self.ffn_norm = nn.LayerNorm(dim)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(
-        self,
-        queries: torch.Tensor,
-        tokens: torch.Tensor,
-        key_padding_mask: torch.Tensor | None = None,
-        return_similarity: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``queries`` [B, Q, D], ``tokens`` [B, N, D] -> (queries [B, Q, D], similarity [B, Q, N] or None)."""
-        if self.self_attn is not None:
-            update, _ = self.self_attn(queries, queries)
-            queries = self.self_norm(queries + self.drop(update))
-        update, similarity = self.cross_attn(queries, tokens, key_padding_mask, return_similarity)
-        queries = self.cross_norm(queries + self.drop(update))
-        queries = self.ffn_norm(queries + self.drop(self.ffn(queries)))
-        return queries, similarity
 
 
 class ATMStage(nn.Module):
@@ -266,8 +181,10 @@ def _init_weights(module: nn.Module) -> None:
 class ATMHead(DecodeHead):
     """Cascaded ATM stages with shared class queries and class head (thesis fig. 4.3)."""
 
+    output_format = "class_masks"
+
     def __init__(self, cfg: ATMConfig, ctx: HeadContext):
-        super().__init__()
+        super().__init__(ctx)
         num_outputs = len(ctx.in_channels)
         for i in cfg.in_index:
             if not -num_outputs <= i < num_outputs:
@@ -283,7 +200,6 @@ class ATMHead(DecodeHead):
             raise SegcliError(f"embed_dim {dim} is not divisible by num_heads {heads}", "model.decode_head",
                               "set embed_dim and num_heads so that embed_dim % num_heads == 0")
         self.cfg = cfg
-        self.num_classes = ctx.num_classes
         self.embed_dim = dim
         self.mask_resolution = cfg.mask_resolution
         self.stages = nn.ModuleList(
@@ -326,6 +242,47 @@ class ATMHead(DecodeHead):
             {"pred_logits": c, "pred_masks": m} for c, m in zip(stage_logits[:-1], stage_masks[:-1])
         ]
         return outputs
+
+    def input_layer(self) -> int | None:
+        return self.in_index[0] if len(self.stages) == 1 else None
+
+    @property
+    def supports_token_input(self) -> bool:
+        """A one-stage head attends to any token set (with a key padding mask)."""
+        return len(self.stages) == 1
+
+    def forward_tokens(self, tokens: torch.Tensor, pad_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The one stage on tokens ``[B, M, C]`` -> ``pred_logits`` [B, K, K+1], ``pred_masks`` [B, K, M]
+        (padded tokens get no attention weight; their mask values are meaningless)."""
+        if not self.supports_token_input:
+            return super().forward_tokens(tokens, pad_mask)
+        queries = self.initial_queries(tokens.shape[0])  # [B, K, D]
+        queries, mask_logits = self.stages[0](queries, tokens, pad_mask)  # [B, K, D], [B, K, M]
+        return {"pred_logits": self.class_head(queries), "pred_masks": mask_logits}
+
+    def forward_layerwise(self, features: list[torch.Tensor]) -> dict:
+        """A one-stage head as the released ``ATMSingleHead`` (zbwxp/SegVit
+        ``decode_heads/atm_single_head.py``): every decoder layer yields its own
+        class logits and mask (no summing over layers); the last layer's pair is the prediction,
+        the earlier ones are ``aux_outputs`` (computed in training only). Shrunk's
+        ``head_mode: released``."""
+        if len(self.stages) != 1:
+            raise ValueError("forward_layerwise needs a one-stage ATM head (use_stages: 1)")
+        feature_map = features[self.in_index[0]]
+        batch, _, height, width = feature_map.shape
+        stage = self.stages[0]
+        memory = stage.proj_norm(stage.proj(feature_map.flatten(2).transpose(1, 2)))  # [B, h*w, D]
+        queries = self.initial_queries(batch)  # [B, K, D]
+        last = len(stage.layers) - 1
+        class_logits, masks = [], []
+        for i, layer in enumerate(stage.layers):
+            supervised = self.training or i == last
+            queries, similarity = layer(queries, memory, return_similarity=supervised)
+            if supervised:
+                class_logits.append(self.class_head(queries))  # [B, K, K+1]
+                masks.append(similarity.view(batch, -1, height, width))  # [B, K, h, w], this layer's own
+        aux = [{"pred_logits": c, "pred_masks": m} for c, m in zip(class_logits[:-1], masks[:-1])]
+        return {"pred_logits": class_logits[-1], "pred_masks": masks[-1], "aux_outputs": aux}
 
     def loss(self, outputs: dict, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         if not self.cfg.deep_supervision:

@@ -18,8 +18,7 @@ from torch import nn
 
 from ...registry import HEADS
 from ..layers import ConvBNReLU
-from ..base import DecodeHead, HeadContext, check_in_index, upsample_to_input
-from ..losses import cross_entropy
+from ..base import HeadContext, LogitHead, check_in_index
 
 
 @dataclass(frozen=True)
@@ -40,38 +39,34 @@ class FCNConfig:
             raise ValueError("kernel_size must be odd")
 
 
-class FCNHead(DecodeHead):
+class FCNHead(LogitHead):
     def __init__(self, cfg: FCNConfig, ctx: HeadContext):
-        super().__init__()
+        super().__init__(ctx, cfg.loss_weight)
         self.cfg = cfg
-        self.num_classes = ctx.num_classes
-        self.ignore_index = ctx.ignore_index
         self.in_index = check_in_index(cfg.in_index, ctx, "fcn")
-        self.stride = ctx.in_strides[self.in_index]
+        self.logit_stride = ctx.in_strides[self.in_index]
         in_channels = ctx.in_channels[self.in_index]
         channels = cfg.channels if cfg.num_convs > 0 else in_channels
         self.convs = nn.Sequential(*(
             ConvBNReLU(in_channels if i == 0 else channels, channels, cfg.kernel_size, dilation=cfg.dilation)
             for i in range(cfg.num_convs)))
         self.conv_cat = ConvBNReLU(in_channels + channels, channels, cfg.kernel_size) if cfg.concat_input else None
-        self.dropout = nn.Dropout2d(cfg.dropout)
-        self.classifier = nn.Conv2d(channels, ctx.num_classes, 1)
-        nn.init.normal_(self.classifier.weight, std=0.01)
-        nn.init.zeros_(self.classifier.bias)
+        self.build_classifier(channels, cfg.dropout)
 
     def forward(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         x = features[self.in_index]  # [B, C_in, h, w]
         out = self.convs(x)  # [B, channels, h, w]
         if self.conv_cat is not None:
             out = self.conv_cat(torch.cat([x, out], dim=1))  # [B, channels, h, w]
-        return {"logits": self.classifier(self.dropout(out))}  # [B, K, h, w]
+        return {"logits": self.classify(out)}  # [B, K, h, w]
 
-    def loss(self, outputs: dict, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self.seg_logits(outputs, tuple(labels.shape[-2:]))
-        return {"loss_ce": self.cfg.loss_weight * cross_entropy(logits, labels, self.ignore_index)}
+    def input_layer(self) -> int:
+        return self.in_index
 
-    def seg_logits(self, outputs: dict, size: tuple[int, int]) -> torch.Tensor:
-        return upsample_to_input(outputs["logits"], self.stride, size)  # [B, K, *size]
+    @property
+    def supports_token_input(self) -> bool:
+        """Per-token only when every conv is 1×1 (or there is none)."""
+        return self.cfg.num_convs == 0 or self.cfg.kernel_size == 1
 
 
 @HEADS.register("fcn", FCNConfig)

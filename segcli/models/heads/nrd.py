@@ -13,7 +13,7 @@ pixel of an s×s grid inside the patch (s = 8 = 32/4, i.e. stride-4 resolution):
 The s×s outputs are tiled into a stride-4 score map and upsampled bilinearly ×4 to the input
 (thesis 3.2.2). For C = 19 and the defaults, P = (2+16)·16+16 + 16·16+16 + 16·19+19 = 899.
 
-Decisions (SPEC "NRD"; the authors' released head, ``BilinearPADHead_fast``):
+Decisions (where thesis 3.2.2 is silent, as in the authors' released head ``BilinearPADHead_fast``):
 
 * The concatenation [coordinates, guidance] is normalised by a BatchNorm over its 2 + C_m
   channels before g_θ (the released head's ``cat_norm``); ``input_norm: false`` turns it off.
@@ -32,27 +32,17 @@ Decisions (SPEC "NRD"; the authors' released head, ``BilinearPADHead_fast``):
   ``8·ceil(H/32)`` rows, g_θ runs on the padded grid (it is per-pixel, so padding cannot leak into
   real pixels), and :meth:`seg_logits` upsamples to the padded extent and crops to the input.
 
-Batched evaluation, no loop over locations (N = B·H'·W' patches, SPEC "NRD"):
+Batched evaluation, no loop over locations (N = B·H'·W' patches, one g_θ each, thesis 3.2.2):
 
 * ``einsum``: patches unfolded to ``[N, C_in, s²]``, one ``einsum("noi,nip->nop")`` per layer;
 * ``grouped_conv`` (the authors' formulation): ``[1, N·C_in, s, s]`` through ``conv2d`` with
   ``groups = N`` and the generated weights as ``[N·C_out, C_in, 1, 1]`` kernels.
 
 Both give the same numbers and the same fvcore count (tested against a reference loop).
-Measured on CPU (g_θ alone, R50-at-1024×2048 sizes; min of 25 interleaved runs on a shared 2-core
-machine; ``benchmarks/nrd_decoder_latency.py`` has the decoder-level timing):
-
-=====================================  ==========  ============
-                                       einsum      grouped_conv
-=====================================  ==========  ============
-2 threads, inference, N = 2048           89 ms       112 ms
-2 threads, fwd+bwd, N = 4096 (train)    488 ms       535 ms
-1 thread, inference, N = 2048            54 ms       112 ms
-1 thread, fwd+bwd, N = 4096             273 ms       630 ms
-=====================================  ==========  ============
-
-so ``einsum`` is the default. Its weights must be made contiguous first: on the strided slices
-of the controller output the batched matmul took 410 ms (2 threads, inference).
+``einsum`` is the default because it is the faster of the two on CPU, in inference and in
+training (measured by ``benchmarks/nrd_decoder_latency.py``, which times both). Its weights are
+made contiguous first: on the strided slices of the controller output the batched matmul falls
+off its fast path.
 """
 from __future__ import annotations
 
@@ -66,8 +56,7 @@ from torch import nn
 from ...errors import SegcliError
 from ...registry import HEADS
 from ..layers import ConvBNReLU
-from ..base import DecodeHead, HeadContext, check_in_index, upsample_to_input
-from ..losses import cross_entropy
+from ..base import HeadContext, LogitHead, check_in_index
 
 
 @dataclass(frozen=True)
@@ -149,7 +138,7 @@ def patch_mlp_einsum(inputs: torch.Tensor, layers: list, grid: tuple[int, int, i
     x = to_patches(inputs, grid)  # [N, C_in, s²]
     for k, (weight, bias) in enumerate(layers):
         # weight is a strided slice of the controller output; a contiguous copy (N·out·in values)
-        # keeps the CPU batched matmul on its fast path (several times faster on 2 threads)
+        # keeps the CPU batched matmul on its fast path
         x = torch.einsum("noi,nip->nop", weight.contiguous(), x) + bias.unsqueeze(2)  # [N, out, s²]
         if k < len(layers) - 1:
             x = F.relu(x)
@@ -177,12 +166,12 @@ PATCH_MLP = {"einsum": patch_mlp_einsum, "grouped_conv": patch_mlp_grouped_conv}
 # ----------------------------------------------------------------------------- head
 
 
-class NRDHead(DecodeHead):
+class NRDHead(LogitHead):
+    """Logits from the dynamic per-patch networks, no classifier conv (see the module docstring)."""
+
     def __init__(self, cfg: NRDConfig, ctx: HeadContext):
-        super().__init__()
+        super().__init__(ctx, cfg.loss_weight)
         self.cfg = cfg
-        self.num_classes = ctx.num_classes
-        self.ignore_index = ctx.ignore_index
         self.low_index = check_in_index(cfg.in_index[0], ctx, "nrd")
         self.high_index = check_in_index(cfg.in_index[1], ctx, "nrd")
         high_stride, low_stride = ctx.in_strides[self.high_index], ctx.in_strides[self.low_index]
@@ -191,7 +180,7 @@ class NRDHead(DecodeHead):
                               f"stride ({low_stride})", "nrd head in_index", "pick the stride-4 level as in_index[0]")
         self.ratio = high_stride // low_stride  # stride-4 pixels per patch side
         self.grid_size = cfg.grid_size or self.ratio  # s
-        self.grid_stride = high_stride / self.grid_size  # input pixels per g_θ output pixel (4)
+        self.logit_stride = high_stride / self.grid_size  # input pixels per g_θ output pixel (4)
         self.shapes = layer_shapes(cfg.input_channels(), cfg.hidden_channels, ctx.num_classes)
         self.num_params = num_dynamic_params(cfg.input_channels(), cfg.hidden_channels, ctx.num_classes)  # P
 
@@ -240,13 +229,6 @@ class NRDHead(DecodeHead):
         params = params.permute(0, 2, 3, 1).reshape(batch * rows * cols, self.num_params)  # [N, P]
         logits = self.patch_mlp(x, split_params(params, self.shapes), (rows, cols, s))  # [B, K, H'·s, W'·s]
         return {"logits": logits}
-
-    def loss(self, outputs: dict, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self.seg_logits(outputs, tuple(labels.shape[-2:]))  # [B, K, H, W]
-        return {"loss_ce": self.cfg.loss_weight * cross_entropy(logits, labels, self.ignore_index)}
-
-    def seg_logits(self, outputs: dict, size: tuple[int, int]) -> torch.Tensor:
-        return upsample_to_input(outputs["logits"], self.grid_stride, size)  # [B, K, *size]
 
 
 @HEADS.register("nrd", NRDConfig)

@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 from ...registry import HEADS
-from ..base import DecodeHead, HeadContext, resize
-from ..losses import cross_entropy
+from ..base import HeadContext, LogitHead, check_in_index
 
 
 @dataclass(frozen=True)
@@ -29,13 +28,14 @@ class SETRConfig:
     loss_weight: float = 1.0
 
 
-class SETRHead(DecodeHead):
+class SETRHead(LogitHead):
+    logit_stride = None  # scores: a plain bilinear resize of the upsampled logits (MMSegmentation)
+
     def __init__(self, cfg: SETRConfig, ctx: HeadContext):
-        super().__init__()
+        super().__init__(ctx, cfg.loss_weight)
         self.cfg = cfg
-        self.num_classes = ctx.num_classes
-        self.ignore_index = ctx.ignore_index
-        in_channels = ctx.in_channels[cfg.in_index]
+        self.in_index = check_in_index(cfg.in_index, ctx, "setr")
+        in_channels = ctx.in_channels[self.in_index]
         self.norm = nn.LayerNorm(in_channels, eps=1e-6)
         layers = []
         for i in range(cfg.num_convs):
@@ -47,20 +47,16 @@ class SETRHead(DecodeHead):
                 nn.Upsample(scale_factor=cfg.up_scale, mode="bilinear", align_corners=False),
             ]
         self.convs = nn.Sequential(*layers)
-        self.dropout = nn.Dropout2d(cfg.dropout)
-        self.classifier = nn.Conv2d(cfg.channels, ctx.num_classes, 1)
+        self.build_classifier(cfg.channels, cfg.dropout, init_std=None)  # PyTorch's default init, as released
 
     def forward(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        x = features[self.cfg.in_index]  # [B, C, h, w]
+        x = features[self.in_index]  # [B, C, h, w]
         x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # LayerNorm over C
-        logits = self.classifier(self.dropout(self.convs(x)))  # [B, K, h*s, w*s]
+        logits = self.classify(self.convs(x))  # [B, K, h*s, w*s]
         return {"logits": logits}
 
-    def loss(self, outputs, labels):
-        return {"loss_ce": self.cfg.loss_weight * cross_entropy(outputs["logits"], labels, self.ignore_index)}
-
-    def seg_logits(self, outputs, size):
-        return resize(outputs["logits"], size)
+    def input_layer(self) -> int:
+        return self.in_index
 
 
 @HEADS.register("setr", SETRConfig)

@@ -1,0 +1,115 @@
+"""Segmenting image files into label and colour PNGs (``segcli predict``).
+
+Inputs are files, folders (their images) and globs; output names are the inputs' stems, made
+unique where stems collide (:func:`output_stems`), so no prediction overwrites another.
+"""
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..build import load_checkpoint, pick_device
+from ..data import read_image
+from ..engine.inference import infer
+from ..errors import SegcliError
+from ..viz import colorize, overlay_image, save_png
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class PredictResult:
+    written: list[Path] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files, folders (their images) and globs -> image paths; unknown entries reported."""
+    files, failed = [], []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        elif path.is_file():
+            files.append(path)
+        elif any(ch in item for ch in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            if not matches:
+                failed.append((item, "the pattern matches no file"))
+            files += matches
+        else:
+            failed.append((item, "no such file or folder"))
+    unique = list(dict.fromkeys(p.resolve() for p in files))  # a file given twice is segmented once
+    return unique, failed
+
+
+def output_stems(files: list[Path]) -> list[str]:
+    """Output names: the file stem; where stems collide, the extension is added (same folder) or
+    parent folder names are prefixed (``a/x.jpg``, ``b/x.jpg`` -> ``a_x``, ``b_x``), so that no
+    prediction overwrites another."""
+    def label(path: Path, depth: int, ext: bool) -> str:
+        parts = list(path.parent.parts[len(path.parent.parts) - depth:]) if depth else []
+        parts.append(path.stem + (path.suffix.replace(".", "_") if ext else ""))
+        return "_".join(part.strip("/\\") or "root" for part in parts)
+
+    state = {path: [0, False] for path in files}  # parents prefixed, extension added
+    for _ in range(64):
+        names = [label(path, *state[path]) for path in files]
+        clashes = {n for n in names if names.count(n) > 1}
+        if not clashes:
+            return names
+        for path, n in zip(files, names):
+            if n not in clashes:
+                continue
+            twin = any(q != path and q.parent == path.parent and q.stem == path.stem for q in files)
+            if twin and not state[path][1]:
+                state[path][1] = True
+            elif state[path][0] < len(path.parent.parts):
+                state[path][0] += 1
+    return [f"{n}_{i}" for i, n in enumerate(names)]
+
+
+def predict(inputs: list[str], checkpoint: str | Path, out_dir: str | Path = "predictions", overlay: bool = False,
+            device: str | None = None, progress: Callable[[int, int], None] | None = None,
+            show_pruning: bool = False) -> PredictResult:
+    """Label PNGs (``<stem>.png``, class ids) and colour PNGs (``<stem>_color.png``, or ``_overlay``)."""
+    dev = pick_device(device)
+    loaded = load_checkpoint(checkpoint, device=dev)
+    files, failed = expand_inputs(inputs)
+    result = PredictResult(failed=list(failed))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    palette = np.asarray(loaded.meta["palette"], dtype=np.uint8)
+    mean = torch.tensor(loaded.recipe.data.mean).view(1, 3, 1, 1)
+    std = torch.tensor(loaded.recipe.data.std).view(1, 3, 1, 1)
+    for i, (path, stem) in enumerate(zip(files, output_stems(files))):
+        try:
+            image = read_image(path)
+        except SegcliError as err:
+            result.failed.append((str(path), err.message))
+            continue
+        tensor = (torch.from_numpy(image).permute(2, 0, 1)[None].float() - mean) / std  # [1, 3, H, W]
+        with torch.no_grad():
+            scores = infer(loaded.model, tensor.to(dev), loaded.recipe.test, loaded.recipe.data.crop_size)
+        pred = scores.argmax(1)[0].cpu().numpy()
+        label_dtype = np.uint8 if loaded.meta["num_classes"] <= 255 else np.uint16
+        save_png(out / f"{stem}.png", pred.astype(label_dtype))
+        result.written.append(out / f"{stem}.png")
+        color = colorize(pred, palette)
+        save_png(out / f"{stem}_color.png", color[..., ::-1])
+        result.written.append(out / f"{stem}_color.png")
+        if overlay:
+            save_png(out / f"{stem}_overlay.png", overlay_image(image, color)[..., ::-1])
+            result.written.append(out / f"{stem}_overlay.png")
+        if show_pruning and hasattr(loaded.model, "exit_maps"):
+            for stage, exit_map in enumerate(loaded.model.exit_maps(tensor.to(dev))):
+                save_png(out / f"{stem}_exit{stage}.png", exit_map)
+                result.written.append(out / f"{stem}_exit{stage}.png")
+        if progress is not None:
+            progress(i + 1, len(files))
+    return result

@@ -1,0 +1,90 @@
+"""The workflows end to end through the API on real files: train -> eval -> predict -> flops, resume,
+wrong checkpoints (the CLI's own parsing and rendering are in test_cli.py)."""
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, overrides_dict
+
+from segcli import api
+from segcli.errors import SegcliError
+from segcli.workflows.predict import output_stems
+
+SETR = REPO / "recipes" / "tiny" / "setr.yaml"
+
+
+def _losses(path):
+    return [r["loss"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+
+
+def test_train_writes_the_run(setr_run):
+    work, result = setr_run
+    for name in ("last.pt", "best.pt", "metrics.jsonl", "recipe.yaml"):
+        assert (work / name).is_file(), name
+    records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records if "mIoU" in r] == [2, 4]
+    assert result.iterations == 4 and result.best == work / "best.pt"
+
+
+def test_evaluate_reports_metrics_trimap_and_gflops(setr_run):
+    work, _ = setr_run
+    metrics = api.evaluate(work / "best.pt", device="cpu", trimap=3, flops=True)
+    for key in ("mIoU", "mAcc", "aAcc", "per_class", "trimap_mIoU", "gflops_avg"):
+        assert key in metrics
+    assert len(metrics["per_class"]) == 8 and metrics["gflops_avg"] > 0
+
+
+def test_predict_writes_labels_and_reports_unreadable_files(setr_run, synth_root, tmp_path):
+    work, _ = setr_run
+    images = synth_root / "images" / "val"
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "pred"
+    result = api.predict([str(images), str(tmp_path / "broken.jpg")], work / "best.pt", out_dir=out, overlay=True,
+                         device="cpu")
+    assert [path for path, _ in result.failed] == [str(tmp_path / "broken.jpg")]  # reported, the others written
+    for image in images.iterdir():
+        label = cv2.imread(str(out / f"{image.stem}.png"), cv2.IMREAD_UNCHANGED)
+        assert label is not None and label.shape == (64, 64) and label.max() < 8
+        assert (out / f"{image.stem}_color.png").is_file() and (out / f"{image.stem}_overlay.png").is_file()
+
+
+def test_same_named_inputs_get_distinct_outputs(tmp_path):
+    paths = [tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", tmp_path / "a" / "x.jpg"]
+    # twins in one folder get their extension, same stems in other folders their folder's name
+    assert output_stems(paths) == ["x_png", "b_x", "x_jpg"]
+
+
+def test_flops_of_a_recipe():
+    result = api.flops(SETR, shape=(64, 96), overrides=["model.backbone.patch_size=16"])
+    assert result["gflops"] > 0 and result["params_m"] > 1 and result["shape"] == [64, 96]
+
+
+def test_resume_is_exact(synth_root, tmp_path):
+    recipe = api.load_recipe(SETR, overrides_dict(synth_root, **{"train.max_iters": 6, "train.eval_interval": 3}))
+    full, part = tmp_path / "full", tmp_path / "part"
+    api.train(recipe, work_dir=full, device="cpu")
+
+    def stop_at_4(event, info):
+        if event == "step" and info["iter"] == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        api.train(recipe, work_dir=part, device="cpu", callback=stop_at_4)
+    assert torch.load(part / "last.pt", weights_only=True)["iteration"] == 4
+    api.train(recipe, work_dir=part, device="cpu", resume=True)
+    assert np.allclose(_losses(part / "metrics.jsonl"), _losses(full / "metrics.jsonl"), rtol=1e-5, atol=1e-6)
+    a = torch.load(full / "last.pt", weights_only=True)["model"]
+    b = torch.load(part / "last.pt", weights_only=True)["model"]
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+
+def test_a_checkpoint_of_another_model_is_refused(setr_run):
+    work, _ = setr_run
+    with pytest.raises(SegcliError, match="does not fit") as err:
+        api.evaluate(work / "last.pt", overrides=["model.decode_head.channels=64"], device="cpu")
+    assert "decode_head" in str(err.value)
