@@ -19,11 +19,14 @@ class ZooEntry:
     file: str
     recipe: str  # the recipe that trains it
     description: str
+    released: str | None = None  # the official file that `segcli convert` turns into it, and the recipe it needs
 
 
 ZOO: dict[str, ZooEntry] = {e.name: e for e in (
-    ZooEntry("segvit", "segvit.pt", "recipes/segvit_vit_b_ade20k.yaml", "SegViT (ATM decoder), ViT-B, ADE20K"),
-    ZooEntry("segvit-l", "segvit-l.pt", "recipes/segvit_vit_l_ade20k.yaml", "SegViT (ATM decoder), ViT-L, ADE20K"),
+    ZooEntry("segvit", "segvit.pt", "recipes/segvit_vit_b_ade20k.yaml", "SegViT (ATM decoder), ViT-B, ADE20K",
+             "ade_51.3.pth (zbwxp/SegVit README) --recipe recipes/released/segvit_vit_b_ade20k.yaml"),
+    ZooEntry("segvit-l", "segvit-l.pt", "recipes/segvit_vit_l_ade20k.yaml", "SegViT (ATM decoder), ViT-L, ADE20K",
+             "ade_54.6.pth (zbwxp/SegVit README) --recipe recipes/released/segvit_vit_l_ade20k.yaml"),
     ZooEntry("setr", "setr.pt", "recipes/setr_vit_b_ade20k.yaml", "SETR-naive, ViT-B, ADE20K"),
     ZooEntry("nrd", "nrd.pt", "recipes/nrd_r50_cityscapes.yaml", "NRD, ResNet-50, Cityscapes"),
     ZooEntry("quickstart", "quickstart.pt", "recipes/quickstart.yaml", "the quickstart model (synthetic data)"),
@@ -41,8 +44,12 @@ def resolve(name: str) -> Path:
     entry = ZOO[name]
     path = cache_dir() / entry.file
     if not path.is_file():
-        raise SegcliError(
-            f"model '{name}' ({entry.description}) has no checkpoint at {path}", "--model",
-            f"train it: `segcli train {entry.recipe}` then copy runs/<name>/best.pt to {path} "
-            f"(or pass --checkpoint FILE)")
+        if entry.released:
+            file, _, recipe = entry.released.partition(" --recipe ")
+            hint = (f"convert the released weights: download {file}, then `segcli convert "
+                    f"{file.split()[0]} --recipe {recipe} --out {path}` (or pass --checkpoint FILE)")
+        else:
+            hint = (f"train it: `segcli train {entry.recipe}` then copy runs/<name>/best.pt to {path} "
+                    f"(or pass --checkpoint FILE)")
+        raise SegcliError(f"model '{name}' ({entry.description}) has no checkpoint at {path}", "--model", hint)
     return path

@@ -18,6 +18,7 @@ and exact when the grid matches, which it does for the thesis' crop-sized infere
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import timm
@@ -29,7 +30,7 @@ from torch import nn
 from ...errors import SegcliError
 from ...registry import BACKBONES
 from ..base import Backbone
-from .weights import load_state_dict_file
+from .weights import load_state_dict_file, mmseg_vit_to_timm
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,12 @@ class ViTConfig:
     drop_path_rate: float = 0.1
     patch_size: int | None = None  # None = the timm model's; another value only for training from scratch
     depth: int | None = None  # None = the timm model's; fewer blocks only for training from scratch
+    embed_dim: int | None = None  # None = the timm model's (other widths: small test models, converted ones)
+    num_heads: int | None = None  # None = the timm model's
+    # how absolute position embeddings are resized to another grid: "timm" = timm's
+    # resample_abs_pos_embed (antialiased bicubic), "bicubic" = plain bicubic, align_corners=False,
+    # as MMSegmentation's VisionTransformer does (models trained there need it)
+    pos_embed_resize: Literal["timm", "bicubic"] = "timm"
 
 
 def _qkv(attn: nn.Module, x: torch.Tensor, query_index: torch.Tensor | None = None):
@@ -148,8 +155,9 @@ class ViTBackbone(Backbone):
         super().__init__()
         try:
             extra = {"patch_size": cfg.patch_size} if cfg.patch_size else {}
-            if cfg.depth:
-                extra["depth"] = cfg.depth
+            for key in ("depth", "embed_dim", "num_heads"):
+                if getattr(cfg, key):
+                    extra[key] = getattr(cfg, key)
             vit = timm.create_model(cfg.name, pretrained=False, num_classes=0, img_size=cfg.img_size,
                                     drop_path_rate=cfg.drop_path_rate, **extra)
         except RuntimeError as err:
@@ -201,12 +209,21 @@ class ViTBackbone(Backbone):
         if pos is not None:
             pos = pos[:, self.num_prefix_pos:]  # [1, h0*w0, C]
             if grid != self.base_grid:
-                pos = resample_abs_pos_embed(pos, list(grid), old_size=list(self.base_grid), num_prefix_tokens=0)
+                pos = self._resize_pos_embed(pos, grid)
             x = x + pos
         x = self.vit.pos_drop(x) if hasattr(self.vit, "pos_drop") else x
         if hasattr(self.vit, "norm_pre"):
             x = self.vit.norm_pre(x)
         return x, grid
+
+    def _resize_pos_embed(self, pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Patch position embeddings ``[1, h0*w0, C]`` of the base grid -> ``[1, h*w, C]`` of ``grid``."""
+        if self.cfg.pos_embed_resize == "timm":
+            return resample_abs_pos_embed(pos, list(grid), old_size=list(self.base_grid), num_prefix_tokens=0)
+        h0, w0 = self.base_grid
+        table = pos.reshape(1, h0, w0, -1).permute(0, 3, 1, 2)  # [1, C, h0, w0]
+        table = F.interpolate(table, size=grid, mode="bicubic", align_corners=False)  # [1, C, h, w]
+        return table.flatten(2).transpose(1, 2)  # [1, h*w, C]
 
     def run_block(self, index: int, tokens: torch.Tensor, grid: tuple[int, int], **kwargs) -> torch.Tensor:
         return block_forward(self.vit.blocks[index], tokens, grid, **kwargs)
@@ -261,6 +278,8 @@ class ViTBackbone(Backbone):
         if any(k.startswith("backbone.vit.") for k in state):  # a segcli checkpoint: its encoder only
             state = {k.removeprefix("backbone.vit."): v for k, v in state.items() if k.startswith("backbone.vit.")}
         state = {k.removeprefix("module.").removeprefix("backbone.").removeprefix("encoder."): v for k, v in state.items()}
+        if "patch_embed.projection.weight" in state:  # MMSegmentation's VisionTransformer (vit2mmseg.py format)
+            state = mmseg_vit_to_timm(state)
         state.pop("cls_token", None)
         state.pop("reg_token", None)
         module = __import__(type(self.vit).__module__, fromlist=["checkpoint_filter_fn"])

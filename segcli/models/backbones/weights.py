@@ -1,6 +1,7 @@
 """Reading local weight files (no network, ``weights_only=True``)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -27,3 +28,32 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SegcliError("not a state dict of tensors", str(path), "give a PyTorch state dict")
     return state
+
+
+MMSEG_VIT_RENAMES = (  # MMSegmentation VisionTransformer -> timm VisionTransformer key names
+    (r"patch_embed\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"layers\.(\d+)\.ln1\.(weight|bias)", r"blocks.\1.norm1.\2"),
+    (r"layers\.(\d+)\.ln2\.(weight|bias)", r"blocks.\1.norm2.\2"),
+    (r"layers\.(\d+)\.attn\.attn\.in_proj_(weight|bias)", r"blocks.\1.attn.qkv.\2"),
+    (r"layers\.(\d+)\.attn\.attn\.out_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (r"layers\.(\d+)\.ffn\.layers\.0\.0\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+    (r"layers\.(\d+)\.ffn\.layers\.1\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+    (r"ln1\.(weight|bias)", r"norm.\1"),  # the final norm
+    (r"(pos_embed|cls_token)", r"\1"),
+)
+
+
+def mmseg_vit_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An MMSegmentation-format ViT state dict (``tools/model_converters/vit2mmseg.py``) in timm's names.
+
+    The fused ``in_proj`` of MMSegmentation's attention is timm's ``qkv`` as is (q, k, v stacked
+    in that order in both). Keys that match no rule keep their name (and then fail to load).
+    """
+    out = {}
+    for key, value in state.items():
+        for pattern, target in MMSEG_VIT_RENAMES:
+            if re.fullmatch(pattern, key):
+                key = re.sub(pattern, target, key)
+                break
+        out[key] = value
+    return out

@@ -64,6 +64,7 @@ from ...errors import SegcliError
 from ...registry import HEADS
 from ..atm_criterion import ATMCriterion
 from ..base import DecodeHead, HeadContext, resize
+from ..scores import ScoreMap, UpsampledScores
 from ..layers import ATMDecoderLayer
 
 HEAD_DIM = 32  # thesis' ViT-B (384/12) and ViT-L (512/16) heads
@@ -82,6 +83,10 @@ class ATMConfig:
     ffn_ratio: int = 4
     dropout: float = 0.1
     mask_resolution: Literal["low", "full"] = "low"  # where the class scores are formed (see docstring)
+    # "full" only: the released head upsamples masks to its own square img_size, forms the scores
+    # there and the segmentor resizes them to the input (zbwxp/SegVit decode_heads/atm_head.py);
+    # None = straight to the output size. Equal whenever the window is img_size (slide testing).
+    mask_size: int | None = None
     loss_weight: float = 1.0
     ce_weight: float = 1.0
     focal_weight: float = 20.0
@@ -150,6 +155,7 @@ def semantic_scores(
     mask_logits: torch.Tensor,
     size: tuple[int, int],
     resolution: Literal["low", "full"] = "low",
+    mask_size: int | None = None,
 ) -> torch.Tensor:
     """Per-class scores ``[B, K, *size]`` from class logits ``[B, Q, K+1]`` and mask logits ``[B, Q, h, w]``.
 
@@ -160,12 +166,17 @@ def semantic_scores(
     """
     probs = class_logits.softmax(dim=-1)[..., :-1]  # [B, Q, K]
     if resolution == "full":
-        masks = resize(mask_logits, size).sigmoid()  # [B, Q, H, W]
-        return torch.einsum("bqc,bqhw->bchw", probs, masks)  # [B, K, H, W]
+        masks = resize(mask_logits, (mask_size, mask_size) if mask_size else size).sigmoid()  # [B, Q, H', W']
+        return resize(torch.einsum("bqc,bqhw->bchw", probs, masks), size)  # [B, K, H, W]
     if resolution != "low":
         raise ValueError(f"unknown resolution {resolution!r}")
-    scores = torch.einsum("bqc,bqhw->bchw", probs, mask_logits.sigmoid())  # [B, K, h, w]
-    return resize(scores, size)  # [B, K, H, W]
+    return resize(low_resolution_scores(class_logits, mask_logits), size)  # [B, K, H, W]
+
+
+def low_resolution_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+    """``"low"`` scores before upsampling: ``[B, K, h, w]`` from ``[B, Q, K+1]`` and ``[B, Q, h, w]``."""
+    probs = class_logits.softmax(dim=-1)[..., :-1]  # [B, Q, K]
+    return torch.einsum("bqc,bqhw->bchw", probs, mask_logits.sigmoid())  # [B, K, h, w]
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -290,7 +301,15 @@ class ATMHead(DecodeHead):
         return self.criterion(outputs, labels)
 
     def seg_logits(self, outputs: dict, size: tuple[int, int]) -> torch.Tensor:
-        return semantic_scores(outputs["pred_logits"], outputs["pred_masks"], tuple(size), self.mask_resolution)
+        return semantic_scores(outputs["pred_logits"], outputs["pred_masks"], tuple(size), self.mask_resolution,
+                               self.cfg.mask_size)
+
+    def score_map(self, outputs: dict, size: tuple[int, int]) -> ScoreMap:
+        """``"low"``: the 1/16 scores and their bilinear resize (bands of rows on demand); ``"full"``
+        forms its scores after upsampling the masks, so it has no lazy form (the full tensor)."""
+        if self.mask_resolution != "low":
+            return super().score_map(outputs, size)
+        return UpsampledScores(low_resolution_scores(outputs["pred_logits"], outputs["pred_masks"]), size)
 
     def no_weight_decay_names(self) -> set[str]:
         """Parameter names (relative to the head) that take no weight decay: the class queries."""

@@ -1,0 +1,80 @@
+"""Renaming a foreign state dict into a segcli model's, with every tensor accounted for.
+
+A conversion is a list of :class:`Rule` s tried in order on each source key: the first whose
+pattern matches renames the tensor (``re`` replacement syntax), drops it (``target=None``) or
+splits it along dim 0 into several targets (``split``: fused ``in_proj`` weights -> q, k, v). After
+the renaming, any source key that no rule took, any target key left empty and any shape
+mismatch is an error that names the keys: nothing is silently ignored.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..errors import SegcliError
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str  # a regular expression matched against the whole source key
+    target: str | None  # replacement (``\\1`` groups); None = drop the tensor
+    split: tuple[str, ...] = ()  # replacements of equal chunks along dim 0 (q, k, v)
+
+
+def apply_rules(source: dict[str, torch.Tensor], rules: list[Rule]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(renamed tensors, source keys no rule matched)."""
+    compiled = [(re.compile(rule.pattern), rule) for rule in rules]
+    out: dict[str, torch.Tensor] = {}
+    unmatched = []
+    for key, tensor in source.items():
+        for pattern, rule in compiled:
+            match = pattern.fullmatch(key)
+            if match is None:
+                continue
+            if rule.split:
+                for chunk, name in zip(tensor.chunk(len(rule.split), dim=0), rule.split):
+                    out[match.expand(name)] = chunk.clone()
+            elif rule.target is not None:
+                out[match.expand(rule.target)] = tensor
+            break
+        else:
+            unmatched.append(key)
+    return out, unmatched
+
+
+def _keys(keys: list[str], limit: int = 4) -> str:
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def convert_state(source: dict[str, torch.Tensor], rules: list[Rule], target: dict[str, torch.Tensor],
+                  where: str, what: str, rename: Callable[[str], str] | None = None) -> dict[str, torch.Tensor]:
+    """``source`` renamed by ``rules`` into exactly the keys and shapes of ``target`` (a model's state dict).
+
+    Target entries that are not learnt (buffers that the model computes, e.g. a relative-position
+    index) are taken from ``target`` itself when the source has no counterpart. ``rename`` is
+    applied to every renamed key (renumbering that a regular expression cannot do).
+    """
+    mapped, unmatched = apply_rules(source, rules)
+    if rename is not None:
+        mapped = {rename(k): v for k, v in mapped.items()}
+    problems = []
+    if unmatched:
+        problems.append(f"{len(unmatched)} tensors of the file have no place in the model: {_keys(unmatched)}")
+    missing = [k for k in target if k not in mapped and not k.endswith(("relative_position_index", "k_bias"))]
+    if missing:
+        problems.append(f"{len(missing)} tensors of the model are not in the file: {_keys(missing)}")
+    extra = [k for k in mapped if k not in target]
+    if extra:
+        problems.append(f"mapped names the model lacks: {_keys(extra)}")
+    shapes = [f"{k} {tuple(mapped[k].shape)} vs {tuple(target[k].shape)}" for k in mapped
+              if k in target and mapped[k].shape != target[k].shape]
+    if shapes:
+        problems.append("shape mismatch: " + _keys(shapes, 3))
+    if problems:
+        raise SegcliError(f"not a {what} checkpoint of this architecture: " + "; ".join(problems), where,
+                          "check --from, and give the recipe of the released architecture with --recipe")
+    return {k: mapped[k].to(target[k].dtype) if k in mapped else target[k] for k in target}

@@ -1,0 +1,75 @@
+"""Key maps of the official SegViT (zbwxp/SegVit, MMSegmentation 0.24) checkpoints.
+
+The released v1 model is MMSegmentation's ``VisionTransformer`` (``with_cls_token=False``, no
+final norm) + ``decode_heads/atm_head.py``'s ``ATMHead``. Its decoder layers are post-norm
+``TransformerDecoderLayer`` s whose norms follow self-attention (``norm1``), cross-attention
+(``norm2``) and the FFN (``norm3``); their query self-attention is a fused ``nn.MultiheadAttention``
+(``in_proj_weight`` = q, k, v stacked), their cross-attention has separate ``q/k/v/proj``
+linears. ``input_proj_{s}`` / ``proj_norm_{s}`` / ``decoder_{s}`` is stage ``s`` (1 = the deepest
+layer), which is segcli's ``stages.{s-1}`` with ``in_index`` deepest first.
+"""
+from __future__ import annotations
+
+import re
+
+from ..models.backbones.weights import MMSEG_VIT_RENAMES
+from .keymap import Rule
+
+ATM_LAYER = r"decode_head\.{head}decoder_(\d+)\.layers\.(\d+)\."
+
+
+def mmseg_vit_rules(source_prefix: str = r"backbone\.", target_prefix: str = "backbone.vit.",
+                    final_norm: bool = False) -> list[Rule]:
+    """MMSegmentation ``VisionTransformer`` -> segcli's timm ViT (``backbone.vit.*``).
+
+    segcli's ViT has no cls token (its features are patch tokens only; the released models use
+    ``with_cls_token=False``) and no final norm on the features (``final_norm=False``): both are
+    dropped unless ``final_norm`` (a backbone file keeps its final norm as timm's ``norm``).
+    """
+    rules = [Rule(rf"{source_prefix}cls_token", None)]
+    for pattern, target in MMSEG_VIT_RENAMES:
+        if pattern.startswith("ln1") and not final_norm:
+            rules.append(Rule(source_prefix + pattern, None))
+        elif not pattern.startswith("(pos_embed"):
+            rules.append(Rule(source_prefix + pattern, target_prefix + target))
+    return rules + [Rule(rf"{source_prefix}pos_embed", target_prefix + "pos_embed")]
+
+
+def atm_head_rules(head: str = "", target: str = "decode_head.") -> list[Rule]:
+    """The official ``ATMHead`` under ``decode_head.{head}`` -> segcli's ATM head under ``target``.
+
+    Stage numbers keep the official 1-based number in a ``stages.@N`` placeholder, which
+    :func:`zero_based_stages` renames afterwards (a regular expression cannot subtract).
+    """
+    layer = ATM_LAYER.format(head=head)
+    out = target + r"stages.@\1.layers.\2."
+    return [
+        Rule(rf"decode_head\.{head}loss_decode\..*", None),  # the criterion's class weights: not learnt
+        Rule(rf"decode_head\.{head}input_proj_(\d+)\.(weight|bias)", target + r"stages.@\1.proj.\2"),
+        Rule(rf"decode_head\.{head}proj_norm_(\d+)\.(weight|bias)", target + r"stages.@\1.proj_norm.\2"),
+        Rule(layer + r"self_attn\.in_proj_(weight|bias)", None,
+             split=(out + r"self_attn.q_proj.\3", out + r"self_attn.k_proj.\3", out + r"self_attn.v_proj.\3")),
+        Rule(layer + r"self_attn\.out_proj\.(weight|bias)", out + r"self_attn.out_proj.\3"),
+        Rule(layer + r"multihead_attn\.(q|k|v)\.(weight|bias)", out + r"cross_attn.\3_proj.\4"),
+        Rule(layer + r"multihead_attn\.proj\.(weight|bias)", out + r"cross_attn.out_proj.\3"),
+        Rule(layer + r"linear1\.(weight|bias)", out + r"ffn.0.\3"),
+        Rule(layer + r"linear2\.(weight|bias)", out + r"ffn.3.\3"),
+        Rule(layer + r"norm1\.(weight|bias)", out + r"self_norm.\3"),
+        Rule(layer + r"norm2\.(weight|bias)", out + r"cross_norm.\3"),
+        Rule(layer + r"norm3\.(weight|bias)", out + r"ffn_norm.\3"),
+        Rule(rf"decode_head\.{head}q\.weight", target + "class_queries.weight"),
+        Rule(rf"decode_head\.{head}class_embed\.(weight|bias)", target + r"class_head.\1"),
+    ]
+
+
+_STAGE = re.compile(r"stages\.@(\d+)\.")
+
+
+def zero_based_stages(key: str) -> str:
+    """``stages.@N.`` placeholders -> ``stages.{N-1}.`` (official stages count from 1)."""
+    return _STAGE.sub(lambda m: f"stages.{int(m.group(1)) - 1}.", key)
+
+
+def segvit_v1_rules() -> list[Rule]:
+    """The released SegViT v1 (ViT + ATM head); apply with ``rename=zero_based_stages``."""
+    return mmseg_vit_rules() + atm_head_rules()

@@ -1,0 +1,163 @@
+"""Bringing released models in (``segcli convert``): an official checkpoint -> a segcli checkpoint.
+
+Formats (``--from``; detected from the keys when omitted and unambiguous):
+
+* ``segvit-v1``: the official SegViT release (zbwxp/SegVit, MMSegmentation 0.24: ViT + ``ATMHead``).
+  The result is a complete segcli checkpoint with the recipe embedded, which ``eval``,
+  ``predict``, ``prune``, ``flops`` and ``cl-step`` take as is.
+* ``mmseg-vit``: an MMSegmentation-format ViT (what ``tools/model_converters/vit2mmseg.py``
+  writes, which the official configs load as pretrained weights). It has no head, so the result
+  is a timm-format backbone state dict for ``model.backbone.pretrained`` (which also reads the
+  MMSegmentation file directly).
+
+The architecture comes from a recipe (``--recipe``, e.g. one of ``recipes/released/``); the
+checkpoint must fill every tensor of that model and nothing may be left over, or the conversion
+stops with the keys named. Class names come from the checkpoint's ``meta.CLASSES`` when it has
+them (MMSegmentation saves them), else from the recipe's dataset.
+
+Decision: the output never replaces an existing file unless ``overwrite``; the default name is
+``<source stem>.segcli.pt`` beside the source (``<stem>.timm.pth`` for a backbone).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..build import as_recipe, build_model, without_pretrained
+from ..convert.keymap import Rule, apply_rules, convert_state  # noqa: F401
+from ..convert.reader import read_foreign_checkpoint, state_dict_of
+from ..convert.segvit import mmseg_vit_rules, segvit_v1_rules, zero_based_stages
+from ..data import dataset_classes
+from ..data.classes import label_colormap
+from ..engine.checkpoint import save_checkpoint
+from ..errors import SegcliError
+from ..recipe import Recipe
+from ..version import __version__
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    description: str
+    rules: Callable[[], list[Rule]]
+    rename: Callable[[str], str] | None
+    detect: Callable[[set[str]], bool]
+    backbone_only: bool = False
+
+
+def _is_segvit_v1(keys: set[str]) -> bool:
+    return "decode_head.input_proj_1.weight" in keys and "decode_head.q.weight" in keys and not any(
+        k.startswith("decode_head.atm.") for k in keys) and not any(k.startswith("auxiliary_head.") for k in keys)
+
+
+def _is_mmseg_vit(keys: set[str]) -> bool:
+    return "patch_embed.projection.weight" in keys and "layers.0.ln1.weight" in keys
+
+
+FORMATS: dict[str, Format] = {f.name: f for f in (
+    Format("segvit-v1", "official SegViT (zbwxp/SegVit): ViT + ATM head", segvit_v1_rules, zero_based_stages,
+           _is_segvit_v1),
+    Format("mmseg-vit", "MMSegmentation-format ViT backbone (vit2mmseg.py)",
+           lambda: mmseg_vit_rules(source_prefix="", target_prefix="", final_norm=True),
+           None, _is_mmseg_vit, backbone_only=True),
+)}
+
+
+@dataclass
+class ConvertResult:
+    path: Path
+    format: str
+    tensors_in: int  # tensors read from the source
+    tensors_out: int  # tensors of the written model / backbone
+
+
+def detect_format(keys: set[str], source: str) -> str:
+    """The one format whose keys these are, or an error listing what was seen."""
+    found = [name for name, fmt in FORMATS.items() if fmt.detect(keys)]
+    if len(found) == 1:
+        return found[0]
+    sample = ", ".join(sorted(keys)[:3])
+    raise SegcliError(f"cannot tell the checkpoint's format ({'several match: ' + ', '.join(found) if found else 'keys such as ' + sample})",
+                      source, "say it with --from " + " | ".join(FORMATS))
+
+
+def _class_names(payload: object, recipe: Recipe, num_classes: int) -> list[str]:
+    meta = payload.get("meta") if isinstance(payload, dict) else None
+    names = meta.get("CLASSES") if isinstance(meta, dict) else None
+    if isinstance(names, (list, tuple)) and len(names) == num_classes and all(isinstance(n, str) for n in names):
+        return list(names)
+    try:
+        names = dataset_classes(recipe.data)
+    except SegcliError:
+        names = ()
+    return list(names) if len(names) == num_classes else [f"class{i}" for i in range(num_classes)]
+
+
+def _num_classes(state: dict[str, torch.Tensor], source: str) -> int:
+    for key in ("decode_head.q.weight", "decode_head.conv_seg.weight"):
+        if key in state:
+            return int(state[key].shape[0])
+    raise SegcliError("cannot find the class count in the checkpoint", source, "check --from")
+
+
+def convert(source: str | Path, from_format: str | None = None, recipe: Recipe | str | Path | None = None,
+            out: str | Path | None = None, overwrite: bool = False, overrides=()) -> ConvertResult:
+    """Convert a released checkpoint (module docstring); returns where it was written."""
+    source = Path(source).expanduser()
+    if from_format is not None and from_format not in FORMATS:
+        raise SegcliError(f"unknown format '{from_format}'", "--from", "choose " + " | ".join(FORMATS))
+    if recipe is not None:
+        recipe = as_recipe(recipe, overrides)
+    payload = read_foreign_checkpoint(source)
+    state = state_dict_of(payload, str(source))
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    name = from_format or detect_format(set(state), str(source))
+    fmt = FORMATS[name]
+    if fmt.backbone_only:
+        target_path = Path(out).expanduser() if out else source.with_name(f"{source.stem}.timm.pth")
+    else:
+        if recipe is None:
+            raise SegcliError("the architecture is needed", "--recipe",
+                              "give the recipe of the released model, e.g. recipes/released/segvit_vit_b_ade20k.yaml")
+        target_path = Path(out).expanduser() if out else source.with_name(f"{source.stem}.segcli.pt")
+    if target_path.resolve() == source.resolve():
+        raise SegcliError("the output would replace the checkpoint being converted", "--out", "choose another file")
+    if target_path.exists() and not overwrite:
+        raise SegcliError("the output file exists", str(target_path), "choose another --out, or pass --overwrite")
+
+    if fmt.backbone_only:
+        mapped, unmatched = apply_rules(state, fmt.rules())
+        if unmatched:
+            raise SegcliError(f"not a {name} checkpoint: no place for {', '.join(unmatched[:4])}", str(source),
+                              "check --from")
+        _save_atomically(mapped, target_path)
+        return ConvertResult(target_path, name, len(state), len(mapped))
+
+    num_classes = _num_classes(state, str(source))
+    model = build_model(without_pretrained(recipe), num_classes=num_classes)
+    converted = convert_state(state, fmt.rules(), model.state_dict(), str(source), name, rename=fmt.rename)
+    model.load_state_dict(converted)
+    classes = _class_names(payload, recipe, num_classes)
+    meta = {"classes": classes, "palette": label_colormap(num_classes + 1)[1:].astype(int).tolist(),
+            "num_classes": num_classes, "ignore_index": 255,
+            "converted_from": {"file": str(source), "format": name}}
+    save_checkpoint(target_path, {"version": __version__, "recipe": recipe.to_dict(), "meta": meta,
+                                  "model": model.state_dict()})
+    return ConvertResult(target_path, name, len(state), len(converted))
+
+
+def _save_atomically(obj: object, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,122 @@
+"""`segcli convert` against the official code's own outputs (tests/fixtures/official/, made by
+tools/make_parity_fixtures.py from zbwxp/SegVit and MMSegmentation 0.24 on reduced models)."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from conftest import REPO
+
+from segcli import api
+from segcli.convert.reader import read_foreign_checkpoint, state_dict_of
+from segcli.engine.inference import infer
+from segcli.errors import SegcliError
+
+FIXTURES = REPO / "tests" / "fixtures" / "official"
+RECIPES = REPO / "tests" / "fixtures" / "recipes"
+RTOL = 1e-4
+
+
+def rel_diff(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return float((ours - theirs).abs().max() / theirs.abs().max())
+
+
+def test_segvit_v1_converts_and_matches_the_official_outputs(tmp_path):
+    out = api.convert(FIXTURES / "segvit-v1.pth", recipe=RECIPES / "segvit_v1_small.yaml", out=tmp_path / "m.pt")
+    assert out.format == "segvit-v1" and out.tensors_in == 266  # detected from the keys
+    loaded = api.load_checkpoint(out.path)
+    io = torch.load(FIXTURES / "segvit-v1_io.pt", weights_only=True)
+    with torch.no_grad():
+        features = loaded.model.backbone(io["input"])
+        for block, feature in zip((1, 2, 3), features):
+            assert rel_diff(feature, io[f"feat.{block}"]) < RTOL
+        # whole mode at 96x96: the 4x4 position table resized as MMSegmentation does
+        assert rel_diff(loaded.model(io["input"]), io["seg_logits"]) < RTOL
+        # slide mode, the released test pipeline (crop 64, stride 32) on a 96x128 image
+        scores = infer(loaded.model, io["slide.input"], loaded.recipe.test, loaded.recipe.data.crop_size)
+    assert rel_diff(scores, io["slide.seg_logits"]) < RTOL
+    assert torch.equal(scores.argmax(1), io["slide.seg_logits"].argmax(1))
+    assert loaded.meta["num_classes"] == 6 and loaded.meta["converted_from"]["format"] == "segvit-v1"
+
+
+def test_the_converted_checkpoint_predicts_like_any_other(tmp_path, synth_root):
+    out = api.convert(FIXTURES / "segvit-v1.pth", recipe=RECIPES / "segvit_v1_small.yaml", out=tmp_path / "m.pt")
+    assert api.load_checkpoint(out.path).recipe.model.decode_head.cfg.self_attn  # the released head, embedded
+    image = next((synth_root / "images" / "val").iterdir())
+    result = api.predict([str(image)], out.path, out_dir=tmp_path / "pred", device="cpu")
+    assert not result.failed and (tmp_path / "pred" / f"{image.stem}.png").is_file()
+
+
+def test_mmseg_vit_backbone_file_loads_as_pretrained(tmp_path):
+    """The vit2mmseg.py format: directly as model.backbone.pretrained, and through convert."""
+    io = torch.load(FIXTURES / "mmseg-vit_io.pt", weights_only=True)
+    overrides = [f"model.backbone.pretrained={FIXTURES / 'mmseg-vit.pth'}", "model.backbone.out_indices=[1, 3]",
+                 "model.decode_head.in_index=[1, 0]"]
+    model = api.build_model(api.load_recipe(RECIPES / "segvit_v1_small.yaml", overrides), num_classes=6).eval()
+    with torch.no_grad():
+        features = model.backbone(io["input"])  # 96x128: a 6x8 grid from the 4x4 table
+    assert rel_diff(features[0], io["segvit.feat.1"]) < RTOL and rel_diff(features[1], io["segvit.feat.3"]) < RTOL
+    timm_file = api.convert(FIXTURES / "mmseg-vit.pth", out=tmp_path / "vit.pth")
+    assert timm_file.format == "mmseg-vit"
+    state = torch.load(timm_file.path, weights_only=True)
+    assert "blocks.0.attn.qkv.weight" in state and "norm.weight" in state and "cls_token" not in state
+
+
+def test_wrong_architecture_names_the_keys(tmp_path):
+    with pytest.raises(SegcliError, match="not a segvit-v1 checkpoint of this architecture") as err:
+        api.convert(FIXTURES / "segvit-v1.pth", recipe=RECIPES / "segvit_v1_small.yaml", out=tmp_path / "m.pt",
+                    overrides=["model.backbone.depth=5"])
+    assert "backbone.vit.blocks.4" in str(err.value)
+
+
+def test_the_output_never_replaces_a_file(tmp_path):
+    target = tmp_path / "m.pt"
+    target.write_bytes(b"mine")
+    with pytest.raises(SegcliError, match="exists"):
+        api.convert(FIXTURES / "segvit-v1.pth", recipe=RECIPES / "segvit_v1_small.yaml", out=target)
+    assert target.read_bytes() == b"mine"
+
+
+def test_mmengine_checkpoints_are_read_without_running_code(tmp_path):
+    """The DToP fixture is an MMEngine checkpoint (message_hub holds HistoryBuffer objects, numpy values)."""
+    payload = read_foreign_checkpoint(FIXTURES / "dtop.pth")
+    assert len(state_dict_of(payload, "dtop")) == 274
+    assert "HistoryBuffer" in repr(payload["message_hub"])
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this would run",))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"w": torch.ones(1)}, "x": Evil()}, evil)
+    with pytest.raises(SegcliError, match="would run code"):
+        read_foreign_checkpoint(evil)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes((FIXTURES / "segvit-v1.pth").read_bytes()[:2000])
+    with pytest.raises(SegcliError, match="truncated"):
+        read_foreign_checkpoint(truncated)
+    plain = tmp_path / "plain.pkl"
+    plain.write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(SegcliError):
+        state_dict_of(read_foreign_checkpoint(plain), str(plain))
+
+
+def test_convert_cli_renders_and_refuses(cli, tmp_path):
+    res = cli("convert", FIXTURES / "segvit-v1.pth", "--recipe", RECIPES / "segvit_v1_small.yaml",
+              "--out", tmp_path / "m.pt", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["format"] == "segvit-v1"
+    res = cli("convert", FIXTURES / "segvit-v1.pth", "--recipe", RECIPES / "segvit_v1_small.yaml",
+              "--out", tmp_path / "m.pt")
+    assert res.exit_code == 2 and "--overwrite" in res.output and "Traceback" not in res.output
+    res = cli("convert", FIXTURES / "segvit-v1.pth", "--from", "segvit-v9")
+    assert res.exit_code == 2 and "segvit-v1" in res.output
+
+
+def test_the_released_vit_b_recipe_counts_the_released_gflops():
+    """Thesis table 4.1 / the release: SegViT ViT-B/16 at 512x512, 120.9 GFLOPs."""
+    result = api.flops(REPO / "recipes" / "released" / "segvit_vit_b_ade20k.yaml")
+    assert result["gflops"] == pytest.approx(120.9, rel=0.01) and result["shape"] == [512, 512]
