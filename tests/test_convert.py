@@ -114,6 +114,9 @@ def test_convert_cli_renders_and_refuses(cli, tmp_path):
     assert res.exit_code == 2 and "--overwrite" in res.output and "Traceback" not in res.output
     res = cli("convert", FIXTURES / "segvit-v1.pth", "--from", "segvit-v9")
     assert res.exit_code == 2 and "segvit-v1" in res.output
+    for name in ("dtop", "segvit-v1-shrunk", "mmseg-setr", "mmseg-deeplabv3plus"):  # recognised, not read yet
+        res = cli("convert", FIXTURES / f"{name}.pth", "--out", tmp_path / f"{name}.pt")
+        assert res.exit_code == 2 and "cannot read yet" in res.output, (name, res.output)
 
 
 def test_the_released_vit_b_recipe_counts_the_released_gflops():
