@@ -5,6 +5,8 @@ Formats (``--from``; detected from the keys when omitted and unambiguous):
 * ``segvit-v1``: the official SegViT release (zbwxp/SegVit, MMSegmentation 0.24: ViT + ``ATMHead``).
   The result is a complete segcli checkpoint with the recipe embedded, which ``eval``,
   ``predict``, ``prune``, ``flops`` and ``cl-step`` take as is.
+* ``mmseg`` (``mmseg-setr``, ``mmseg-deeplabv3plus``): MMSegmentation 0.x model-zoo SETR-UP/naive and
+  DeepLabV3+ checkpoints (``segcli/convert/mmseg.py``).
 * ``mmseg-vit``: an MMSegmentation-format ViT (what ``tools/model_converters/vit2mmseg.py``
   writes, which the official configs load as pretrained weights). It has no head, so the result
   is a timm-format backbone state dict for ``model.backbone.pretrained`` (which also reads the
@@ -31,6 +33,7 @@ import torch
 from ..build import as_recipe, build_model, without_pretrained
 from ..convert.keymap import Rule, apply_rules, convert_state  # noqa: F401
 from ..convert.reader import read_foreign_checkpoint, state_dict_of
+from ..convert.mmseg import deeplabv3plus_rename, deeplabv3plus_rules, setr_rename, setr_rules
 from ..convert.segvit import mmseg_vit_rules, segvit_v1_rules, zero_based_stages
 from ..data import dataset_classes
 from ..data.classes import label_colormap
@@ -55,6 +58,14 @@ def _is_segvit_v1(keys: set[str]) -> bool:
         k.startswith("decode_head.atm.") for k in keys) and not any(k.startswith("auxiliary_head.") for k in keys)
 
 
+def _is_mmseg_setr(keys: set[str]) -> bool:
+    return "decode_head.up_convs.0.0.conv.weight" in keys and "backbone.patch_embed.projection.weight" in keys
+
+
+def _is_mmseg_deeplabv3plus(keys: set[str]) -> bool:
+    return "decode_head.aspp_modules.0.conv.weight" in keys and "backbone.stem.0.weight" in keys
+
+
 def _is_mmseg_vit(keys: set[str]) -> bool:
     return "patch_embed.projection.weight" in keys and "layers.0.ln1.weight" in keys
 
@@ -62,6 +73,10 @@ def _is_mmseg_vit(keys: set[str]) -> bool:
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("segvit-v1", "official SegViT (zbwxp/SegVit): ViT + ATM head", segvit_v1_rules, zero_based_stages,
            _is_segvit_v1),
+    Format("mmseg-setr", "MMSegmentation model zoo: SETR (ViT + SETRUPHead)", setr_rules, setr_rename,
+           _is_mmseg_setr),
+    Format("mmseg-deeplabv3plus", "MMSegmentation model zoo: DeepLabV3+ (ResNetV1c + DSASPPHead)",
+           deeplabv3plus_rules, deeplabv3plus_rename, _is_mmseg_deeplabv3plus),
     Format("mmseg-vit", "MMSegmentation-format ViT backbone (vit2mmseg.py)",
            lambda: mmseg_vit_rules(source_prefix="", target_prefix="", final_norm=True),
            None, _is_mmseg_vit, backbone_only=True),
@@ -81,13 +96,17 @@ NOT_YET = (
     ("a DToP checkpoint (zbwxp/Dynamic-Token-Pruning PruneHead)", lambda keys: any(
         k.startswith("auxiliary_head.") and k.endswith("class_embed.weight") for k in keys)),
     ("a Shrunk SegViT checkpoint (vit_shrink + TPNATMHead)", lambda keys: any(k.startswith("decode_head.atm.") for k in keys)),
-    ("an MMSegmentation model-zoo checkpoint (SETR / DeepLabV3+)", lambda keys: "decode_head.conv_seg.weight" in keys),
+    ("an MMSegmentation model-zoo checkpoint of a head segcli does not convert (only SETR-UP / DeepLabV3+)",
+     lambda keys: "decode_head.conv_seg.weight" in keys),
 )
 
 
-def detect_format(keys: set[str], source: str) -> str:
-    """The one format whose keys these are, or an error listing what was seen."""
-    found = [name for name, fmt in FORMATS.items() if fmt.detect(keys)]
+ALIASES = {"mmseg": ("mmseg-setr", "mmseg-deeplabv3plus")}  # --from mmseg: the zoo model its keys show
+
+
+def detect_format(keys: set[str], source: str, among: tuple[str, ...] | None = None) -> str:
+    """The one format (of ``among``, default all) whose keys these are, or an error listing what was seen."""
+    found = [name for name, fmt in FORMATS.items() if fmt.detect(keys) and (among is None or name in among)]
     if len(found) == 1:
         return found[0]
     for what, looks_like in NOT_YET:
@@ -122,14 +141,17 @@ def convert(source: str | Path, from_format: str | None = None, recipe: Recipe |
             out: str | Path | None = None, overwrite: bool = False, overrides=()) -> ConvertResult:
     """Convert a released checkpoint (module docstring); returns where it was written."""
     source = Path(source).expanduser()
-    if from_format is not None and from_format not in FORMATS:
-        raise SegcliError(f"unknown format '{from_format}'", "--from", "choose " + " | ".join(FORMATS))
+    if from_format is not None and from_format not in FORMATS and from_format not in ALIASES:
+        raise SegcliError(f"unknown format '{from_format}'", "--from", "choose " + " | ".join([*FORMATS, *ALIASES]))
     if recipe is not None:
         recipe = as_recipe(recipe, overrides)
     payload = read_foreign_checkpoint(source)
     state = state_dict_of(payload, str(source))
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    name = from_format or detect_format(set(state), str(source))
+    if from_format in ALIASES:
+        name = detect_format(set(state), str(source), ALIASES[from_format])
+    else:
+        name = from_format or detect_format(set(state), str(source))
     fmt = FORMATS[name]
     if fmt.backbone_only:
         target_path = Path(out).expanduser() if out else source.with_name(f"{source.stem}.timm.pth")

@@ -64,6 +64,8 @@ class ResNetConfig:
     aspp: bool = False  # attach DeepLabV3+'s ASPP to the last level (NRD's encoder)
     aspp_channels: int = 512
     aspp_dilations: tuple[int, ...] = (1, 12, 24, 36)
+    stem_width: int = 32  # deep stem widths (w, w, 2w): MMSegmentation's stem_channels = 2w
+    channels: tuple[int, int, int, int] | None = None  # stage widths; None = the timm model's (64, 128, 256, 512)
 
     def __post_init__(self):
         if not self.out_indices or list(self.out_indices) != sorted(set(self.out_indices)):
@@ -167,7 +169,9 @@ class ResNetBackbone(Backbone):
         if get_arch_name(cfg.name) not in family:
             raise SegcliError(f"'{cfg.name}' is not a timm ResNet", "model.backbone.name",
                               did_you_mean(cfg.name, family))
-        stem = {"stem_type": "deep", "stem_width": 32} if cfg.deep_stem else {}
+        stem = {"stem_type": "deep", "stem_width": cfg.stem_width} if cfg.deep_stem else {}
+        if cfg.channels is not None:
+            stem["channels"] = tuple(cfg.channels)
         self.body = timm.create_model(cfg.name, pretrained=False, features_only=True, out_indices=cfg.out_indices,
                                       output_stride=cfg.output_stride, **stem)
         channels = list(self.body.feature_info.channels())

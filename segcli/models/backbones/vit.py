@@ -47,7 +47,12 @@ class ViTConfig:
     # how absolute position embeddings are resized to another grid: "timm" = timm's
     # resample_abs_pos_embed (antialiased bicubic), "bicubic" = plain bicubic, align_corners=False,
     # as MMSegmentation's VisionTransformer does (models trained there need it)
-    pos_embed_resize: Literal["timm", "bicubic"] = "timm"
+    # (and "bilinear", align_corners=False: MMSegmentation's SETR configs)
+    pos_embed_resize: Literal["timm", "bicubic", "bilinear"] = "timm"
+    # keep the cls token through the blocks (MMSegmentation's with_cls_token=True, e.g. its SETR);
+    # the features stay patch tokens. Plain encoder-decoders only: the block-level API that
+    # DToP and Shrunk drive works on patch tokens, so it refuses such a backbone.
+    cls_token: bool = False
 
 
 def _qkv(attn: nn.Module, x: torch.Tensor, query_index: torch.Tensor | None = None):
@@ -168,6 +173,8 @@ class ViTBackbone(Backbone):
         if not hasattr(vit, "blocks") or not hasattr(vit, "patch_embed"):
             raise SegcliError(f"'{cfg.name}' is not a plain ViT", "model.backbone.name", "use a vit_/deit3_/beit* model")
         self.depth = len(vit.blocks)
+        if cfg.cls_token and getattr(vit.blocks[0].attn, "relative_position_bias_table", None) is not None:
+            raise SegcliError("cls_token: true is for absolute-position ViTs, not BEiT", "model.backbone.cls_token")
         for index in cfg.out_indices:
             if not 0 <= index < self.depth:
                 raise SegcliError(f"block {index} does not exist ({cfg.name} has {self.depth})",
@@ -175,7 +182,7 @@ class ViTBackbone(Backbone):
         # Patch tokens only: the prefix (cls/register) slots of the position embedding stay in the
         # tensor (so timm checkpoints load unchanged) but are never added to anything.
         self.num_prefix_pos = 0 if getattr(vit, "no_embed_class", False) else getattr(vit, "num_prefix_tokens", 1)
-        for name in ("cls_token", "reg_token"):
+        for name in ("reg_token",) if cfg.cls_token else ("cls_token", "reg_token"):
             if getattr(vit, name, None) is not None:
                 delattr(vit, name)
                 setattr(vit, name, None)
@@ -201,6 +208,12 @@ class ViTBackbone(Backbone):
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Images [B, 3, H, W] -> patch tokens [B, h*w, C] with position embeddings, and (h, w)."""
+        if self.cfg.cls_token:
+            raise SegcliError("a ViT that keeps its cls token has no patch-token-only block API", "model.backbone.cls_token",
+                              "DToP and Shrunk need cls_token: false")
+        return self._patch_tokens(images)
+
+    def _patch_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         x = self.vit.patch_embed.proj(images)  # [B, C, h, w]
         grid = (x.shape[2], x.shape[3])
         x = x.flatten(2).transpose(1, 2)  # [B, h*w, C]
@@ -222,7 +235,7 @@ class ViTBackbone(Backbone):
             return resample_abs_pos_embed(pos, list(grid), old_size=list(self.base_grid), num_prefix_tokens=0)
         h0, w0 = self.base_grid
         table = pos.reshape(1, h0, w0, -1).permute(0, 3, 1, 2)  # [1, C, h0, w0]
-        table = F.interpolate(table, size=grid, mode="bicubic", align_corners=False)  # [1, C, h, w]
+        table = F.interpolate(table, size=grid, mode=self.cfg.pos_embed_resize, align_corners=False)  # [1, C, h, w]
         return table.flatten(2).transpose(1, 2)  # [1, h*w, C]
 
     def run_block(self, index: int, tokens: torch.Tensor, grid: tuple[int, int], **kwargs) -> torch.Tensor:
@@ -234,13 +247,18 @@ class ViTBackbone(Backbone):
         return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], grid[0], grid[1])
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        tokens, grid = self.embed(images)
+        tokens, grid = self._patch_tokens(images)  # [B, h*w, C]
+        prefix = 0
+        if self.cfg.cls_token:  # MMSegmentation's with_cls_token: the cls token (+ its position) runs along
+            cls = self.vit.cls_token + self.vit.pos_embed[:, :1]  # [1, 1, C]
+            tokens = torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)  # [B, 1 + h*w, C]
+            prefix = 1
         features = []
         last = max(self.out_indices)
         for index in range(last + 1):
-            tokens = self.run_block(index, tokens, grid)
+            tokens = block_forward(self.vit.blocks[index], tokens, grid)
             if index in self.out_indices:
-                features.append(self.tokens_to_map(tokens, grid))
+                features.append(self.tokens_to_map(tokens[:, prefix:], grid))
         return [features[sorted(self.out_indices).index(i)] for i in self.out_indices]
 
     # ------------------------------------------------------------------ optimisation helpers
@@ -280,7 +298,8 @@ class ViTBackbone(Backbone):
         state = {k.removeprefix("module.").removeprefix("backbone.").removeprefix("encoder."): v for k, v in state.items()}
         if "patch_embed.projection.weight" in state:  # MMSegmentation's VisionTransformer (vit2mmseg.py format)
             state = mmseg_vit_to_timm(state)
-        state.pop("cls_token", None)
+        if not self.cfg.cls_token:
+            state.pop("cls_token", None)
         state.pop("reg_token", None)
         module = __import__(type(self.vit).__module__, fromlist=["checkpoint_filter_fn"])
         if hasattr(module, "checkpoint_filter_fn"):
