@@ -141,3 +141,28 @@ def test_the_released_vit_b_recipe_counts_the_released_gflops():
     """Thesis table 4.1 / the release: SegViT ViT-B/16 at 512x512, 120.9 GFLOPs."""
     result = api.flops(REPO / "recipes" / "released" / "segvit_vit_b_ade20k.yaml")
     assert result["gflops"] == pytest.approx(120.9, rel=0.01) and result["shape"] == [512, 512]
+
+
+def test_released_fine_tuning_groups_match_the_official_paramwise_cfg(tmp_path):
+    """zbwxp/SegVit configs: AdamW, custom_keys norm/ln -> no weight decay, head -> lr x10 (so the
+    class queries get x10 *and* weight decay); `wd_embeddings: true` is that rule in segcli."""
+    from segcli.convert.keymap import apply_rules
+    from segcli.convert.segvit import segvit_v1_rules, zero_based_stages
+    from segcli.engine.optim import param_groups
+
+    recipe = api.load_recipe(RECIPES / "segvit_v1_small.yaml", ["train.optimizer.wd_embeddings=true"])
+    model = api.build_model(recipe, num_classes=6)
+    ours = {}
+    for group in param_groups(model, recipe.train.optimizer):
+        ours.update({name: (group["lr_scale"], group["weight_decay"]) for name in group["names"]})
+    official = state_dict_of(read_foreign_checkpoint(FIXTURES / "segvit-v1.pth"), "segvit-v1")
+    checked = 0
+    for key in official:
+        if key.endswith("empty_weight") or key.endswith("cls_token"):
+            continue  # buffers / dropped
+        mapped, _ = apply_rules({key: official[key]}, segvit_v1_rules())
+        released = (10.0 if "head" in key else 1.0, 0.0 if ("norm" in key or "ln" in key) else 0.01)
+        for name in mapped:
+            assert ours[zero_based_stages(name)] == released, (key, name)
+            checked += 1
+    assert checked == len(ours)  # every trainable parameter of ours was compared

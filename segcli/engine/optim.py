@@ -2,7 +2,8 @@
 
 Groups (MMSegmentation's ``paramwise_cfg`` habits): parameters outside the backbone take
 ``lr × head_lr_mult``; norm weights/biases (LayerNorm, BatchNorm, GroupNorm), position
-embeddings and whatever a module lists in its ``no_weight_decay_names()`` take no weight decay (``no_wd_norm``);
+embeddings and whatever a module lists in its ``no_weight_decay_names()`` take no weight decay (``no_wd_norm``;
+``wd_embeddings`` exempts the norms only, as the released SegViT configs' ``paramwise_cfg`` does);
 with ``layer_decay`` the backbone's layer ``i`` of ``L`` takes ``lr × decay^(L-1-i)`` (BEiT
 fine-tuning). The lr of iteration ``it`` is a pure function of ``it`` (mmcv 0.x "poly" with linear
 warmup: ``base · poly(it) · warmup(it)``), so resuming needs only the iteration number.
@@ -15,12 +16,12 @@ from torch import nn
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 
 
-def _no_decay_names(model: nn.Module) -> set[str]:
+def _no_decay_names(model: nn.Module, embeddings: bool = True) -> set[str]:
     names = set()
     for module_name, module in model.named_modules():
         if isinstance(module, _NORMS):
             names |= {f"{module_name}.{p}" if module_name else p for p, _ in module.named_parameters(recurse=False)}
-        if hasattr(module, "no_weight_decay_names"):  # position embeddings, class queries, ...
+        if embeddings and hasattr(module, "no_weight_decay_names"):  # position embeddings, class queries, ...
             prefix = f"{module_name}." if module_name else ""
             names |= {prefix + n for n in module.no_weight_decay_names()}
     return names
@@ -28,7 +29,7 @@ def _no_decay_names(model: nn.Module) -> set[str]:
 
 def param_groups(model: nn.Module, cfg) -> list[dict]:
     """Parameter groups for ``cfg`` (an ``OptimizerConfig``); each group carries ``lr_scale``."""
-    no_decay = _no_decay_names(model) if cfg.no_wd_norm else set()
+    no_decay = _no_decay_names(model, embeddings=not cfg.wd_embeddings) if cfg.no_wd_norm else set()
     backbone = getattr(model, "backbone", None)
     groups: dict[tuple, dict] = {}
     for name, param in model.named_parameters():
