@@ -10,6 +10,8 @@ Rows:
 * ``timm ViT-B backbone`` - ``timm`` ``vit_base_patch16_384`` at 512², cls token dropped, no head;
 * ``SegViT ViT-B (low|full)`` - the whole model, image -> ``[1, 150, 512, 512]`` scores, with the
   class scores formed at 1/16 (default) or at full size (released code; see ``models/heads/atm.py``);
+* ``SegViT ViT-B (low|full), labels`` - image -> ``[1, 512, 512]`` labels through the engine's
+  label path (``infer_labels``: the arg-max taken by bands of rows, no full-size score tensor);
 * ``SETR-naive ViT-B`` - the thesis' baseline, which returns the same full-size scores;
 * a breakdown of SegViT (low): the segcli ViT-B backbone, the ATM head on its features, the
   score assembly at 1/16 and the final bilinear upsampling of the 150 score maps to 512².
@@ -27,6 +29,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import timm
 import torch
@@ -36,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from segcli.api import build_model  # noqa: E402
+from segcli.engine.inference import infer_labels  # noqa: E402
 from segcli.recipe import load_recipe  # noqa: E402
 
 
@@ -72,6 +76,7 @@ def main() -> None:
     backbone = timm.create_model("vit_base_patch16_384", pretrained=False, num_classes=0, img_size=size,
                                  class_token=False, global_pool="avg").eval()
     images = torch.randn(1, 3, size, size)
+    whole = SimpleNamespace(mode="whole", crop_size=None, stride=None, scale=None, scales=(1.0,), flip=False)
     with torch.inference_mode():
         features = low.backbone(images)
         outputs = low.decode_head(features)
@@ -84,6 +89,8 @@ def main() -> None:
         fns = {
             "timm ViT-B backbone": lambda: backbone.forward_features(images),
             "SegViT ViT-B (low)": lambda: low(images),
+            "SegViT ViT-B (low), labels": lambda: infer_labels(low, images, whole, (size, size)),
+            "SegViT ViT-B (full), labels": lambda: infer_labels(full, images, whole, (size, size)),
             "SegViT ViT-B (full)": lambda: full(images),
             "SETR-naive ViT-B": lambda: setr(images),
             "  segcli ViT-B backbone": lambda: low.backbone(images),

@@ -9,18 +9,26 @@ prints; long operations report progress through an optional callback. User error
 from __future__ import annotations
 
 from .build import LoadedModel, build_datasets, build_model, load_checkpoint, pick_device, without_pretrained
-from .recipe import Recipe, dump_recipe, load_recipe
+from .recipe import Recipe, dump_recipe, load_recipe, resolved_recipe_yaml
+from .workflows.benchmark import benchmark
 from .workflows.continual import CLStepResult, cl_metrics, cl_step
+from .workflows.data_check import DataCheckResult, check_data
+from .workflows.convert import ConvertResult, convert
 from .workflows.evaluate import evaluate
+from .workflows.export import ExportResult, export_model, load_onnx
 from .workflows.flops import flops
+from .workflows.plot import plot_run
 from .workflows.predict import PredictResult, predict
 from .workflows.prune import gflops_split, parse_layers, prune_checkpoint
 from .workflows.train import TrainResult, train
 
 
 prune = prune_checkpoint  # ``segcli prune``: DToP@Direct (thesis ch. 5)
+export = export_model  # ``segcli export``: ONNX / ExportedProgram / TorchScript, verified
 
 
-__all__ = ["CLStepResult", "LoadedModel", "PredictResult", "Recipe", "TrainResult", "build_datasets", "build_model",
+__all__ = ["CLStepResult", "ConvertResult", "convert", "LoadedModel", "PredictResult", "Recipe", "TrainResult", "build_datasets", "build_model",
            "cl_metrics", "cl_step", "dump_recipe", "evaluate", "flops", "gflops_split", "load_checkpoint",
-           "load_recipe", "pick_device", "predict", "prune", "prune_checkpoint", "train", "without_pretrained"]
+           "load_recipe", "pick_device", "predict", "prune", "prune_checkpoint", "train", "without_pretrained",
+           "DataCheckResult", "check_data", "plot_run", "resolved_recipe_yaml",
+           "ExportResult", "export", "export_model", "load_onnx", "benchmark"]

@@ -18,12 +18,14 @@ from rich.table import Table
 
 from .errors import SegcliError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+# rich_markup_mode=None: click's plain help, which shows a boolean flag as a flag (rich help writes "<bool>")
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Semantic segmentation: NRD, SegViT (ATM, Shrunk, CL) and DToP from one engine.")
-data_app = typer.Typer(no_args_is_help=True, help="Dataset utilities.")
+data_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Dataset utilities.")
 app.add_typer(data_app, name="data")
 
 SetOpt = typer.Option(None, "--set", "-s", help="Override a recipe key: --set train.max_iters=100 (repeatable).")
+DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda if available)."
 
 
 def _console(stderr: bool = False) -> Console:
@@ -58,8 +60,18 @@ def _guard(ctx: typer.Context, fn, *args, **kwargs):
         raise typer.Exit(130) from None
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from .version import __version__
+
+        typer.echo(f"segcli {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(ctx: typer.Context, debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
+def _root(ctx: typer.Context, debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+          version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the version and exit.")):
     ctx.obj = {"debug": debug}
 
 
@@ -106,9 +118,20 @@ class _TrainReporter:
                                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
                                  disable=not self.interactive)
         self.task = None
+        self.saved: dict | None = None  # the last "checkpoint" event: what an interruption leaves
 
     def __call__(self, event: str, info: dict) -> None:
-        if event == "step":
+        if event == "start":
+            start = f", resuming at iteration {info['start_iter']}" if info["start_iter"] else ""
+            self.console.print(f"[bold]{info['recipe']}[/]: {info['model']}, {info['params_m']:.2f} M parameters; "
+                               f"{info['dataset']} ({info['data_root'] or 'default root'}): {info['train_images']} "
+                               f"train / {info['val_images']} val images; {info['max_iters']} iterations{start} "
+                               f"on {info['device']} -> {info['work_dir']}/")
+        elif event == "warning":
+            self.progress.console.print(f"[bold yellow]warning:[/] {info['message']}")
+        elif event == "checkpoint":
+            self.saved = info
+        elif event == "step":
             if self.task is None:
                 self.task = self.progress.add_task("train", total=info["max_iters"], info="")
                 self.progress.start()
@@ -122,6 +145,26 @@ class _TrainReporter:
     def close(self) -> None:
         self.progress.stop()
 
+    def interrupted(self, resume_command: str) -> None:
+        """Ctrl-C: say what was saved and how to continue (the trainer saves last.pt before leaving)."""
+        if self.saved:
+            self.console.print(f"interrupted: saved {self.saved['path']} at iteration {self.saved['iter']}; "
+                               f"resume with: {resume_command}", style="bold")
+        else:
+            self.console.print("interrupted before anything was saved", style="bold")
+
+
+def _command(*parts, sets=(), device: str | None = None) -> str:
+    """A copy-pasteable command line (each part shell-quoted)."""
+    import shlex
+
+    words = [str(p) for p in parts if p is not None]
+    for item in sets or ():
+        words += ["--set", item]
+    if device:
+        words += ["--device", device]
+    return " ".join(shlex.quote(w) for w in words)
+
 
 @app.command()
 def train(
@@ -130,19 +173,28 @@ def train(
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", "-w", help="Output folder (default runs/<recipe name>)."),
     set_: Optional[List[str]] = SetOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue exactly from WORK_DIR/last.pt."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if available)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in WORK_DIR (its checkpoints and metrics)."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout (progress goes to stderr)."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
 ):
     """Train a recipe; evaluate it; write last.pt, best.pt, metrics.jsonl and recipe.yaml."""
     from . import api
 
-    console = _console()
+    console = _console(stderr=json_out)
     main = _is_main_process()
 
     def run():
         rec = api.load_recipe(recipe, set_ or [])
         reporter = _TrainReporter(console, rec.train.log_interval) if main else None
         try:
-            result = api.train(rec, work_dir=work_dir, resume=resume, device=device, callback=reporter)
+            result = api.train(rec, work_dir=work_dir, resume=resume, device=device, callback=reporter,
+                               overwrite=overwrite)
+        except KeyboardInterrupt:
+            if reporter:
+                reporter.close()
+                reporter.interrupted(_command("segcli", "train", recipe, "--work-dir", work_dir or Path("runs") / rec.name,
+                                              "--resume", sets=set_, device=device))
+            raise typer.Exit(130) from None
         finally:
             if reporter:
                 reporter.close()
@@ -150,6 +202,11 @@ def train(
 
     rec, result = _guard(ctx, run)
     if not main:
+        return
+    if json_out:
+        typer.echo(json.dumps({"work_dir": str(result.work_dir), "last": str(result.last),
+                               "best": str(result.best) if result.best else None, "best_mIoU": result.best_miou,
+                               "iterations": result.iterations, "metrics": result.metrics}))
         return
     if result.metrics:
         console.print(_metrics_table(result.metrics, f"{rec.name} @ {result.iterations} iterations"))
@@ -182,7 +239,7 @@ def eval_(
     flops: bool = typer.Option(False, "--flops", help="Add gflops_avg: fvcore GFLOPs averaged over the images."),
     trimap: Optional[int] = typer.Option(None, "--trimap", help="Add trimap_mIoU within W px of GT boundaries."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate the first N images only."),
-    device: Optional[str] = typer.Option(None, "--device"),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
 ):
     """Evaluate a checkpoint on its dataset's validation split."""
     from . import api
@@ -209,7 +266,9 @@ def predict(
     out: Path = typer.Option(Path("predictions"), "--out", "-o", help="Output folder."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write <stem>_overlay.png (image blended with colours)."),
     show_pruning: bool = typer.Option(False, "--show-pruning", help="DToP: write per-stage maps of exited tokens."),
-    device: Optional[str] = typer.Option(None, "--device"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace predictions of an earlier run in --out (never an input)."),
+    json_out: bool = typer.Option(False, "--json", help="Print {\"written\", \"failed\"} as JSON on stdout."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
 ):
     """Segment images; writes <stem>.png (class ids) and <stem>_color.png to --out."""
     from . import api, zoo
@@ -218,9 +277,14 @@ def predict(
         if (checkpoint is None) == (model is None):
             raise SegcliError("give exactly one of --checkpoint or --model", "predict")
         path = checkpoint if checkpoint is not None else zoo.resolve(model)
-        return api.predict(list(inputs), path, out_dir=out, overlay=overlay, device=device, show_pruning=show_pruning)
+        return api.predict(list(inputs), path, out_dir=out, overlay=overlay, device=device, show_pruning=show_pruning,
+                           overwrite=overwrite)
 
     result = _guard(ctx, run)
+    if json_out:
+        typer.echo(json.dumps({"out": str(out), "written": [str(p) for p in result.written],
+                               "failed": [{"path": path, "reason": reason} for path, reason in result.failed]}))
+        raise typer.Exit(2 if result.failed else 0)
     console = _console()
     err = _console(stderr=True)
     for path, reason in result.failed:
@@ -253,6 +317,52 @@ def flops(
     _console().print(f"{recipe}: {result['gflops']:.2f} GFLOPs at {h}x{w}, {result['params_m']:.2f} M parameters")
 
 
+@app.command()
+def benchmark(
+    ctx: typer.Context,
+    sources: List[Path] = typer.Argument(..., help="Recipes (random weights) and/or segcli checkpoints."),
+    shape: Optional[Tuple[int, int]] = typer.Option(None, "--shape", help="Input H W (default: each crop size)."),
+    batch: int = typer.Option(1, "--batch", help="Images per call."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: as is)."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    repeats: int = typer.Option(5, "--repeats", help="Timed calls per model (round-robin)."),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed calls per model first (>= 1)."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the backbone and head first."),
+    backbone_only: bool = typer.Option(False, "--backbone-only", help="Time the bare encoder."),
+    mode: str = typer.Option("whole", "--mode", help="whole or slide (the recipe's test crop and stride)."),
+    set_: Optional[List[str]] = SetOpt,
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout (schema: README)."),
+):
+    """Latency, throughput, peak memory, GFLOPs and parameters; several models are timed round-robin."""
+    from . import api
+
+    err = _console(stderr=True)
+    result = _guard(ctx, api.benchmark, list(sources), shape=tuple(shape) if shape else None, batch=batch,
+                    threads=threads, device=device, repeats=repeats, warmup=warmup, compile=compile_,
+                    backbone_only=backbone_only, mode=mode, overrides=set_ or [],
+                    progress=lambda done, total: err.print(f"\rbenchmark: call {done}/{total}", end=""))
+    err.print()
+    if json_out:
+        typer.echo(json.dumps(result))
+        return
+    console = _console()
+    console.print(f"{result['device']}, batch {result['batch']}, {result['threads']} threads, {result['mode']} mode"
+                  f"{', backbone only' if result['backbone_only'] else ''}, median of {result['repeats']} calls")
+    width = max(len(row["name"]) for row in result["models"])
+    console.print(f"{'model':{width}s} {'shape':>9s} {'median s':>9s} {'min s':>9s} {'img/s':>8s} {'peak MiB':>9s} "
+                  f"{'GFLOPs':>8s} {'params M':>8s} {'x first':>7s}")
+    for row in result["models"]:
+        peak = "-" if row["peak_memory_mib"] is None else f"{row['peak_memory_mib']:.0f}"
+        console.print(f"{row['name']:{width}s} {'x'.join(map(str, row['shape'])):>9s} {row['latency_median_s']:9.4f} "
+                      f"{row['latency_min_s']:9.4f} {row['throughput_ips']:8.2f} {peak:>9s} {row['gflops']:8.2f} "
+                      f"{row['params_m']:8.2f} {row['ratio']['latency_median_s']:7.3f}")
+    first = ", ".join(f"{row['name']} {row['first_call_s']:.2f} s" for row in result["models"])
+    console.print(f"first call{' (torch.compile)' if result['compile'] else ''}, not timed: {first}")
+    load = result["load_average"]
+    if load is not None:
+        console.print(f"load average during the run: {load[0]:.2f} ({os.cpu_count()} CPUs)")
+
+
 # --------------------------------------------------------------------------- DToP and SegViT-CL
 
 
@@ -265,6 +375,7 @@ def prune(
     exit_layers: Optional[str] = typer.Option(None, "--exit-layers", "--layers",
                                               help="0-based exit blocks, e.g. 5,7 (default: every aux head)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output checkpoint (default <stem>_dtop.pt)."),
+    json_out: bool = typer.Option(False, "--json", help="Print {\"checkpoint\", \"p0\", \"k\"} as JSON on stdout."),
 ):
     """DToP@Direct: write a pruned checkpoint that eval/predict/flops use as is (thesis ch. 5)."""
     from . import api
@@ -278,6 +389,9 @@ def prune(
             raise
 
     path = _guard(ctx, run)
+    if json_out:
+        typer.echo(json.dumps({"checkpoint": str(path), "p0": p0, "k": k, "exit_layers": exit_layers}))
+        return
     _console().print(f"wrote {path} (p0={p0}, k={k})")
     _console().print(f"next: segcli eval {path} --flops")
     _console().print(f"      segcli predict IMAGE --checkpoint {path} --show-pruning")
@@ -293,25 +407,40 @@ def cl_step(
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", "-w", help="Default runs/<recipe name>; writes DIR/task{N}/."),
     set_: Optional[List[str]] = SetOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue DIR/task{N}/last.pt exactly."),
-    device: Optional[str] = typer.Option(None, "--device"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run of this task in DIR/task{N}/."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout (progress goes to stderr)."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
 ):
     """SegViT-CL: train one continual-learning step with every earlier parameter frozen (thesis 4.2.3)."""
     from . import api
 
-    console = _console()
+    console = _console(stderr=json_out)
     main = _is_main_process()
 
     def run():
         reporter = _TrainReporter(console, 50) if main else None
         try:
             return api.cl_step(recipe, task, work_dir=work_dir, overrides=set_ or [], device=device, resume=resume,
-                               callback=reporter)
+                               callback=reporter, overwrite=overwrite)
+        except KeyboardInterrupt:
+            if reporter:
+                reporter.close()
+                reporter.interrupted(_command("segcli", "cl-step", recipe, "--task", task,
+                                              *(["--work-dir", work_dir] if work_dir else []), "--resume",
+                                              sets=set_, device=device))
+            raise typer.Exit(130) from None
         finally:
             if reporter:
                 reporter.close()
 
     result = _guard(ctx, run)
     if not main:
+        return
+    if json_out:
+        typer.echo(json.dumps({"task": result.task, "num_tasks": result.num_tasks, "classes": list(result.classes),
+                               "work_dir": str(result.work_dir), "checkpoint": str(result.checkpoint),
+                               "num_images": result.num_images, "iterations": result.iterations,
+                               "metrics": result.metrics}))
         return
     if result.metrics:
         console.print(_metrics_table(result.metrics, f"task {result.task}/{result.num_tasks} @ {result.iterations} iterations"))
@@ -323,6 +452,34 @@ def cl_step(
 
 
 # --------------------------------------------------------------------------- data
+
+
+@app.command()
+def convert(
+    ctx: typer.Context,
+    source: Path = typer.Argument(..., help="A released checkpoint (.pth) of the official code or MMSegmentation."),
+    from_: Optional[str] = typer.Option(None, "--from", help="segvit-v1 | mmseg | mmseg-vit (default: detected from the keys)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="The released architecture, e.g. recipes/released/..."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default beside SOURCE: <stem>.segcli.pt)."),
+    set_: Optional[List[str]] = SetOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Convert a released SegViT / MMSegmentation checkpoint into a segcli checkpoint (its recipe embedded)."""
+    from . import api
+
+    result = _guard(ctx, api.convert, source, from_format=from_, recipe=recipe, out=out, overwrite=overwrite,
+                    overrides=set_ or [])
+    if json_out:
+        typer.echo(json.dumps({"path": str(result.path), "format": result.format, "tensors_in": result.tensors_in,
+                               "tensors_out": result.tensors_out}))
+        return
+    _console().print(f"wrote {result.path} ({result.format}: {result.tensors_in} tensors read, "
+                     f"{result.tensors_out} written)")
+    if result.format != "mmseg-vit":
+        _console().print(f"next: segcli eval {result.path}   or   segcli predict IMAGE --checkpoint {result.path}")
+    else:
+        _console().print(f"use it as model.backbone.pretrained: --set model.backbone.pretrained={result.path}")
 
 
 @data_app.command("synth")
@@ -339,6 +496,118 @@ def data_synth(
 
     root = _guard(ctx, generate_synthetic, out, n, n_val, size, seed)
     _console().print(f"wrote {n} + {n_val} images to {root}/ (folder layout)")
+
+
+@data_app.command("check")
+def data_check(
+    ctx: typer.Context,
+    recipe: Path = typer.Argument(..., help="Recipe YAML whose dataset to check."),
+    set_: Optional[List[str]] = SetOpt,
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+):
+    """Read every image and mask of every split once; report every problem and the class histogram."""
+    from rich.progress import Progress
+
+    from . import api
+
+    err = _console(stderr=True)
+    with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(split: str, done: int, total: int) -> None:
+            if split not in tasks:
+                tasks[split] = bar.add_task(f"check {split}", total=total)
+            bar.update(tasks[split], completed=done)
+
+        report = _guard(ctx, api.check_data, recipe, overrides=set_ or [], progress=progress)
+    if json_out:
+        typer.echo(json.dumps({"ok": report.ok, "images": report.images, "classes": list(report.classes),
+                               "pixels": report.pixels, "ignored_pixels": report.ignored_pixels,
+                               "problems": [{"where": w, "problem": m} for w, m in report.problems]}))
+    else:
+        console = _console()
+        console.print(", ".join(f"{split}: {n} images" for split, n in report.images.items()))
+        total = sum(report.pixels) + report.ignored_pixels
+        table = Table(title="class histogram (labelled pixels)")
+        table.add_column("id", justify="right")
+        table.add_column("class")
+        table.add_column("pixels", justify="right")
+        table.add_column("%", justify="right")
+        for i, (name, count) in enumerate(zip(report.classes, report.pixels)):
+            table.add_row(str(i), name, str(count), f"{100 * count / max(total, 1):.2f}")
+        table.add_row("255", "(ignore)", str(report.ignored_pixels), f"{100 * report.ignored_pixels / max(total, 1):.2f}")
+        console.print(table)
+        for where, problem in report.problems:
+            err.print(f"[bold red]problem:[/] {where}: {problem}")
+        console.print("no problems" if report.ok else f"{len(report.problems)} problem(s)")
+    if not report.ok:
+        raise typer.Exit(2)
+
+
+# --------------------------------------------------------------------------- recipe, plot
+
+recipe_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Recipe utilities.")
+app.add_typer(recipe_app, name="recipe")
+
+
+@recipe_app.command("show")
+def recipe_show(
+    ctx: typer.Context,
+    recipe: Path = typer.Argument(..., help="Recipe YAML."),
+    set_: Optional[List[str]] = SetOpt,
+):
+    """Print the resolved recipe (bases merged, --set applied, defaults filled): what train writes."""
+    from . import api
+
+    typer.echo(_guard(ctx, api.resolved_recipe_yaml, recipe, overrides=set_ or []), nl=False)
+
+
+@app.command()
+def plot(
+    ctx: typer.Context,
+    run_dir: Path = typer.Argument(..., help="A work dir of `segcli train` (its metrics.jsonl)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output PNG (default RUN_DIR/curves.png)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output PNG."),
+):
+    """Draw the loss and validation mIoU curves of a run into a PNG."""
+    from . import api
+
+    path = _guard(ctx, api.plot_run, run_dir, out=out, overwrite=overwrite)
+    _console().print(f"wrote {path}")
+
+
+# --------------------------------------------------------------------------- export
+
+
+@app.command()
+def export(
+    ctx: typer.Context,
+    checkpoint: Path = typer.Argument(..., help="A segcli checkpoint."),
+    format_: str = typer.Option("onnx", "--format", "-f", help="onnx, torchscript or exported-program."),
+    shape: Optional[Tuple[int, int]] = typer.Option(None, "--shape", help="Input H W (default: the crop size)."),
+    dynamic: bool = typer.Option(False, "--dynamic", help="Dynamic batch, height and width where the model allows."),
+    batch: int = typer.Option(1, "--batch", help="Batch size of the graph (the sample batch if --dynamic)."),
+    output: str = typer.Option("labels", "--output", help="labels (int64 [B,H,W]) or scores ([B,K,H,W])."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default 18)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default beside the checkpoint)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+):
+    """Export a checkpoint (image 0..255 RGB NCHW in) and check it against PyTorch on a sample input."""
+    from . import api
+
+    result = _guard(ctx, api.export, checkpoint, format=format_, shape=tuple(shape) if shape else None,
+                    dynamic=dynamic, batch=batch, output=output, opset=opset, out=out, overwrite=overwrite)
+    if json_out:
+        typer.echo(json.dumps(result.to_dict()))
+        return
+    console = _console()
+    axes = ", ".join(result.dynamic_axes) or "none (static)"
+    console.print(f"wrote {result.path} ({result.format}{f', opset {result.opset}' if result.opset else ''}, "
+                  f"{result.output}, {result.export_seconds:.1f} s; dynamic axes: {axes})")
+    for check in result.checks:
+        diff = "-" if check.max_abs_diff is None else f"{check.max_abs_diff:.3g} (relative {check.rel_diff:.2g})"
+        console.print(f"  input {list(check.shape)}: max abs diff {diff}, labels agree on {check.label_agreement:.4%}")
 
 
 def main() -> None:

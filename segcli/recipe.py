@@ -91,6 +91,9 @@ class OptimizerConfig:
     head_lr_mult: float = 10.0  # lr multiplier for everything but the backbone
     layer_decay: float | None = None  # layer-wise lr decay for ViT backbones (BEiT fine-tuning)
     no_wd_norm: bool = True  # no weight decay on norms, biases, position embeddings, queries
+    # weight decay on position embeddings and class queries after all (only norms are exempt):
+    # the released SegViT configs' paramwise_cfg (custom_keys norm / ln: decay 0, head: lr x10)
+    wd_embeddings: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,7 @@ class TrainConfig:
     eval_interval: int = 16000
     log_interval: int = 50
     checkpoint_interval: int = 0  # 0 = only at eval and at the end
+    keep_checkpoints: int = 0  # keep iter_{N}.pt beside last.pt at each save: the N most recent (0 = none)
     seed: int = 0
     init_from: str | None = None  # a checkpoint whose weights start this run (e.g. DToP finetune)
 
@@ -115,6 +119,8 @@ class TrainConfig:
             raise ValueError("max_iters must be >= 1")
         if self.accum_steps < 1:
             raise ValueError("accum_steps must be >= 1")
+        if self.keep_checkpoints < 0:
+            raise ValueError("keep_checkpoints must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -160,11 +166,27 @@ class Recipe:
 # --------------------------------------------------------------------------- loading
 
 
+def _recipe_hint(path: Path) -> str:
+    """'did you mean recipes/...?' from the shipped recipes (``recipes/`` here, else the repository's)."""
+    import difflib
+
+    folder = Path("recipes") if Path("recipes").is_dir() else Path(__file__).resolve().parents[1] / "recipes"
+    shipped = [p for p in folder.rglob("*.yaml") if "_base_" not in p.parts] if folder.is_dir() else []
+    by_text = {str(p if folder == Path("recipes") else p.resolve()): p for p in shipped}
+    close = (difflib.get_close_matches(str(path), list(by_text), n=1, cutoff=0.6)
+             or [t for t in by_text if by_text[t].stem in difflib.get_close_matches(path.stem, [p.stem for p in shipped],
+                                                                                   n=1, cutoff=0.6)][:1])
+    return f"did you mean '{close[0]}'?" if close else "check the path"
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
-        raise SegcliError("recipe file not found", str(path), "check the path")
+        raise SegcliError("recipe file not found", str(path), _recipe_hint(path))
     try:
         data = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:  # a checkpoint, an image, ... given where a recipe goes
+        raise SegcliError("not a text recipe; is it a checkpoint?", str(path),
+                          "give a recipe .yaml (eval, predict and flops take checkpoints)") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         loc = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -284,3 +306,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+def resolved_recipe_yaml(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """The resolved recipe (``_base_`` merged, ``--set`` applied, every default filled in) as the YAML
+    that ``segcli train`` writes to ``WORK_DIR/recipe.yaml`` (``segcli recipe show``)."""
+    return dump_recipe(load_recipe(path, overrides))

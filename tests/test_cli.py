@@ -110,9 +110,9 @@ def test_predict_named_segvit(cli, synth_root, tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "same").glob("*.png") if "_color" not in p.name) == ["a_x.png", "b_x.png"]
 
 
-def test_a_bad_validation_mask_keeps_the_trained_weights(cli, tmp_path):
-    """The evaluation after training meets a mask with an unknown class id: exit 2, one line naming
-    the file, and last.pt written (the training is not lost)."""
+def test_a_bad_validation_mask_stops_the_run_before_training(cli, tmp_path):
+    """A validation mask with an unknown class id is found before the first iteration: exit 2, one
+    line naming the file, and nothing written (it used to be found only after training)."""
     root = tmp_path / "folder"
     for split in ("train", "val"):
         (root / "images" / split).mkdir(parents=True)
@@ -128,5 +128,5 @@ def test_a_bad_validation_mask_keeps_the_trained_weights(cli, tmp_path):
     work = tmp_path / "run"
     res = cli("train", SETR, "--work-dir", work, *tiny_overrides(root, **{"data.type": "folder", "train.max_iters": 1}))
     assert res.exit_code == 2
-    assert "x1.png" in res.output and "last.pt" in res.output and "Traceback" not in res.output
-    assert (work / "last.pt").is_file()
+    assert "x1.png" in res.output and "Traceback" not in res.output
+    assert not work.exists()

@@ -153,10 +153,31 @@ class SegDataset(Dataset):
         """
         image_path, mask_path = self.samples[index]
         image = read_image(image_path)
+        label = self._checked_label(read_mask(mask_path), image.shape[:2], image_path, mask_path)
+        return image, label
+
+    def check_mask(self, index: int) -> None:
+        """The checks of :meth:`read` without decoding the image (its size comes from the file's
+        header): cheap enough to run over a whole validation split before training starts."""
+        from PIL import Image
+
+        image_path, mask_path = self.samples[index]
         label = read_mask(mask_path)
-        if image.shape[:2] != label.shape:
+        try:
+            with Image.open(image_path) as pil:
+                size = (pil.size[1], pil.size[0])
+        except (OSError, ValueError):
+            size = None
+        if size != label.shape:  # unreadable header, or EXIF-rotated: decode as read() does
+            size = read_image(image_path).shape[:2]
+        self._checked_label(label, size, image_path, mask_path)
+
+    def _checked_label(self, label: np.ndarray, image_size: tuple[int, int], image_path: str,
+                       mask_path: str) -> np.ndarray:
+        """The mapped label, checked: the mask's size is the image's, every value a class id or 255."""
+        if tuple(image_size) != label.shape:
             raise SegcliError(f"mask is {label.shape[0]}x{label.shape[1]} but its image {image_path} is "
-                              f"{image.shape[0]}x{image.shape[1]}", mask_path,
+                              f"{image_size[0]}x{image_size[1]}", mask_path,
                               "masks must have exactly the size of their images")
         if self.label_lut is not None:
             label = self.label_lut[label]
@@ -169,7 +190,7 @@ class SegDataset(Dataset):
                               f"not 255 (K = {self.num_classes} classes)", mask_path,
                               "check the class list (data.classes / classes.txt), data.reduce_zero_label, "
                               "and that masks hold class ids rather than colours")
-        return image, label
+        return label
 
     def __getitem__(self, item: int | SampleKey) -> dict:
         if isinstance(item, SampleKey):

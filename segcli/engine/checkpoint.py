@@ -51,8 +51,23 @@ def read_checkpoint(path: str | Path) -> dict:
     return payload
 
 
-def load_model_state(model: torch.nn.Module, state: dict, source: str) -> None:
-    """``load_state_dict`` with a one-line error naming the mismatching keys."""
+def is_checkpoint_file(path: str | Path) -> bool:
+    """Whether ``path`` is a file that ``torch.save`` wrote (a zip archive or a legacy pickle), by its
+    first bytes: recipes are text, so a command that takes either can tell them apart unread."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        return False
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+DEFAULT_MISMATCH_HINT = "use the recipe the checkpoint was trained with (it is embedded; omit --recipe)"
+
+
+def load_model_state(model: torch.nn.Module, state: dict, source: str, hint: str = DEFAULT_MISMATCH_HINT) -> None:
+    """``load_state_dict`` with a one-line error naming the mismatching keys; ``hint`` says what to
+    do in the caller's terms (``eval`` has ``--recipe``, ``train --resume`` has not)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -66,6 +81,5 @@ def load_model_state(model: torch.nn.Module, state: dict, source: str) -> None:
         if shapes:
             parts.append("shape mismatch in " + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
                                                           for k in shapes[:3]))
-        raise SegcliError("checkpoint does not fit the model: " + "; ".join(parts), source,
-                          "use the recipe the checkpoint was trained with (it is embedded; omit --recipe)")
+        raise SegcliError("checkpoint does not fit the model: " + "; ".join(parts), source, hint)
     model.load_state_dict(state)

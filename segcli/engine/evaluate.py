@@ -16,7 +16,7 @@ from torch import nn
 from .distributed import DistInfo
 from .evaluator import SegEvaluator
 from .flops import aux_flop_prefixes, count_flops_split
-from .inference import infer
+from .inference import infer, infer_labels
 
 
 class TestTimeModel(nn.Module):
@@ -61,8 +61,7 @@ def evaluate_model(
         for step, batch in enumerate(loader):
             images = batch["image"].to(device, non_blocking=True)
             labels = batch["label"].to(device, non_blocking=True)
-            scores = infer(core, images, recipe.test, recipe.data.crop_size)  # [1, K, H, W]
-            evaluator.process(scores.argmax(1), labels)
+            evaluator.process(infer_labels(core, images, recipe.test, recipe.data.crop_size), labels)  # [1, H, W]
             for key, value in getattr(core, "last_stats", {}).items():
                 stats.setdefault(key, []).append(value)
             if count_gflops:

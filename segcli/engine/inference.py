@@ -5,6 +5,17 @@ size. Inputs are padded to the backbone's ``size_divisor`` (16 for ViTs, 32 for 
 scores cropped back, so any image size works. ``slide`` follows MMSegmentation: windows of
 ``crop`` every ``stride``, the last window flush with the border, overlapping scores averaged.
 TTA averages the scores of every (scale, flip) after resizing them to the original size.
+
+Two entry points compute the same thing:
+
+* :func:`infer` returns the scores ``[B, K, H, W]`` (what probabilities and FLOPs need);
+* :func:`infer_labels` returns only the labels ``[B, H, W]`` and never holds the full score
+  tensor: the test-time computation is a tree of :class:`~segcli.models.scores.ScoreMap` s
+  (a model's ``forward_scores`` - low-resolution scores and their upsampling - or, for a model
+  without one, its full scores; slide windows; flips; resizes to the image; the TTA mean) asked
+  for a band of output rows at a time, and the arg-max is taken per band. Slide windows run
+  lazily as the bands reach them and are dropped once every band they overlap is done, so a
+  6000² image holds two rows of windows' low-resolution scores and one band.
 """
 from __future__ import annotations
 
@@ -14,6 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from ..models.base import resize
+from ..models.scores import DenseScores, ResizedScores, ScoreMap
+
+BAND_BYTES = 32 << 20  # a band of float32 scores [B, K, rows, W] is at most this big (or one row)
 
 
 def _size_divisor(model) -> int:
@@ -22,30 +36,45 @@ def _size_divisor(model) -> int:
     return int(getattr(backbone, "size_divisor", 32) or 1)
 
 
-def forward_padded(model, images: torch.Tensor) -> torch.Tensor:
-    """Scores [B, K, H, W] for images of any size (zero-padded to the size divisor)."""
+def _pad(model, images: torch.Tensor) -> torch.Tensor:
     div = _size_divisor(model)
     height, width = images.shape[-2:]
     pad_h, pad_w = (-height) % div, (-width) % div
-    if pad_h or pad_w:
-        images = F.pad(images, (0, pad_w, 0, pad_h))
-    scores = model(images)
+    return F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
+
+
+def forward_padded(model, images: torch.Tensor) -> torch.Tensor:
+    """Scores [B, K, H, W] for images of any size (zero-padded to the size divisor)."""
+    height, width = images.shape[-2:]
+    scores = model(_pad(model, images))
     return scores[..., :height, :width]
+
+
+def scores_padded(model, images: torch.Tensor) -> ScoreMap:
+    """:func:`forward_padded` unformed: the model's ``forward_scores`` if it has one, else its scores."""
+    height, width = images.shape[-2:]
+    padded = _pad(model, images)
+    forward_scores = getattr(model, "forward_scores", None)
+    scores = forward_scores(padded) if forward_scores is not None else DenseScores(model(padded))
+    return scores.crop(int(height), int(width))
+
+
+def _windows(size: int, crop: int, stride: int) -> list[tuple[int, int]]:
+    """Window intervals along one axis (MMSegmentation: every ``stride``, the last flush with the end)."""
+    count = max(size - crop + stride - 1, 0) // stride + 1
+    out = []
+    for i in range(count):
+        end = min(i * stride + crop, size)
+        out.append((max(end - crop, 0), end))
+    return out
 
 
 def slide_inference(model, images: torch.Tensor, crop: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
     batch, _, height, width = images.shape
-    crop_h, crop_w = crop
-    stride_h, stride_w = stride
-    rows = max(height - crop_h + stride_h - 1, 0) // stride_h + 1
-    cols = max(width - crop_w + stride_w - 1, 0) // stride_w + 1
     total = None
     count = images.new_zeros(batch, 1, height, width)
-    for r in range(rows):
-        for c in range(cols):
-            y1, x1 = r * stride_h, c * stride_w
-            y2, x2 = min(y1 + crop_h, height), min(x1 + crop_w, width)
-            y1, x1 = max(y2 - crop_h, 0), max(x2 - crop_w, 0)
+    for y1, y2 in _windows(height, crop[0], stride[0]):
+        for x1, x2 in _windows(width, crop[1], stride[1]):
             scores = forward_padded(model, images[:, :, y1:y2, x1:x2])  # [B, K, h, w]
             if total is None:
                 total = images.new_zeros(batch, scores.shape[1], height, width)
@@ -54,8 +83,8 @@ def slide_inference(model, images: torch.Tensor, crop: tuple[int, int], stride: 
     return total / count
 
 
-def infer(model, images: torch.Tensor, test_cfg, default_crop: tuple[int, int]) -> torch.Tensor:
-    """Scores [B, K, H, W] at the size of ``images`` under ``test_cfg`` (mode, scales, flip)."""
+def _settings(images: torch.Tensor, test_cfg, default_crop) -> tuple:
+    """(crop, stride, [(size, flip)...]) of the recipe's test-time computation for ``images``."""
     height, width = images.shape[-2:]
     crop = tuple(test_cfg.crop_size or default_crop)
     stride = tuple(test_cfg.stride or (max(1, crop[0] * 2 // 3), max(1, crop[1] * 2 // 3)))
@@ -64,18 +93,128 @@ def infer(model, images: torch.Tensor, test_cfg, default_crop: tuple[int, int]) 
         long_side, short_side = max(test_cfg.scale), min(test_cfg.scale)
         ratio = min(long_side / max(height, width), short_side / min(height, width))
         base_h, base_w = int(height * ratio + 0.5), int(width * ratio + 0.5)
-    merged = None
+    runs = []
     for scale in test_cfg.scales:
         size = (max(1, math.floor(base_h * scale + 0.5)), max(1, math.floor(base_w * scale + 0.5)))
-        scaled = resize(images, size)
-        for flip in ((False, True) if test_cfg.flip else (False,)):
-            x = scaled.flip(-1) if flip else scaled
-            if test_cfg.mode == "slide":
-                scores = slide_inference(model, x, crop, stride)
-            else:
-                scores = forward_padded(model, x)
-            if flip:
-                scores = scores.flip(-1)
-            scores = resize(scores.float(), (height, width))
-            merged = scores if merged is None else merged + scores
-    return merged / (len(test_cfg.scales) * (2 if test_cfg.flip else 1))
+        runs += [(size, flip) for flip in ((False, True) if test_cfg.flip else (False,))]
+    return crop, stride, runs
+
+
+def infer(model, images: torch.Tensor, test_cfg, default_crop: tuple[int, int]) -> torch.Tensor:
+    """Scores [B, K, H, W] at the size of ``images`` under ``test_cfg`` (mode, scales, flip)."""
+    height, width = images.shape[-2:]
+    crop, stride, runs = _settings(images, test_cfg, default_crop)
+    merged = None
+    for size, flip in runs:
+        x = resize(images, size)
+        x = x.flip(-1) if flip else x
+        if test_cfg.mode == "slide":
+            scores = slide_inference(model, x, crop, stride)
+        else:
+            scores = forward_padded(model, x)
+        if flip:
+            scores = scores.flip(-1)
+        scores = resize(scores.float(), (height, width))
+        merged = scores if merged is None else merged + scores
+    return merged / len(runs)
+
+
+# --------------------------------------------------------------------------- labels, band by band
+
+
+def tta_scores(model, images: torch.Tensor, test_cfg, default_crop: tuple[int, int]) -> ScoreMap:
+    """:func:`infer`'s scores as a :class:`ScoreMap` (formed by rows when asked; see the module doc)."""
+    height, width = (int(n) for n in images.shape[-2:])
+    crop, stride, runs = _settings(images, test_cfg, default_crop)
+    parts = []
+    for size, flip in runs:
+        x = resize(images, size)
+        x = x.flip(-1) if flip else x
+        part = SlideScores(model, x, crop, stride) if test_cfg.mode == "slide" else scores_padded(model, x)
+        if flip:
+            part = FlippedScores(part)
+        if tuple(part.size) != (height, width):
+            part = ResizedScores(part, (height, width), dtype=torch.float32)
+        parts.append(part)
+    return parts[0] if len(parts) == 1 else MeanScores(parts)
+
+
+def labels_of(scores: ScoreMap, band_bytes: int = BAND_BYTES) -> torch.Tensor:
+    """Arg-max labels ``[B, H, W]`` of a score map, taken a band of rows at a time."""
+    height, width = scores.size
+    rows = max(1, band_bytes // (scores.batch * scores.channels * width * 4))
+    labels = None
+    for start in range(0, height, rows):
+        band = scores.rows(start, min(start + rows, height)).argmax(1)  # [B, n, W]
+        if labels is None:
+            labels = band.new_empty(scores.batch, height, width)
+        labels[:, start:start + band.shape[1]] = band
+    return labels
+
+
+def infer_labels(model, images: torch.Tensor, test_cfg, default_crop: tuple[int, int],
+                 band_bytes: int = BAND_BYTES) -> torch.Tensor:
+    """Labels ``[B, H, W]`` (long) = ``infer(...).argmax(1)`` without the full ``[B, K, H, W]`` scores."""
+    return labels_of(tta_scores(model, images, test_cfg, default_crop), band_bytes)
+
+
+class FlippedScores(ScoreMap):
+    def __init__(self, inner: ScoreMap):
+        self.inner, self.batch, self.channels, self.size = inner, inner.batch, inner.channels, tuple(inner.size)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.inner.rows(start, stop).flip(-1)
+
+
+class MeanScores(ScoreMap):
+    def __init__(self, parts: list[ScoreMap]):
+        self.parts, self.batch, self.channels, self.size = parts, parts[0].batch, parts[0].channels, parts[0].size
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        total = self.parts[0].rows(start, stop).float()
+        for part in self.parts[1:]:
+            total = total + part.rows(start, stop)
+        return total / len(self.parts)
+
+
+class SlideScores(ScoreMap):
+    """:func:`slide_inference` by rows: a row of windows runs when a band first reaches it, and is
+    dropped when a band starts below it (a band asked for out of order recomputes it)."""
+
+    def __init__(self, model, images: torch.Tensor, crop: tuple[int, int], stride: tuple[int, int]):
+        self.model, self.images = model, images
+        self.batch, self.size = int(images.shape[0]), (int(images.shape[-2]), int(images.shape[-1]))
+        self.row_windows = _windows(self.size[0], crop[0], stride[0])
+        self.col_windows = _windows(self.size[1], crop[1], stride[1])
+        # windows form a grid, so the overlap count is (windows over a row) x (windows over a column)
+        row_count = torch.zeros(self.size[0], device=images.device)
+        col_count = torch.zeros(self.size[1], device=images.device)
+        for y1, y2 in self.row_windows:
+            row_count[y1:y2] += 1
+        for x1, x2 in self.col_windows:
+            col_count[x1:x2] += 1
+        self.row_count, self.col_count = row_count, col_count
+        self.cache: dict[int, list[ScoreMap]] = {}
+        self.channels = self._window_row(0)[0].channels
+
+    def _window_row(self, r: int) -> list[ScoreMap]:
+        if r not in self.cache:
+            y1, y2 = self.row_windows[r]
+            self.cache[r] = [scores_padded(self.model, self.images[:, :, y1:y2, x1:x2]) for x1, x2 in self.col_windows]
+        return self.cache[r]
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        for r in [r for r in self.cache if self.row_windows[r][1] <= start]:
+            del self.cache[r]
+        total = None
+        for r, (y1, y2) in enumerate(self.row_windows):
+            if y2 <= start or y1 >= stop:
+                continue
+            a, b = max(start, y1), min(stop, y2)
+            for (x1, x2), window in zip(self.col_windows, self._window_row(r)):
+                band = window.rows(a - y1, b - y1)  # [B, K, b - a, x2 - x1]
+                if total is None:
+                    total = band.new_zeros(self.batch, band.shape[1], stop - start, self.size[1])
+                total[:, :, a - start:b - start, x1:x2] += band
+        count = self.row_count[start:stop, None] * self.col_count[None, :]  # [n, W]
+        return total / count.to(total.dtype)

@@ -76,6 +76,28 @@ def _truncate_jsonl(path: Path, after_iter: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+def snapshot_paths(work_dir: Path) -> list[Path]:
+    """The ``iter_{N}.pt`` files of a work dir, oldest first."""
+    found = [(int(p.stem[5:]), p) for p in Path(work_dir).glob("iter_*.pt") if p.stem[5:].isdigit()]
+    return [p for _, p in sorted(found)]
+
+
+def keep_snapshot(last_path: Path, iteration: int, keep: int) -> None:
+    """``iter_{iteration}.pt`` beside ``last_path`` (a hard link to the file just written, a copy
+    where links are not possible), then only the ``keep`` most recent of them."""
+    import os
+    import shutil
+
+    snapshot = last_path.parent / f"iter_{iteration}.pt"
+    snapshot.unlink(missing_ok=True)
+    try:
+        os.link(last_path, snapshot)  # last.pt is replaced by rename later, so the link keeps this state
+    except OSError:
+        shutil.copy2(last_path, snapshot)
+    for old in snapshot_paths(last_path.parent)[:-keep]:
+        old.unlink(missing_ok=True)
+
+
 def _mean_across_ranks(terms: dict[str, float]) -> dict[str, float]:
     import torch.distributed as dist
 
@@ -96,7 +118,10 @@ def run_training(
     dist_info: DistInfo = DistInfo(),
     resume: bool = False,
     callback: Callback | None = None,
+    resume_state: dict | None = None,
 ) -> TrainResult:
+    """Train ``model`` into ``work_dir``; with ``resume``, continue from ``resume_state`` (the payload
+    of ``last.pt``, already read and checked by the caller) or else from ``work_dir/last.pt``."""
     from ..data import build_train_loader
 
     callback = callback or (lambda event, info: None)
@@ -127,9 +152,9 @@ def run_training(
 
     start_iter, best_miou = 0, -1.0
     if resume:
-        if not last_path.is_file():
+        if resume_state is None and not last_path.is_file():
             raise SegcliError("nothing to resume: no last.pt", str(work_dir), "drop --resume to start a new run")
-        payload = read_checkpoint(last_path)
+        payload = resume_state if resume_state is not None else read_checkpoint(last_path)
         load_model_state(core, payload["model"], str(last_path))
         optimizer.load_state_dict(payload["optimizer"])
         scaler.load_state_dict(payload["scaler"])
@@ -141,22 +166,31 @@ def run_training(
     elif dist_info.is_main and metrics_path.exists():
         metrics_path.unlink()
 
-    def payload_at(iteration: int) -> dict:
+    def weights_at(iteration: int) -> dict:
+        """What best.pt holds: enough to evaluate, predict, prune or fine-tune from, not to resume."""
         return {
             "version": __version__,
             "recipe": recipe.to_dict(),
             "meta": meta,
             "model": core.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
             "iteration": iteration,
             "best_miou": best_miou,
+        }
+
+    def payload_at(iteration: int) -> dict:
+        """What last.pt (and iter_N.pt) hold: the weights and everything that resuming needs."""
+        return {
+            **weights_at(iteration),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
             "rng": _rng_state(device),
         }
 
     def save_last(iteration: int) -> None:
         if dist_info.is_main:
             save_checkpoint(last_path, payload_at(iteration))
+            if cfg.keep_checkpoints:
+                keep_snapshot(last_path, iteration, cfg.keep_checkpoints)
             callback("checkpoint", {"path": str(last_path), "iter": iteration})
 
     def evaluate(iteration: int) -> dict:
@@ -167,7 +201,7 @@ def run_training(
             _append_jsonl(metrics_path, record)
             if not math.isnan(metrics["mIoU"]) and metrics["mIoU"] > best_miou:
                 best_miou = metrics["mIoU"]
-                save_checkpoint(best_path, {**payload_at(iteration), "best_miou": best_miou})
+                save_checkpoint(best_path, weights_at(iteration))
         callback("eval", {"iter": iteration, **metrics})
         return metrics
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import SegcliError
 from .losses import cross_entropy
+from .scores import DenseScores, ScoreMap, UpsampledScores, resize  # noqa: F401 (resize: re-exported)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,12 @@ class DecodeHead(nn.Module):
         """Per-class scores ``[B, K, *size]`` whose argmax is the prediction."""
         raise NotImplementedError
 
+    def score_map(self, outputs: dict, size: tuple[int, int]) -> ScoreMap:
+        """:meth:`seg_logits` left unformed (``models/scores.py``), so that labels can be taken band by
+        band. Default: the full tensor; a head whose scores are an upsampled low-resolution map
+        returns :class:`~segcli.models.scores.UpsampledScores` instead."""
+        return DenseScores(self.seg_logits(outputs, size))
+
     def input_layer(self) -> int | None:
         """The one backbone output this head reads (0-based position in the feature list), or None
         if it reads several. Wrappers that run heads between blocks (DToP) need it."""
@@ -154,9 +161,11 @@ class LogitHead(DecodeHead):
         return {"loss_ce": self.loss_weight * cross_entropy(logits, labels, self.ignore_index)}
 
     def seg_logits(self, outputs: dict, size: tuple[int, int]) -> torch.Tensor:
-        if self.logit_stride is None:
-            return resize(outputs["logits"], size)  # [B, K, *size]
-        return upsample_to_input(outputs["logits"], self.logit_stride, size)  # [B, K, *size]
+        return self.score_map(outputs, size).full()  # [B, K, *size]
+
+    def score_map(self, outputs: dict, size: tuple[int, int]) -> UpsampledScores:
+        logits = outputs["logits"]  # [B, K, h, w]
+        return UpsampledScores(logits, upsample_extent(logits, self.logit_stride, size), size)
 
     def forward_tokens(self, tokens: torch.Tensor, pad_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """A per-token head on tokens ``[B, M, C]`` -> ``{"logits": [B, K, M]}``: the tokens go through
@@ -197,22 +206,22 @@ def freeze(module: nn.Module) -> nn.Module:
     return module.requires_grad_(False)
 
 
-def resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
-    """Bilinear resize without corner alignment (MMSegmentation's convention); no-op if equal."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    if mode == "nearest":
-        return nn.functional.interpolate(x, size=size, mode="nearest")
-    return nn.functional.interpolate(x, size=size, mode=mode, align_corners=False)
+def upsample_extent(logits: torch.Tensor, stride: float | None, size: tuple[int, int]) -> tuple[int, int]:
+    """The size a stride-``stride`` map ``[B, K, h, w]`` is resized to before cropping to ``size``:
+    the grid-aligned extent ``(h·stride, w·stride)`` when it covers ``size`` by less than one
+    stride, else ``size`` itself (a plain resize; also for ``stride=None``)."""
+    size = (int(size[0]), int(size[1]))  # plain ints, also under tracing (fvcore)
+    if stride is None:
+        return size
+    extent = (round(int(logits.shape[-2]) * stride), round(int(logits.shape[-1]) * stride))
+    if all(0 <= e - s < stride for e, s in zip(extent, size, strict=True)):
+        return extent
+    return size
 
 
 def upsample_to_input(logits: torch.Tensor, stride: float, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear upsampling of a stride-``stride`` map ``[B, K, h, w]`` to ``[B, K, *size]``, grid-aligned."""
-    size = (int(size[0]), int(size[1]))  # plain ints, also under tracing (fvcore)
-    extent = (round(int(logits.shape[-2]) * stride), round(int(logits.shape[-1]) * stride))
-    if all(0 <= e - s < stride for e, s in zip(extent, size, strict=True)):
-        return resize(logits, extent)[..., : size[0], : size[1]]  # [B, K, *size]
-    return resize(logits, size)
+    return UpsampledScores(logits, upsample_extent(logits, stride, size), size).full()  # [B, K, *size]
 
 
 def check_in_index(index: int, ctx: HeadContext, head: str) -> int:

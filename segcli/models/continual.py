@@ -49,6 +49,7 @@ from ..errors import SegcliError
 from ..registry import SEGMENTORS
 from .base import Backbone, FrozenPartsMixin, HeadContext
 from .heads.atm import ATMHead
+from .scores import ConcatScores
 
 BACKGROUND = 254  # label value for "a valid pixel of none of the trained head's classes"
 IGNORE = 255
@@ -117,6 +118,11 @@ class ContinualSegmentor(FrozenPartsMixin, nn.Module):
         if labels is None:
             return self.scores(features, tuple(images.shape[-2:]))  # [B, ΣK_t, H, W]
         return self.losses(features, labels)
+
+    def forward_scores(self, images: torch.Tensor) -> ConcatScores:
+        """``forward(images)``'s scores left unformed (``models/scores.py``)."""
+        features, size = self.backbone(images), tuple(images.shape[-2:])
+        return ConcatScores([head.score_map(head(features), size) for head in self.heads])
 
     def task_scores(self, features: list[torch.Tensor], size: tuple[int, int]) -> list[torch.Tensor]:
         """Every task's per-class scores ``[B, K_t, *size]``, each from its own head alone (eq. 4.8)."""

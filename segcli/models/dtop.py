@@ -80,6 +80,7 @@ from torch import nn
 from ..errors import SegcliError
 from ..registry import SEGMENTORS
 from .base import DecodeHead, FrozenPartsMixin, resize
+from .scores import ScoreMap, UpsampledScores, nearest_rows, resize_rows
 from .tokens import scatter_tokens, select_tokens
 
 AUX_MODULES = ("aux_heads", "graders")  # module names whose FLOPs are the auxiliary heads' cost
@@ -222,7 +223,39 @@ class PruneTrace:
     grid: tuple[int, int]
     heads: list = field(default_factory=list)
     token_scores: torch.Tensor | None = None
-    scores: torch.Tensor | None = None
+    score_map: ScoreMap | None = None  # inference: the combined scores, unformed (models/scores.py)
+
+    @property
+    def scores(self) -> torch.Tensor | None:
+        """The combined scores [B, K, H, W] (inference)."""
+        return None if self.score_map is None else self.score_map.full()
+
+
+class ExitBlendScores(ScoreMap):
+    """Logit decode heads with exits: exited pixels take their exit head's log-probabilities,
+    spread bilinearly among exited tokens only (``resize(values × indicator) / resize(indicator)``);
+    the other pixels keep the decode head's scores (``decode``)."""
+
+    def __init__(self, decode: ScoreMap, exit_probs: torch.Tensor, exit_stage: torch.Tensor, grid: tuple[int, int]):
+        self.decode, self.grid = decode, tuple(grid)
+        self.batch, self.channels, self.size = decode.batch, decode.channels, tuple(decode.size)
+        self.exited = (exit_stage >= 0).to(exit_probs.dtype).view(self.batch, 1, *self.grid)  # [B, 1, h, w]
+        log_probs = exit_probs.clamp_min(1e-6).log().transpose(1, 2).reshape(self.batch, self.channels, *self.grid)
+        self.weighted = log_probs * self.exited  # [B, K, h, w]
+
+    def full(self) -> torch.Tensor:
+        scores = self.decode.full()  # [B, K, H, W]
+        spread = resize(self.weighted, self.size) / resize(self.exited, self.size).clamp_min(1e-6)  # [B, K, H, W]
+        pixel_exited = F.interpolate(self.exited, size=self.size, mode="nearest") > 0  # [B, 1, H, W]
+        return torch.where(pixel_exited, spread.to(scores.dtype), scores)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        scores = self.decode.rows(start, stop)  # [B, K, n, W]
+        height = self.grid[0]
+        weighted = resize_rows(lambda a, b: self.weighted[:, :, a:b], height, self.size, start, stop)  # [B, K, n, W]
+        exited = resize_rows(lambda a, b: self.exited[:, :, a:b], height, self.size, start, stop)  # [B, 1, n, W]
+        pixel_exited = nearest_rows(lambda a, b: self.exited[:, :, a:b], height, self.size, start, stop) > 0
+        return torch.where(pixel_exited, (weighted / exited.clamp_min(1e-6)).to(scores.dtype), scores)
 
 
 # --------------------------------------------------------------------------- the segmentor
@@ -309,11 +342,14 @@ class DToPSegmentor(FrozenPartsMixin, nn.Module):
         features[position] = feature_map
         return features
 
-    def _run_head(self, head: nn.Module, position: int, state: _Tokens, grid: tuple[int, int], decode: bool = False):
+    def _run_head(self, head: nn.Module, position: int, state: _Tokens, grid: tuple[int, int], decode: bool = False,
+                  padded: bool = True):
         """One head on the tokens in play -> ``(kind, raw)`` with raw = (class, mask logits [B, K, M])
-        for ATM, logits [B, K, M] for pointwise heads, the head's outputs on the full grid for map heads."""
+        for ATM, logits [B, K, M] for pointwise heads, the head's outputs on the full grid for map heads.
+        ``padded`` False: the caller knows no image has padding (no token exited yet), which spares a
+        host sync and keeps the unpruned forward free of data-dependent branches (ONNX export)."""
         kind = head_kind(head, decode)
-        padded = bool(state.pad.any())
+        padded = padded and bool(state.pad.any())
         if kind == "class_masks":
             outputs = head.forward_tokens(state.packed, state.pad if padded else None)
             return kind, (outputs["pred_logits"], outputs["pred_masks"])  # [B, K, K+1], [B, K, M]
@@ -364,7 +400,7 @@ class DToPSegmentor(FrozenPartsMixin, nn.Module):
                 continue
             stage = stages[block]
             head = self.aux_heads[self.exit_heads[stage]]
-            kind, raw = self._run_head(head, self.exit_positions[stage], state, grid)
+            kind, raw = self._run_head(head, self.exit_positions[stage], state, grid, padded=subset)
             if keep_outputs:
                 seen = exit_stage < 0
                 outputs = self._loss_outputs(head, kind, raw, state, grid)
@@ -391,7 +427,7 @@ class DToPSegmentor(FrozenPartsMixin, nn.Module):
             state.packed, state.index = packed, torch.gather(state.index, 1, sub_index)  # [B, M'] grid positions
             subset, padded = True, bool(state.pad.any())
         trace.exit_stage = exit_stage
-        kind, raw = self._run_head(self.decode_head, self.decode_layer, state, grid, decode=True)
+        kind, raw = self._run_head(self.decode_head, self.decode_layer, state, grid, decode=True, padded=subset)
         if keep_outputs:
             outputs = self._loss_outputs(self.decode_head, kind, raw, state, grid)
             trace.heads.append(("decode", self.decode_head, outputs, exit_stage < 0))
@@ -402,37 +438,29 @@ class DToPSegmentor(FrozenPartsMixin, nn.Module):
             canvas = exit_probs if exit_probs is not None else probs.new_zeros(batch, num, probs.shape[-1])
             trace.token_scores = scatter_tokens(canvas.to(probs.dtype), probs, state.index, state.pad)  # [B, N, K]
             scores = trace.token_scores.transpose(1, 2).reshape(batch, -1, grid[0], grid[1])  # [B, K, h, w]
-            trace.scores = resize(scores, size)  # [B, K, H, W]
+            trace.score_map = UpsampledScores(scores, size)  # -> [B, K, H, W]
         else:
-            trace.scores = self.decode_head.seg_logits(raw, size)  # [B, K, H, W]
+            trace.score_map = self.decode_head.score_map(raw, size)  # -> [B, K, H, W]
             if exit_probs is not None:  # tokens were graded (p0 < 1)
-                trace.scores = self._with_exits(trace.scores, exit_probs, exit_stage, grid)
+                trace.score_map = ExitBlendScores(trace.score_map, exit_probs, exit_stage, grid)
         return trace
-
-    def _with_exits(self, scores: torch.Tensor, exit_probs: torch.Tensor, exit_stage: torch.Tensor,
-                    grid: tuple[int, int]) -> torch.Tensor:
-        """Logit decode heads: exited pixels take their exit head's log-probabilities."""
-        batch, num_classes = scores.shape[:2]
-        size = tuple(scores.shape[-2:])
-        exited = (exit_stage >= 0).to(scores.dtype).view(batch, 1, grid[0], grid[1])  # [B, 1, h, w]
-        log_probs = exit_probs.clamp_min(1e-6).log().transpose(1, 2).reshape(batch, num_classes, *grid)  # [B, K, h, w]
-        # bilinear among exited tokens only: upsample (values x indicator) / upsample(indicator)
-        spread = resize(log_probs * exited, size) / resize(exited, size).clamp_min(1e-6)  # [B, K, H, W]
-        pixel_exited = F.interpolate(exited, size=size, mode="nearest") > 0  # [B, 1, H, W]
-        return torch.where(pixel_exited, spread.to(scores.dtype), scores)
 
     # ------------------------------------------------------------------ public forward
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None):
         if labels is not None:
             return self.losses(self.run(images, keep_outputs=True), labels)
+        return self.forward_scores(images).full()
+
+    def forward_scores(self, images: torch.Tensor) -> ScoreMap:
+        """``forward(images)``'s scores left unformed (``models/scores.py``)."""
         trace = self.run(images)
-        if not self.training:
+        if not self.training and not torch.compiler.is_compiling():  # host syncs; none in an exported graph
             stage = trace.exit_stage
             self.last_stats = {
                 "exit_fraction": [float((stage == m).float().mean()) for m in range(len(self.exit_layers))],
                 "kept_fraction": float((stage < 0).float().mean()),
             }
-        return trace.scores
+        return trace.score_map
 
     def losses(self, trace: PruneTrace, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each head's own loss on the tokens it saw (pixels of tokens that exited earlier are ignored)."""

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..registry import SEGMENTORS
 from .base import Backbone, DecodeHead
+from .scores import ScoreMap
 
 
 class EncoderDecoder(nn.Module):
@@ -30,6 +31,10 @@ class EncoderDecoder(nn.Module):
         if labels is None:
             return self.decode_head.seg_logits(outputs, tuple(images.shape[-2:]))  # [B, K, H, W]
         return self.losses(features, outputs, labels)
+
+    def forward_scores(self, images: torch.Tensor) -> ScoreMap:
+        """``forward(images)``'s scores left unformed (``models/scores.py``): labels without them."""
+        return self.decode_head.score_map(self.decode_head(self.backbone(images)), tuple(images.shape[-2:]))
 
     def losses(self, features: list[torch.Tensor], outputs: dict, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         losses = {f"decode.{k}": v for k, v in self.decode_head.loss(outputs, labels).items()}

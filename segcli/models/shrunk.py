@@ -127,6 +127,15 @@ def subsample_mask(grid: tuple[int, int], device=None) -> torch.Tensor:
     return (rows[:, None] & cols[None, :]).flatten()  # [h*w]
 
 
+def subsample_index(grid: tuple[int, int], device=None) -> torch.Tensor:
+    """``[ceil(h/2)*ceil(w/2)]`` positions of :func:`subsample_mask`'s tokens, in order. Built from
+    ``arange`` rather than ``mask.nonzero()`` so its size is known from the grid alone, which lets
+    torch.export / ONNX trace QD without a data-dependent shape."""
+    rows = torch.arange(0, grid[0], 2, device=device)  # [ceil(h/2)]
+    cols = torch.arange(0, grid[1], 2, device=device)  # [ceil(w/2)]
+    return (rows[:, None] * grid[1] + cols[None, :]).flatten()  # [ceil(h/2)*ceil(w/2)]
+
+
 def nearest_grid(tokens: torch.Tensor, index: torch.Tensor, pad_mask: torch.Tensor | None, keep: torch.Tensor,
                  grid: tuple[int, int]) -> torch.Tensor:
     """Shrunk tokens back on the full grid, nearest: ``tokens`` [B, M, C] at positions ``index``
@@ -287,7 +296,7 @@ class ShrunkSegmentor(EncoderDecoder):
         keep = self.keep_mask(grid, extras.get("edge_logits"), extras.get("edge_targets"), batch, tokens.device)
         extras["keep"] = keep
         if self.edge_head is None:
-            index = keep[0].nonzero()[:, 0].expand(batch, -1)  # [B, M], the same subsample for all
+            index = subsample_index(grid, tokens.device).expand(batch, -1)  # [B, M], the same subsample for all
             pad_mask = None
         else:
             _, index, pad_mask = select_tokens(tokens, keep)  # [B, M] positions in N, [B, M] True = padding
@@ -306,7 +315,7 @@ class ShrunkSegmentor(EncoderDecoder):
             if self.options.qu_skip:
                 restored = restored + nearest_grid(tokens, index, pad_mask, keep, grid)  # [B, N, C]
             saved[deepest] = backbone.tokens_to_map(restored, grid)  # [B, C, h, w]
-        if not self.training:
+        if not self.training and not torch.compiler.is_compiling():  # host syncs; none in an exported graph
             self.last_stats = self._stats(keep, extras.get("edge_logits"))
         return [saved[i] for i in backbone.out_indices], extras
 
@@ -324,6 +333,11 @@ class ShrunkSegmentor(EncoderDecoder):
         return self.decode_head.forward_layerwise(features)  # released ``ATMSingleHead``
 
     # ------------------------------------------------------------------ forward
+    def forward_scores(self, images: torch.Tensor):
+        """``forward(images)``'s scores left unformed (``models/scores.py``)."""
+        features, _ = self.encode(images, None)
+        return self.decode_head.score_map(self.decode(features), tuple(images.shape[-2:]))
+
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None):
         features, extras = self.encode(images, labels)
         outputs = self.decode(features)

@@ -20,6 +20,10 @@ def evaluate(checkpoint: str | Path, recipe: str | Path | None = None, overrides
     A continual-learning step's checkpoint is scored on the classes learnt so far and gets a ``cl``
     block (base/new/all mIoU, forgetting; :func:`~segcli.workflows.continual.metrics.cl_metrics`).
     """
+    if trimap is not None and trimap < 1:
+        raise SegcliError(f"trimap width {trimap} is not a band", "--trimap", "give a width in pixels >= 1, e.g. 3")
+    if limit is not None and limit < 1:
+        raise SegcliError(f"limit {limit} evaluates no image", "--limit", "give N >= 1, or omit it for every image")
     dev = pick_device(device)
     loaded = load_checkpoint(checkpoint, recipe, overrides, dev)
     (val_set,) = build_datasets(loaded.recipe, splits=("val",))

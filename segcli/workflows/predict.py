@@ -15,9 +15,10 @@ import torch
 
 from ..build import load_checkpoint, pick_device
 from ..data import read_image
-from ..engine.inference import infer
+from ..engine.inference import infer_labels
 from ..errors import SegcliError
 from ..viz import colorize, overlay_image, save_png
+from .export import load_onnx
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -74,15 +75,45 @@ def output_stems(files: list[Path]) -> list[str]:
     return [f"{n}_{i}" for i, n in enumerate(names)]
 
 
+def planned_outputs(stem: str, out: Path, overlay: bool, exit_stages: int) -> list[Path]:
+    """Every file that predicting one image named ``stem`` writes into ``out``."""
+    names = [f"{stem}.png", f"{stem}_color.png"] + ([f"{stem}_overlay.png"] if overlay else [])
+    return [out / name for name in names + [f"{stem}_exit{stage}.png" for stage in range(exit_stages)]]
+
+
+def check_outputs(files: list[Path], outputs: list[Path], overwrite: bool) -> None:
+    """Refuse, before anything is written, outputs that would replace an input image (never allowed)
+    or files of an earlier run (allowed with ``overwrite``)."""
+    inputs = {path.resolve() for path in files}
+    for path in outputs:
+        if path.resolve() in inputs:
+            raise SegcliError("this input image would be overwritten by a prediction", str(path),
+                              "write the predictions to another --out folder (inputs are never overwritten)")
+    existing = [path for path in outputs if path.exists()]
+    if existing and not overwrite:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise SegcliError(f"a prediction of an earlier run is in the way{more}", str(existing[0]),
+                          "pass --overwrite to replace them, or choose another --out folder")
+
+
 def predict(inputs: list[str], checkpoint: str | Path, out_dir: str | Path = "predictions", overlay: bool = False,
             device: str | None = None, progress: Callable[[int, int], None] | None = None,
-            show_pruning: bool = False) -> PredictResult:
-    """Label PNGs (``<stem>.png``, class ids) and colour PNGs (``<stem>_color.png``, or ``_overlay``)."""
+            show_pruning: bool = False, overwrite: bool = False) -> PredictResult:
+    """Label PNGs (``<stem>.png``, class ids) and colour PNGs (``<stem>_color.png``, or ``_overlay``).
+
+    Every output path is known before the first is written: one that is an input image is refused
+    (even with ``overwrite``), and files of an earlier run in ``out_dir`` are refused unless
+    ``overwrite``, so nothing a user has is lost.
+    """
     dev = pick_device(device)
-    loaded = load_checkpoint(checkpoint, device=dev)
+    onnx = Path(checkpoint).suffix.lower() == ".onnx"  # an exported file: onnxruntime (workflows/export.py)
+    loaded = load_onnx(checkpoint) if onnx else load_checkpoint(checkpoint, device=dev)
     files, failed = expand_inputs(inputs)
     result = PredictResult(failed=list(failed))
     out = Path(out_dir)
+    exit_stages = len(getattr(loaded.model, "exit_layers", ())) if show_pruning and hasattr(loaded.model, "exit_maps") else 0
+    check_outputs(files, [path for stem in output_stems(files) for path in planned_outputs(stem, out, overlay, exit_stages)],
+                  overwrite)
     out.mkdir(parents=True, exist_ok=True)
     palette = np.asarray(loaded.meta["palette"], dtype=np.uint8)
     mean = torch.tensor(loaded.recipe.data.mean).view(1, 3, 1, 1)
@@ -95,8 +126,8 @@ def predict(inputs: list[str], checkpoint: str | Path, out_dir: str | Path = "pr
             continue
         tensor = (torch.from_numpy(image).permute(2, 0, 1)[None].float() - mean) / std  # [1, 3, H, W]
         with torch.no_grad():
-            scores = infer(loaded.model, tensor.to(dev), loaded.recipe.test, loaded.recipe.data.crop_size)
-        pred = scores.argmax(1)[0].cpu().numpy()
+            labels = infer_labels(loaded.model, tensor.to(dev), loaded.recipe.test, loaded.recipe.data.crop_size)
+        pred = labels[0].cpu().numpy()
         label_dtype = np.uint8 if loaded.meta["num_classes"] <= 255 else np.uint16
         save_png(out / f"{stem}.png", pred.astype(label_dtype))
         result.written.append(out / f"{stem}.png")

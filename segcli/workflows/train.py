@@ -1,8 +1,9 @@
 """Training a recipe into a work dir (``segcli train``), and the run set-up that ``cl-step`` shares.
 
 :func:`distributed_run` picks the device and joins the torchrun process group (if any) for the
-length of a run; :func:`start_run` writes the run's ``recipe.yaml`` (rank 0) and hands over to the
-engine's training loop. ``train`` and each continual-learning step are those two calls around
+length of a run; :func:`start_run` checks the work dir (an earlier run is never replaced unasked), the
+resume checkpoint and the validation masks, then writes the run's ``recipe.yaml`` (rank 0) and
+hands over to the engine's training loop. ``train`` and each continual-learning step are those two calls around
 their own choice of data and model.
 """
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import Iterator
 import torch
 
 from ..build import as_recipe, build_datasets, build_model, dataset_meta, pick_device
+from ..engine.checkpoint import load_model_state, read_checkpoint
 from ..engine.distributed import DistInfo, barrier, cleanup, init_distributed
-from ..engine.trainer import Callback, TrainResult, run_training
+from ..engine.trainer import Callback, TrainResult, run_training, snapshot_paths
+from ..errors import SegcliError
 from ..recipe import Recipe, dump_recipe
 
 
@@ -30,20 +33,92 @@ def distributed_run(device: str | None) -> Iterator[tuple[torch.device, DistInfo
         cleanup(dist_info)
 
 
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # what a run writes that a new run would replace
+
+RESUME_MISMATCH_HINT = ("resume with the recipe and --set options of that run (its recipe.yaml), "
+                        "or train into another --work-dir")
+
+
+def earlier_run_files(work_dir: Path) -> list[Path]:
+    """The files of an earlier run in ``work_dir`` (checkpoints, metrics), which a new run would replace."""
+    return [work_dir / name for name in RUN_FILES if (work_dir / name).exists()] + snapshot_paths(work_dir)
+
+
+def resume_payload(work_dir: Path, model) -> dict:
+    """``work_dir/last.pt``, read and checked against ``model`` (loaded into it): resuming fails here,
+    before the run writes anything, if there is nothing to resume or it is another model's."""
+    last = work_dir / "last.pt"
+    if not last.is_file():
+        raise SegcliError("nothing to resume: no last.pt", str(work_dir), "drop --resume to start a new run")
+    payload = read_checkpoint(last)
+    if not all(key in payload for key in ("optimizer", "scaler", "iteration", "rng")):
+        raise SegcliError("not a resumable checkpoint (no optimizer state)", str(last),
+                          "only last.pt and iter_N.pt written by segcli train resume; drop --resume to start anew")
+    load_model_state(model, payload["model"], str(last), hint=RESUME_MISMATCH_HINT)
+    return payload
+
+
+def check_val_masks(val_set) -> None:
+    """Read every validation mask once (images only by their header) so that a bad one stops the
+    run before the first iteration, not at the first evaluation."""
+    for index in range(len(val_set)):
+        val_set.check_mask(index)
+
+
+def run_banner(recipe: Recipe, model, train_set, val_set, work_dir: Path, device: torch.device,
+               start_iter: int) -> dict:
+    """The ``"start"`` event: what is about to be trained, on what, where (the CLI prints it at once)."""
+    backbone = recipe.model.backbone
+    backbone_name = getattr(backbone.cfg, "name", None)
+    return {"recipe": recipe.name, "model": f"{recipe.model.type}: {backbone.type}"
+            + (f" ({backbone_name})" if backbone_name else "") + f" + {recipe.model.decode_head.type}",
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "dataset": recipe.data.type,
+            "data_root": recipe.data.root, "train_images": len(train_set), "val_images": len(val_set),
+            "max_iters": recipe.train.max_iters, "start_iter": start_iter, "device": str(device),
+            "work_dir": str(work_dir)}
+
+
 def start_run(recipe: Recipe, model, train_set, val_set, work_dir: Path, meta: dict, device: torch.device,
-              dist_info: DistInfo, resume: bool, callback: Callback | None) -> TrainResult:
-    """Write ``work_dir/recipe.yaml`` (rank 0) and run the training loop into ``work_dir``."""
+              dist_info: DistInfo, resume: bool, callback: Callback | None, overwrite: bool = False) -> TrainResult:
+    """Check everything, then write ``work_dir/recipe.yaml`` (rank 0) and run the training loop.
+
+    Nothing is written before every check has passed: an earlier run in ``work_dir`` is refused
+    unless ``resume`` (continue it) or ``overwrite`` (its files are deleted first); ``resume``
+    needs a ``last.pt`` that fits ``model``; every validation mask is read once. Events:
+    ``"start"`` (:func:`run_banner`), ``"warning"`` (``{"message"}``), then the trainer's.
+    """
+    callback = callback or (lambda event, info: None)
+    work_dir = Path(work_dir)
+    state = None
+    if resume:
+        state = resume_payload(work_dir, model)
+    else:
+        earlier = earlier_run_files(work_dir)
+        if earlier and not overwrite:
+            raise SegcliError(f"holds an earlier run ({', '.join(p.name for p in earlier)})", str(work_dir),
+                              "continue it with --resume, train into another --work-dir, or pass --overwrite "
+                              "to replace it")
+    callback("start", run_banner(recipe, model, train_set, val_set, work_dir, device,
+                                 int(state["iteration"]) if state else 0))
+    if recipe.train.warmup_iters > recipe.train.max_iters:
+        callback("warning", {"message": f"train.warmup_iters ({recipe.train.warmup_iters}) > train.max_iters "
+                                        f"({recipe.train.max_iters}): the learning rate never reaches its peak"})
+    check_val_masks(val_set)
     if dist_info.is_main:
+        if not resume:
+            for path in earlier_run_files(work_dir):  # --overwrite: no file of the old run survives
+                path.unlink()
         work_dir.mkdir(parents=True, exist_ok=True)
         (work_dir / "recipe.yaml").write_text(dump_recipe(recipe))
     return run_training(recipe, model, train_set, val_set, work_dir, meta, device, dist_info,
-                        resume=resume, callback=callback)
+                        resume=resume, callback=callback, resume_state=state)
 
 
 def train(recipe: Recipe | str | Path, work_dir: str | Path | None = None, overrides=(), resume: bool = False,
-          device: str | None = None, callback: Callback | None = None) -> TrainResult:
+          device: str | None = None, callback: Callback | None = None, overwrite: bool = False) -> TrainResult:
     """Train a recipe; writes ``last.pt``, ``best.pt``, ``metrics.jsonl`` and ``recipe.yaml`` to ``work_dir``
-    (default ``runs/<recipe name>``). Events reach ``callback(event, info)`` (see ``engine/trainer.py``)."""
+    (default ``runs/<recipe name>``). A work dir holding an earlier run needs ``resume`` or ``overwrite``
+    (:func:`start_run`). Events reach ``callback(event, info)`` (see :func:`start_run` and ``engine/trainer.py``)."""
     recipe = as_recipe(recipe, overrides)
     work_dir = Path(work_dir or Path("runs") / recipe.name)
     with distributed_run(device) as (dev, dist_info):
@@ -55,4 +130,4 @@ def train(recipe: Recipe | str | Path, work_dir: str | Path | None = None, overr
         torch.manual_seed(recipe.train.seed)  # the initial weights depend on the seed alone
         model = build_model(recipe, num_classes=train_set.num_classes)
         return start_run(recipe, model, train_set, val_set, work_dir, dataset_meta(train_set), dev, dist_info,
-                         resume, callback)
+                         resume, callback, overwrite=overwrite)

@@ -64,7 +64,7 @@ from ...errors import SegcliError
 from ...registry import HEADS
 from ..atm_criterion import ATMCriterion
 from ..base import DecodeHead, HeadContext, resize
-from ..scores import ScoreMap, UpsampledScores
+from ..scores import ResizedScores, ScoreMap, UpsampledScores, resize_rows
 from ..layers import ATMDecoderLayer
 
 HEAD_DIM = 32  # thesis' ViT-B (384/12) and ViT-L (512/16) heads
@@ -177,6 +177,25 @@ def low_resolution_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor)
     """``"low"`` scores before upsampling: ``[B, K, h, w]`` from ``[B, Q, K+1]`` and ``[B, Q, h, w]``."""
     probs = class_logits.softmax(dim=-1)[..., :-1]  # [B, Q, K]
     return torch.einsum("bqc,bqhw->bchw", probs, mask_logits.sigmoid())  # [B, K, h, w]
+
+
+class MaskAssemblyScores(ScoreMap):
+    """:func:`semantic_scores` with ``resolution="full"`` at ``size``, formed by bands of rows: the
+    mask logits upsampled, sigmoid and the class einsum, per band."""
+
+    def __init__(self, class_logits: torch.Tensor, mask_logits: torch.Tensor, size: tuple[int, int]):
+        self.class_logits, self.mask_logits = class_logits, mask_logits  # [B, Q, K+1], [B, Q, h, w]
+        self.probs = class_logits.softmax(dim=-1)[..., :-1]  # [B, Q, K]
+        self.batch, self.channels = int(mask_logits.shape[0]), int(self.probs.shape[-1])
+        self.size = (int(size[0]), int(size[1]))
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        masks = resize_rows(lambda a, b: self.mask_logits[:, :, a:b], int(self.mask_logits.shape[-2]), self.size,
+                            start, stop).sigmoid()  # [B, Q, n, W]
+        return torch.einsum("bqc,bqhw->bchw", self.probs, masks)  # [B, K, n, W]
+
+    def full(self) -> torch.Tensor:
+        return semantic_scores(self.class_logits, self.mask_logits, self.size, "full")
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -305,11 +324,14 @@ class ATMHead(DecodeHead):
                                self.cfg.mask_size)
 
     def score_map(self, outputs: dict, size: tuple[int, int]) -> ScoreMap:
-        """``"low"``: the 1/16 scores and their bilinear resize (bands of rows on demand); ``"full"``
-        forms its scores after upsampling the masks, so it has no lazy form (the full tensor)."""
-        if self.mask_resolution != "low":
-            return super().score_map(outputs, size)
-        return UpsampledScores(low_resolution_scores(outputs["pred_logits"], outputs["pred_masks"]), size)
+        """``"low"``: the 1/16 scores and their bilinear resize; ``"full"``: the released assembly,
+        a band of rows of upsampled masks at a time (:class:`MaskAssemblyScores`)."""
+        if self.mask_resolution == "low":
+            return UpsampledScores(low_resolution_scores(outputs["pred_logits"], outputs["pred_masks"]), size)
+        size = (int(size[0]), int(size[1]))
+        mask_size = (self.cfg.mask_size,) * 2 if self.cfg.mask_size else size  # where the released code forms them
+        scores = MaskAssemblyScores(outputs["pred_logits"], outputs["pred_masks"], mask_size)
+        return scores if mask_size == size else ResizedScores(scores, size)
 
     def no_weight_decay_names(self) -> set[str]:
         """Parameter names (relative to the head) that take no weight decay: the class queries."""

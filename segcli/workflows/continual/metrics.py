@@ -53,6 +53,12 @@ def cl_metrics(checkpoint: str | Path, metrics: dict, meta: dict | None = None, 
     :func:`cl_eval_dataset`), ``meta`` its metadata (read from the file when omitted). Earlier
     steps come from ``DIR/task{j}/last.pt`` next to ``DIR/task{t}/``: their ``cl_step.json``, or an
     evaluation on the spot. Without them ``avg_mIoU`` and the forgetting table are ``None``.
+
+    Forgetting of task j (its classes ``{first, last}``, an inclusive range of class ids: tasks
+    take classes in index order) = its mIoU right after step j minus its mIoU now, in points:
+    positive = forgotten, negative = improved since (backward transfer). It is not clamped at 0,
+    so an improvement shows as such. ``avg_forgetting`` averages it over the tasks learnt *before*
+    the current step (the current task's is 0 by definition); ``None`` at step 1.
     """
     checkpoint = Path(checkpoint)
     meta = meta if meta is not None else read_checkpoint(checkpoint)["meta"]
@@ -85,11 +91,11 @@ def cl_metrics(checkpoint: str | Path, metrics: dict, meta: dict | None = None, 
     forgetting = []
     for step in range(1, current + 1):
         first, last = ious[step], ious[current]
-        row = {"task": step, "classes": [tasks[step - 1][0], tasks[step - 1][-1]],
+        row = {"task": step, "classes": {"first": tasks[step - 1][0], "last": tasks[step - 1][-1]},
                "first": _miou(first, tasks[step - 1]) if first else None, "last": _miou(last, tasks[step - 1])}
         row["forgetting"] = None if row["first"] is None or row["last"] is None else row["first"] - row["last"]
         forgetting.append(row)
-    drops = [row["forgetting"] for row in forgetting[1:]]
+    drops = [row["forgetting"] for row in forgetting[:-1]]  # the tasks learnt before this step
     all_steps = [s["all_mIoU"] for s in steps]
     here = steps[-1]
     return {

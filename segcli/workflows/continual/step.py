@@ -120,7 +120,7 @@ def _previous_state(path: Path, tasks: Tasks, task: int, model: torch.nn.Module)
 
 def cl_step(recipe: Recipe | str | Path | None, task: int, work_dir: str | Path | None = None, overrides=(),
             device: str | None = None, resume: bool = False,
-            callback: Callable[[str, dict], None] | None = None) -> CLStepResult:
+            callback: Callable[[str, dict], None] | None = None, overwrite: bool = False) -> CLStepResult:
     """Train step ``task`` (1-based) of the recipe's protocol into ``DIR/task{task}/`` (thesis 4.2.3).
 
     Task 1 trains the base model. Task N > 1 loads ``DIR/task{N-1}/last.pt``, adds a head (class
@@ -163,7 +163,8 @@ def cl_step(recipe: Recipe | str | Path | None, task: int, work_dir: str | Path 
                 "cl": {"protocol": cl.protocol, "setting": cl.setting, "task": task,
                        "tasks": [list(t) for t in tasks], "previous": str(previous) if task > 1 else None,
                        "recipe": recipe.to_dict()}}  # the run's recipe: later steps need no recipe argument
-        result = start_run(step, model, train_view, val_view, task_dir, meta, dev, dist_info, resume, callback)
+        result = start_run(step, model, train_view, val_view, task_dir, meta, dev, dist_info, resume, callback,
+                           overwrite=overwrite)
         metrics = result.metrics or evaluate_model(model, val_view, step, dev, dist_info)
         if dist_info.is_main:
             write_step_file(task_dir, task, metrics)

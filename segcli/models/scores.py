@@ -1,0 +1,186 @@
+"""Per-class scores at the input size, formed on demand, a band of rows at a time.
+
+Every model upsamples low-resolution scores to the input size at the very end (a head's
+``seg_logits``). When only the label map is wanted (``eval``, ``predict``) the full
+``[B, K, H, W]`` tensor is the largest thing a forward makes: 2.5 GB for 150 classes at 2048²,
+21 GB at 6000². A :class:`ScoreMap` is that tensor left unformed: ``rows(start, stop)`` gives
+``[B, K, stop - start, W]`` and ``full()`` the whole tensor, so the engine can take the arg-max
+band by band (``engine/inference.py`` ``infer_labels``) and keep only ``[B, H, W]`` labels.
+
+The contract between models and the engine: a segmentor's ``forward_scores(images)`` returns a
+:class:`ScoreMap` whose ``full()`` is what ``forward(images)`` returns; a head's ``score_map(outputs,
+size)`` is the lazy form of its ``seg_logits(outputs, size)``. Most maps are
+:class:`UpsampledScores`: low-resolution scores and the extent they are bilinearly resized to
+before cropping to the input (:func:`~segcli.models.base.upsample_to_input`'s rule). A head
+without a lazy form falls back to :class:`DenseScores` (its full tensor).
+
+``full()`` runs the very operations ``seg_logits`` always ran (bit-identical); ``rows`` computes
+the same bilinear interpolation for a band only (:func:`resize_rows`: PyTorch's
+``align_corners=False`` source-index rule, horizontal pass then vertical, as ATen does), so the
+two agree to float rounding.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+RowFetch = Callable[[int, int], torch.Tensor]  # (start, stop) -> rows [B, C, stop - start, w]
+
+
+class ScoreMap:
+    """Scores ``[batch, channels, *size]`` produced by rows; subclasses implement :meth:`rows`."""
+
+    batch: int
+    channels: int
+    size: tuple[int, int]
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:  # pragma: no cover - interface
+        """Rows ``start:stop`` of the scores: ``[B, K, stop - start, W]``."""
+        raise NotImplementedError
+
+    def full(self) -> torch.Tensor:
+        """The whole ``[B, K, H, W]`` tensor."""
+        return self.rows(0, self.size[0])
+
+    def crop(self, height: int, width: int) -> "ScoreMap":
+        """The top-left ``height × width`` of the map (padding removed)."""
+        if (height, width) == tuple(self.size):
+            return self
+        return CroppedScores(self, height, width)
+
+
+class DenseScores(ScoreMap):
+    """A full tensor already formed (the fallback for heads without a lazy form)."""
+
+    def __init__(self, scores: torch.Tensor):
+        self.scores = scores  # [B, K, H, W]
+        self.batch, self.channels = int(scores.shape[0]), int(scores.shape[1])
+        self.size = (int(scores.shape[-2]), int(scores.shape[-1]))
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.scores[:, :, start:stop]
+
+    def full(self) -> torch.Tensor:
+        return self.scores
+
+    def crop(self, height: int, width: int) -> ScoreMap:
+        return DenseScores(self.scores[..., :height, :width])
+
+
+class UpsampledScores(ScoreMap):
+    """``resize(scores, extent)[..., :size[0], :size[1]]`` (bilinear, no corner alignment)."""
+
+    def __init__(self, scores: torch.Tensor, extent: tuple[int, int], size: tuple[int, int] | None = None):
+        self.scores = scores  # [B, K, h, w]
+        self.extent = (int(extent[0]), int(extent[1]))
+        self.size = self.extent if size is None else (int(size[0]), int(size[1]))
+        self.batch, self.channels = int(scores.shape[0]), int(scores.shape[1])
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        band = resize_rows(lambda a, b: self.scores[:, :, a:b], int(self.scores.shape[-2]), self.extent, start, stop)
+        return band[..., : self.size[1]]  # [B, K, stop - start, W]
+
+    def full(self) -> torch.Tensor:
+        return resize(self.scores, self.extent)[..., : self.size[0], : self.size[1]]  # [B, K, H, W]
+
+    def crop(self, height: int, width: int) -> ScoreMap:
+        return UpsampledScores(self.scores, self.extent, (height, width))
+
+
+class CroppedScores(ScoreMap):
+    def __init__(self, inner: ScoreMap, height: int, width: int):
+        self.inner, self.size = inner, (int(height), int(width))
+        self.batch, self.channels = inner.batch, inner.channels
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.inner.rows(start, stop)[..., : self.size[1]]
+
+
+class ResizedScores(ScoreMap):
+    """``resize(inner, size)`` (in ``dtype`` if given): a map brought to another size."""
+
+    def __init__(self, inner: ScoreMap, size: tuple[int, int], dtype: torch.dtype | None = None):
+        self.inner, self.dtype = inner, dtype
+        self.batch, self.channels, self.size = inner.batch, inner.channels, (int(size[0]), int(size[1]))
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        def fetch(a: int, b: int) -> torch.Tensor:
+            band = self.inner.rows(a, b)
+            return band if self.dtype is None else band.to(self.dtype)
+
+        return resize_rows(fetch, self.inner.size[0], self.size, start, stop)
+
+    def full(self) -> torch.Tensor:
+        inner = self.inner.full()
+        return resize(inner if self.dtype is None else inner.to(self.dtype), self.size)
+
+
+class ConcatScores(ScoreMap):
+    """Maps of the same size joined along the class axis (SegViT-CL's per-task heads)."""
+
+    def __init__(self, parts: list[ScoreMap]):
+        self.parts = parts
+        self.batch, self.size = parts[0].batch, tuple(parts[0].size)
+        self.channels = sum(p.channels for p in parts)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return torch.cat([p.rows(start, stop) for p in self.parts], dim=1)
+
+    def full(self) -> torch.Tensor:
+        return torch.cat([p.full() for p in self.parts], dim=1)
+
+
+def resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """Bilinear resize without corner alignment (MMSegmentation's convention); no-op if equal."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if mode == "nearest":
+        return F.interpolate(x, size=size, mode="nearest")
+    return F.interpolate(x, size=size, mode=mode, align_corners=False)
+
+
+def source_rows(in_size: int, out_size: int, start: int, stop: int, device=None):
+    """Bilinear (``align_corners=False``) taps of output rows ``start:stop`` in an input of
+    ``in_size`` rows: ``(first, last)`` input rows read and, per output row, the two tap offsets
+    from ``first`` and the weight of the second (PyTorch's ``area_pixel_compute_source_index``)."""
+    scale = torch.tensor(in_size, dtype=torch.float32) / out_size  # float32, as ATen's opmath for float
+    src = (torch.arange(start, stop, dtype=torch.float32, device=device) + 0.5) * scale.to(device) - 0.5
+    src = src.clamp_min(0)
+    index0 = src.long()  # floor (src >= 0)
+    index1 = torch.where(index0 < in_size - 1, index0 + 1, index0)
+    weight1 = (src - index0).clamp(0, 1)
+    first, last = int(index0[0]), int(index1[-1])
+    return first, last, index0 - first, index1 - first, weight1
+
+
+def resize_rows(fetch: RowFetch, in_height: int, size: tuple[int, int], start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of ``resize(x, size)`` reading only the rows of ``x`` they need
+    (``fetch(a, b)`` = ``x[:, :, a:b]``; ``x`` has ``in_height`` rows)."""
+    out_h, out_w = int(size[0]), int(size[1])
+    if in_height == out_h:  # no vertical resampling: only the width changes
+        band = fetch(start, stop)  # [B, C, n, w]
+        return band if band.shape[-1] == out_w else _resize_width(band, out_w)
+    first, last, index0, index1, weight1 = source_rows(in_height, out_h, start, stop)
+    band = fetch(first, last + 1)  # [B, C, m, w]
+    band = band if band.shape[-1] == out_w else _resize_width(band, out_w)  # [B, C, m, W]
+    # the vertical taps as a [n, m] matrix with two weights a row: a matmul is far faster on CPU than
+    # gathering rows (index_select along a middle axis), and m is small (about n / scale + 2)
+    taps = torch.zeros(stop - start, int(band.shape[2]), dtype=band.dtype)  # [n, m]
+    rows = torch.arange(stop - start)
+    taps.index_put_((rows, index0), (1 - weight1).to(band.dtype), accumulate=True)
+    taps.index_put_((rows, index1), weight1.to(band.dtype), accumulate=True)
+    return torch.matmul(taps.to(band.device), band)  # [B, C, n, W]
+
+
+def nearest_rows(fetch: RowFetch, in_height: int, size: tuple[int, int], start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of ``F.interpolate(x, size, mode="nearest")`` (exact: nearest is separable)."""
+    column = fetch(0, in_height)  # [B, C, h, w]: callers pass small maps (an indicator)
+    tall = F.interpolate(column, size=(int(size[0]), int(column.shape[-1])), mode="nearest")  # [B, C, H, w]
+    return F.interpolate(tall[:, :, start:stop], size=(stop - start, int(size[1])), mode="nearest")  # [B, C, n, W]
+
+
+def _resize_width(band: torch.Tensor, width: int) -> torch.Tensor:
+    """Bilinear along the last axis only: ``[B, C, m, w]`` -> ``[B, C, m, width]``."""
+    return F.interpolate(band, size=(int(band.shape[-2]), width), mode="bilinear", align_corners=False)

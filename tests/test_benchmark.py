@@ -1,0 +1,80 @@
+"""``segcli benchmark``: the JSON it prints, the ratios' consistency and its errors (never timings)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import REPO
+from segcli import api
+from segcli.errors import SegcliError
+
+SEGVIT = REPO / "recipes" / "tiny" / "segvit.yaml"
+SETR = REPO / "recipes" / "tiny" / "setr.yaml"
+TINY = ["--set", "model.backbone.img_size=64", "--set", "data.crop_size=[64,64]"]
+METRICS = ("latency_median_s", "latency_min_s", "throughput_ips", "peak_memory_mib", "gflops", "params_m")
+
+
+def run_json(cli, *args):
+    res = cli("benchmark", *args, "--json", "--repeats", "2", "--threads", "1", *TINY)
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_json_schema_and_ratios_to_the_first_model(cli):
+    out = run_json(cli, SEGVIT, SETR, "--shape", "64", "48", "--batch", "2")
+    assert {"device", "threads", "batch", "mode", "repeats", "warmup", "compile", "backbone_only", "load_average",
+            "models"} <= set(out)
+    assert (out["device"], out["batch"], out["repeats"], out["threads"], out["mode"]) == ("cpu", 2, 2, 1, "whole")
+    assert [row["name"] for row in out["models"]] == ["segvit", "setr"]
+    first = out["models"][0]
+    for row in out["models"]:
+        assert row["source"] == "recipe" and row["shape"] == [64, 48]
+        assert row["latency_min_s"] <= row["latency_median_s"]
+        assert row["throughput_ips"] == pytest.approx(2 / row["latency_median_s"])
+        assert row["gflops"] > 0 and row["params_m"] > 0 and row["first_call_s"] > 0
+        assert set(row["ratio"]) == set(METRICS)
+        for key in METRICS:
+            if row[key] is None or not first[key]:
+                assert row["ratio"][key] is None
+            else:
+                assert row["ratio"][key] == pytest.approx(row[key] / first[key])
+    assert all(value in (1.0, None) for value in first["ratio"].values())
+
+
+def test_backbone_only_counts_the_encoder_alone(cli):
+    whole = run_json(cli, SEGVIT, "--shape", "64", "64")["models"][0]
+    encoder = run_json(cli, SEGVIT, "--shape", "64", "64", "--backbone-only")["models"][0]
+    assert encoder["params_m"] < whole["params_m"] and encoder["gflops"] < whole["gflops"]
+
+
+def test_slide_mode_and_a_checkpoint(cli, setr_run):
+    _, result = setr_run
+    out = run_json(cli, result.best, SETR, "--shape", "96", "80", "--mode", "slide")
+    assert [row["source"] for row in out["models"]] == ["checkpoint", "recipe"]
+    assert out["mode"] == "slide"
+
+
+def test_progress_callback_counts_every_call():
+    calls = []
+    api.benchmark([SEGVIT, SETR], shape=(32, 32), repeats=2, warmup=1, overrides=TINY[1::2],
+                  progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(i, 6) for i in range(1, 7)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nope.yaml"], "no such file"),
+    ([str(SEGVIT), "--warmup", "0"], "--warmup"),
+    ([str(SEGVIT), "--mode", "tiled"], "unknown mode"),
+    ([str(SEGVIT), "--shape", "0", "64"], "not an image size"),
+])
+def test_bad_input_is_one_line_and_exit_2(cli, args, message):
+    res = cli("benchmark", *args)
+    assert res.exit_code == 2
+    assert message in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_compile_without_a_compiler_is_a_user_error(monkeypatch):
+    monkeypatch.setattr("segcli.workflows.benchmark.shutil.which", lambda name: None)
+    with pytest.raises(SegcliError, match="C\\+\\+ compiler"):
+        api.benchmark([SEGVIT], shape=(32, 32), compile=True, device="cpu", overrides=TINY[1::2])

@@ -1,0 +1,204 @@
+"""``segcli export``: every method exports; the exported file agrees with PyTorch; what cannot be
+exported says so; ``predict`` on a .onnx file writes the labels of the checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, tiny_overrides
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from segcli import api  # noqa: E402
+from segcli.build import dataset_meta  # noqa: E402
+from segcli.engine.checkpoint import save_checkpoint  # noqa: E402
+from segcli.errors import SegcliError  # noqa: E402
+
+TINY = REPO / "recipes" / "tiny"
+
+# name -> (recipe, extra --set overrides); ResNet recipes have no patch size / img size
+METHODS = {
+    "setr": ("setr.yaml", {}),
+    "segvit_low": ("segvit.yaml", {}),
+    "segvit_full": ("segvit.yaml", {"model.decode_head.mask_resolution": "full"}),
+    "fcn": ("bilinear.yaml", {"model.decode_head": "{type: fcn, channels: 32}"}),
+    "bilinear": ("bilinear.yaml", {}),
+    "deeplabv3plus": ("bilinear.yaml", {"model.decode_head": "{type: deeplabv3plus, channels: 32}"}),
+    "nrd_einsum": ("nrd.yaml", {}),
+    "nrd_grouped_conv": ("nrd.yaml", {"model.decode_head.impl": "grouped_conv"}),
+    "shrunk_qd": ("segvit_shrunk_qd0.yaml", {}),
+    "dtop_p1": ("dtop.yaml", {"model.type": "dtop", "model.options": "{p0: 1.0}"}),
+}
+
+
+def _overrides(root: Path, recipe: str, extra: dict) -> list[str]:
+    sets = tiny_overrides(root, **extra)[1::2]
+    if recipe in ("bilinear.yaml", "nrd.yaml"):  # ResNet: drop the ViT keys
+        sets = [s for s in sets if not s.startswith(("model.backbone.patch_size", "model.backbone.img_size"))]
+    return sets
+
+
+def make_checkpoint(root: Path, folder: Path, name: str, **extra) -> Path:
+    """A checkpoint of random weights (seeded) for a tiny recipe: no training needed."""
+    recipe_file, options = METHODS[name]
+    recipe = api.load_recipe(TINY / recipe_file, _overrides(root, recipe_file, {**options, **extra}))
+    (val,) = api.build_datasets(recipe, splits=("val",))
+    torch.manual_seed(0)
+    path = folder / f"{name}.pt"
+    save_checkpoint(path, {"version": "test", "recipe": recipe.to_dict(), "meta": dataset_meta(val),
+                           "model": api.build_model(recipe).state_dict()})
+    return path
+
+
+def assert_agrees(result):
+    assert result.verified
+    for check in result.checks:
+        assert check.label_agreement >= 0.999, check
+        if check.rel_diff is not None:
+            assert check.rel_diff <= 1e-4, check
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_exports_to_onnx(name, synth_root, tmp_path):
+    ckpt = make_checkpoint(synth_root, tmp_path, name)
+    result = api.export(ckpt, format="onnx", output="scores")
+    assert result.path == tmp_path / f"{name}.onnx" and result.path.is_file()
+    assert result.dynamic_axes == [] and result.opset == 18
+    assert_agrees(result)
+    assert not list(tmp_path.glob(".*.tmp"))  # no temp file left behind
+
+
+@pytest.mark.parametrize("name", ["segvit_low"])  # Shrunk QD takes the same ATM path (checked by hand)
+def test_dynamic_export_runs_two_sizes(name, synth_root, tmp_path):
+    ckpt = make_checkpoint(synth_root, tmp_path, name)
+    # traced at a size other than the ViT's img_size (64): at that size the position embedding is
+    # used as is, a branch that holds for 49..64 px only
+    result = api.export(ckpt, format="onnx", output="scores", dynamic=True, shape=(80, 96))
+    assert "height" in result.dynamic_axes
+    assert len(result.checks) == 2 and result.checks[0].shape != result.checks[1].shape
+    assert_agrees(result)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    ckpt_model = api.load_checkpoint(ckpt).model
+    recipe = api.load_checkpoint(ckpt).recipe
+    image = torch.rand(1, 3, 80 - 9, 96) * 255
+    out = session.run(None, {"image": image.numpy()})[0]
+    mean, std = torch.tensor(recipe.data.mean).view(1, 3, 1, 1), torch.tensor(recipe.data.std).view(1, 3, 1, 1)
+    from segcli.engine.inference import forward_padded
+
+    with torch.no_grad():
+        expected = forward_padded(ckpt_model, (image - mean) / std)
+    assert out.shape == tuple(expected.shape)
+    assert (out.argmax(1) == expected.argmax(1).numpy()).mean() >= 0.999
+
+
+def test_labels_output_and_other_formats(synth_root, tmp_path):
+    ckpt = make_checkpoint(synth_root, tmp_path, "segvit_low")
+    labels = api.export(ckpt, format="onnx", output="labels", batch=2, opset=20, out=tmp_path / "l.onnx")
+    assert labels.checks[0].max_abs_diff is None and labels.checks[0].shape == (2, 64, 64)
+    assert_agrees(labels)
+    program = api.export(ckpt, format="exported-program", output="scores")
+    assert program.path.name == "segvit_low.pt2"
+    assert_agrees(program)
+    traced = api.export(ckpt, format="torchscript", output="scores")
+    assert traced.path.name == "segvit_low.torchscript.pt"
+    assert_agrees(traced)
+
+
+def test_data_dependent_models_are_refused_in_one_line(synth_root, tmp_path):
+    for name, extra in (("dtop_p1", {"model.options": "{p0: 0.5}"}),
+                        ("shrunk_qd", {"model.options": "{qd_index: 0, qu: inherit, edge: true}"})):
+        ckpt = make_checkpoint(synth_root, tmp_path, name, **extra)
+        with pytest.raises(SegcliError, match="cannot be exported faithfully: .*data-dependent token set") as err:
+            api.export(ckpt, format="onnx")
+        assert "\n" not in str(err.value) and "p0 = 1" in str(err.value)
+        assert not (tmp_path / f"{name}.onnx").exists()
+
+
+def test_dynamic_nrd_is_refused_after_verification(synth_root, tmp_path):
+    """NRD's head turns sizes into Python ints: its dynamic graph does not run; the file is kept aside."""
+    ckpt = make_checkpoint(synth_root, tmp_path, "nrd_einsum")
+    with pytest.raises(SegcliError, match="does not run at input") as err:
+        api.export(ckpt, output="scores", dynamic=True, shape=(80, 96))
+    assert "\n" not in str(err.value)
+    assert (tmp_path / "nrd_einsum.onnx.unverified").is_file() and not (tmp_path / "nrd_einsum.onnx").exists()
+
+
+def test_cli_export_refuses_to_overwrite_and_validates(cli, synth_root, tmp_path):
+    ckpt = make_checkpoint(synth_root, tmp_path, "bilinear")
+    res = cli("export", ckpt, "--json")
+    assert res.exit_code == 0, res.output
+    import json
+
+    info = json.loads(res.stdout)
+    assert info["verified"] and info["path"] == str(tmp_path / "bilinear.onnx")
+    before = (tmp_path / "bilinear.onnx").stat().st_mtime_ns
+    res = cli("export", ckpt)
+    assert res.exit_code == 2 and "exists" in res.output and "--overwrite" in res.output
+    assert (tmp_path / "bilinear.onnx").stat().st_mtime_ns == before
+    res = cli("export", ckpt, "--overwrite", "--output", "scores")
+    assert res.exit_code == 0 and "max abs diff" in res.output and "labels agree" in res.output
+    for args, text in ((["--format", "onx"], "did you mean 'onnx'"), (["--opset", "9"], "opset 9"),
+                       (["--format", "torchscript", "--dynamic"], "TorchScript")):
+        res = cli("export", ckpt, "--out", tmp_path / "x.onnx", *args)
+        assert res.exit_code == 2 and text in res.output, res.output
+    res = cli("export", tmp_path / "missing.pt")
+    assert res.exit_code == 2 and "checkpoint not found" in res.output
+
+
+def test_failed_verification_keeps_the_file_as_unverified(synth_root, tmp_path, monkeypatch):
+    from segcli.workflows import export as export_module
+
+    ckpt = make_checkpoint(synth_root, tmp_path, "bilinear")
+    monkeypatch.setattr(export_module, "passes", lambda check: False)
+    with pytest.raises(SegcliError, match="disagrees with PyTorch"):
+        api.export(ckpt)
+    assert (tmp_path / "bilinear.onnx.unverified").is_file() and not (tmp_path / "bilinear.onnx").exists()
+
+
+def test_missing_extra_is_named(synth_root, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_onnxscript(name, *args, **kwargs):
+        if name == "onnxscript":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    ckpt = make_checkpoint(synth_root, tmp_path, "bilinear")
+    monkeypatch.setattr(builtins, "__import__", no_onnxscript)
+    with pytest.raises(SegcliError, match=r"needs onnxscript.*segcli\[export\]"):
+        api.export(ckpt)
+
+
+def test_predict_with_onnx_writes_the_labels_of_the_checkpoint(cli, synth_root, tmp_path):
+    ckpt = make_checkpoint(synth_root, tmp_path, "segvit_low")
+    static = api.export(ckpt, format="onnx", output="scores", shape=(64, 64))  # the synthetic images' size
+    images = synth_root / "images" / "val"
+    for source, folder in ((ckpt, "pt"), (tmp_path / "segvit_low.onnx", "onnx")):
+        res = cli("predict", images, "--checkpoint", source, "--out", tmp_path / folder, "--overlay")
+        assert res.exit_code == 0, res.output
+    names = sorted(p.name for p in (tmp_path / "pt").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "onnx").iterdir()) and len(names) == 9
+    for name in names:
+        if name.endswith("_overlay.png") or name.endswith("_color.png"):
+            continue
+        a = cv2.imread(str(tmp_path / "pt" / name), cv2.IMREAD_UNCHANGED)
+        b = cv2.imread(str(tmp_path / "onnx" / name), cv2.IMREAD_UNCHANGED)
+        assert (a == b).mean() >= 0.999
+    # a static file meets an image of another size: one line, exit 2
+    small = tmp_path / "small.png"
+    cv2.imwrite(str(small), np.zeros((32, 32, 3), np.uint8))
+    res = cli("predict", small, "--checkpoint", static.path, "--out", tmp_path / "s")
+    assert res.exit_code == 2 and "takes 64x64 images" in res.output
+    # an ONNX file that segcli did not write
+    (tmp_path / "foreign.onnx").write_bytes(b"not a model")
+    res = cli("predict", next(images.iterdir()), "--checkpoint", tmp_path / "foreign.onnx", "--out", tmp_path / "f")
+    assert res.exit_code == 2 and "onnxruntime cannot load" in res.output

@@ -1,0 +1,138 @@
+"""Labels without the full score tensor (``engine/inference.py`` ``infer_labels``, ``models/scores.py``).
+
+``infer_labels`` must give ``infer(...).argmax(1)`` in every mode (whole, slide, multi-scale +
+flip) for every kind of model: ATM heads (both mask resolutions), logit heads (SETR, FCN, NRD), DToP with exits (both
+combining rules) and SegViT-CL's concatenated heads. Ties aside: labels are compared where the
+full scores' top-2 margin exceeds 1e-5 (relative to their scale).
+"""
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from segcli import api
+from segcli.data import SYNTHETIC_CLASSES
+from segcli.engine.inference import infer, infer_labels, tta_scores
+from segcli.models.scores import UpsampledScores, resize_rows
+from segcli.recipe import recipe_from_dict
+
+NUM_CLASSES = len(SYNTHETIC_CLASSES)
+VIT = {"type": "vit", "name": "test_vit", "img_size": 64, "patch_size": 8, "out_indices": [2, 3, 5],
+       "drop_path_rate": 0.0}
+ATM = {"type": "atm", "embed_dim": 32, "num_heads": 1, "num_layers": 1}
+RESNET = {"type": "resnet", "name": "resnet18", "out_indices": [1, 4], "aspp": True, "aspp_channels": 16,
+          "aspp_dilations": [1, 2, 3]}
+MODELS = {
+    "atm": {"backbone": VIT, "decode_head": {**ATM, "in_index": [2, 1]}},
+    "atm_full": {"backbone": VIT, "decode_head": {**ATM, "in_index": [2, 1], "mask_resolution": "full"}},
+    "atm_full_mask_size": {"backbone": VIT, "decode_head": {**ATM, "in_index": [2], "mask_resolution": "full",
+                                                            "mask_size": 48}},
+    "setr": {"backbone": VIT, "decode_head": {"type": "setr", "in_index": 2, "channels": 16}},
+    "fcn": {"backbone": VIT, "decode_head": {"type": "fcn", "in_index": 2, "channels": 16, "kernel_size": 3}},
+    "nrd": {"backbone": RESNET, "decode_head": {"type": "nrd", "controller_channels": 16}},
+    "dtop_atm": {"type": "dtop", "options": {"p0": 0.5}, "backbone": VIT, "decode_head": {**ATM, "in_index": [2]},
+                 "aux_heads": [{**ATM, "in_index": [0]}, {**ATM, "in_index": [1]}]},
+    "dtop_setr": {"type": "dtop", "options": {"p0": 0.5}, "backbone": VIT,
+                  "decode_head": {"type": "setr", "in_index": 2, "channels": 16},
+                  "aux_heads": [{"type": "fcn", "in_index": 0, "channels": 16, "kernel_size": 1},
+                                {"type": "fcn", "in_index": 1, "channels": 16, "kernel_size": 3}]},
+    "continual": {"type": "continual", "options": {"task_classes": [5, 3]}, "backbone": VIT,
+                  "decode_head": {**ATM, "in_index": [2]}},
+}
+MODES = {
+    "whole": SimpleNamespace(mode="whole", crop_size=None, stride=None, scale=None, scales=(1.0,), flip=False),
+    "slide": SimpleNamespace(mode="slide", crop_size=(32, 48), stride=(19, 21), scale=None, scales=(1.0,), flip=False),
+    "tta": SimpleNamespace(mode="whole", crop_size=None, stride=None, scale=None, scales=(0.75, 1.25), flip=True),
+    "slide_tta": SimpleNamespace(mode="slide", crop_size=(32, 48), stride=(24, 24), scale=None, scales=(0.75, 1.25),
+                                 flip=True),
+}
+
+
+def build(name: str):
+    torch.manual_seed(0)
+    raw = {"model": copy.deepcopy(MODELS[name]), "data": {"type": "synthetic", "crop_size": [64, 64]}}
+    net = api.build_model(recipe_from_dict(raw), num_classes=NUM_CLASSES).eval()
+    with torch.no_grad():  # confident heads, so that DToP's tokens exit at p0 = 0.5
+        for head in [getattr(net, "decode_head", None), *getattr(net, "aux_heads", [])]:
+            if hasattr(head, "class_head"):
+                head.class_head.weight.mul_(40)
+            elif hasattr(head, "classifier"):
+                head.classifier.weight.mul_(300)
+            elif hasattr(head, "controller"):  # NRD: generated networks start near zero
+                for param in head.controller.parameters():
+                    param.normal_(std=0.5)
+    return net
+
+
+def assert_same_labels(labels: torch.Tensor, scores: torch.Tensor) -> None:
+    top2 = scores.topk(2, dim=1).values  # [B, 2, H, W]
+    decisive = (top2[:, 0] - top2[:, 1]) > 1e-5 * float(scores.abs().max().clamp_min(1))
+    assert decisive.float().mean() > 0.9
+    assert labels.dtype == torch.long and labels.shape == scores.argmax(1).shape
+    assert torch.equal(labels[decisive], scores.argmax(1)[decisive])
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide", "tta"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_labels_equal_the_full_scores_argmax(name, mode):
+    net = build(name)
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 70, 90)  # not a multiple of any stride: padding and cropping
+    with torch.no_grad():
+        scores = infer(net, images, MODES[mode], (64, 64))
+        labels = infer_labels(net, images, MODES[mode], (64, 64), band_bytes=1)  # one row per band
+        assert_same_labels(labels, scores)
+        assert torch.equal(labels, infer_labels(net, images, MODES[mode], (64, 64)))  # band size is no matter
+    if name.startswith("dtop") and mode == "whole":
+        assert 0 < net.last_stats["kept_fraction"] < 1  # tokens did exit: the combined map is tested
+
+
+def test_labels_with_slide_windows_and_tta_together():
+    net = build("atm")
+    images = torch.randn(1, 3, 70, 90)
+    with torch.no_grad():
+        assert_same_labels(infer_labels(net, images, MODES["slide_tta"], (64, 64), band_bytes=1),
+                           infer(net, images, MODES["slide_tta"], (64, 64)))
+
+
+@pytest.mark.parametrize("name", ["atm", "nrd", "dtop_setr"])
+def test_full_of_a_score_map_is_the_models_forward(name):
+    net = build(name)
+    images = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.equal(net.forward_scores(images).full(), net(images))
+
+
+def test_rows_match_the_full_tensor_in_any_order():
+    scores = torch.randn(2, 5, 7, 9)
+    for extent, size in [((50, 61), (50, 61)), ((56, 72), (53, 70)), ((4, 5), (4, 5)), ((7, 30), (7, 30))]:
+        lazy = UpsampledScores(scores, extent, size)
+        full = lazy.full()
+        for start, stop in [(0, 1), (3, 4), (size[0] - 2, size[0]), (1, size[0])]:
+            assert torch.allclose(lazy.rows(start, stop), full[:, :, start:stop], atol=1e-6)
+        # a band of a band: resize_rows reads only the source rows it needs
+        band = resize_rows(lambda a, b: scores[:, :, a:b], 7, size, 2, size[0] - 1)
+        assert torch.allclose(band, torch.nn.functional.interpolate(
+            scores, size=size, mode="bilinear", align_corners=False)[:, :, 2:size[0] - 1], atol=1e-6)
+
+
+def test_slide_runs_each_window_once_when_read_in_order():
+    calls = []
+    net = build("setr")
+    forward = net.forward_scores
+
+    def counting(images):
+        calls.append(tuple(images.shape[-2:]))
+        return forward(images)
+
+    net.forward_scores = counting
+    images = torch.randn(1, 3, 100, 70)
+    cfg = MODES["slide"]
+    with torch.no_grad():
+        infer_labels(net, images, cfg, (64, 64), band_bytes=1)
+    windows = len(calls)
+    assert windows == 5 * 3  # (100 - 32) / 20 -> 5 rows of windows, (70 - 40) / 24 -> 3 columns
+    assert tta_scores(net, images, cfg, (64, 64)).size == (100, 70)
