@@ -73,3 +73,43 @@ def zero_based_stages(key: str) -> str:
 def segvit_v1_rules() -> list[Rule]:
     """The released SegViT v1 (ViT + ATM head); apply with ``rename=zero_based_stages``."""
     return mmseg_vit_rules() + atm_head_rules()
+
+
+_HEAD_PLACEHOLDER = re.compile(r"@(decode_head|auxiliary_head\.(\d+))@")
+
+
+def prune_head_rules() -> list[Rule]:
+    """The released DToP ``PruneHead`` s (one stage each: ``input_proj``, ``proj_norm``,
+    ``decoder.layers``, ``q``, a binary ``class_embed``) -> one-stage ATM heads; the head's name is
+    an ``@...@`` placeholder that :func:`dtop_rename` turns into segcli's (``aux_heads.{i}``)."""
+    head = r"(?P<h>decode_head|auxiliary_head\.\d+)"
+    layer = head + r"\.decoder\.layers\.(?P<l>\d+)\."
+    out = r"@\g<h>@.stages.0.layers.\g<l>."
+    return [
+        Rule(head + r"\.loss_decode\..*", None),  # the criterion's class weights: not learnt
+        Rule(head + r"\.input_proj\.(?P<p>weight|bias)", r"@\g<h>@.stages.0.proj.\g<p>"),
+        Rule(head + r"\.proj_norm\.(?P<p>weight|bias)", r"@\g<h>@.stages.0.proj_norm.\g<p>"),
+        Rule(layer + r"self_attn\.in_proj_(?P<p>weight|bias)", None,
+             split=tuple(out + rf"self_attn.{x}_proj.\g<p>" for x in "qkv")),
+        Rule(layer + r"self_attn\.out_proj\.(?P<p>weight|bias)", out + r"self_attn.out_proj.\g<p>"),
+        Rule(layer + r"multihead_attn\.(?P<x>q|k|v)\.(?P<p>weight|bias)", out + r"cross_attn.\g<x>_proj.\g<p>"),
+        Rule(layer + r"multihead_attn\.proj\.(?P<p>weight|bias)", out + r"cross_attn.out_proj.\g<p>"),
+        Rule(layer + r"linear1\.(?P<p>weight|bias)", out + r"ffn.0.\g<p>"),
+        Rule(layer + r"linear2\.(?P<p>weight|bias)", out + r"ffn.3.\g<p>"),
+        Rule(layer + r"norm1\.(?P<p>weight|bias)", out + r"self_norm.\g<p>"),
+        Rule(layer + r"norm2\.(?P<p>weight|bias)", out + r"cross_norm.\g<p>"),
+        Rule(layer + r"norm3\.(?P<p>weight|bias)", out + r"ffn_norm.\g<p>"),
+        Rule(head + r"\.q\.weight", r"@\g<h>@.class_queries.weight"),
+        Rule(head + r"\.class_embed\.(?P<p>weight|bias)", r"@\g<h>@.class_head.\g<p>"),
+    ]
+
+
+def dtop_rules() -> list[Rule]:
+    """A model trained with zbwxp/Dynamic-Token-Pruning: MMSegmentation's ViT + ``PruneHead`` s;
+    apply with ``rename=dtop_rename``."""
+    return mmseg_vit_rules() + prune_head_rules()
+
+
+def dtop_rename(key: str) -> str:
+    """``@decode_head@`` -> ``decode_head``, ``@auxiliary_head.i@`` -> ``aux_heads.i``."""
+    return _HEAD_PLACEHOLDER.sub(lambda m: "decode_head" if m.group(2) is None else f"aux_heads.{m.group(2)}", key)

@@ -19,6 +19,9 @@ No Hungarian matching: query k is class k (thesis 4.2.1; released ``ATMLoss``). 
   borders, where the padding is labelled ignore.
 * **Deep supervision**: each entry of ``outputs["aux_outputs"]`` (earlier stages' class logits
   and cumulative masks) gets the same three terms, named ``s{i}.loss_ce`` etc.
+* **Binary class heads** (``binary=True``, DToP's released ``PruneHead``: query k only says
+  whether class k is present): the class loss is the same weighted CE over ``[B, K, 2]`` logits
+  with target 0 ("present") or 1 ("absent", weight ``eos_coef``).
 * All terms are multiplied by ``loss_weight`` and computed in float32. An image with no valid
   pixel contributes only "no object" CE terms; a batch with no present class gives zero (but
   differentiable) focal and dice terms, never NaN.
@@ -112,6 +115,7 @@ class ATMCriterion(nn.Module):
         focal_gamma: float = 2.0,
         mask_loss_ignore: Literal["exclude", "negative"] = "exclude",
         loss_weight: float = 1.0,
+        binary: bool = False,
     ):
         super().__init__()
         if mask_loss_ignore not in ("exclude", "negative"):
@@ -125,13 +129,14 @@ class ATMCriterion(nn.Module):
         self.focal_gamma = focal_gamma
         self.mask_loss_ignore = mask_loss_ignore
         self.loss_weight = loss_weight
-        class_weight = torch.ones(num_classes + 1)
+        self.binary = binary
+        class_weight = torch.ones(2 if binary else num_classes + 1)
         class_weight[-1] = eos_coef
         self.register_buffer("class_weight", class_weight, persistent=False)  # not in checkpoints
 
     def forward(self, outputs: dict, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         present = present_classes(labels, self.num_classes, self.ignore_index)  # [B, K]
-        targets = class_targets(present)  # [B, K]
+        targets = (~present).long() if self.binary else class_targets(present)  # [B, K]: binary 0 = present
         image_idx, class_idx = present.nonzero(as_tuple=True)  # the P present (image, class) pairs
         label_rows = labels[image_idx].flatten(1)  # [P, H*W]
         mask_targets = (label_rows == class_idx[:, None]).float()  # [P, H*W]

@@ -71,6 +71,7 @@ Decisions (the thesis is silent, or the released code, zbwxp/Dynamic-Token-Pruni
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -80,6 +81,7 @@ from torch import nn
 from ..errors import SegcliError
 from ..registry import SEGMENTORS
 from .base import DecodeHead, FrozenPartsMixin, resize
+from .heads.atm import query_class_probs
 from .scores import ScoreMap, UpsampledScores, nearest_rows, resize_rows
 from .tokens import scatter_tokens, select_tokens
 
@@ -101,6 +103,11 @@ class DToPOptions:
     exit_layers: tuple[int, ...] | None = None  # grading blocks (0-based); None = all aux heads before the decode
     strict: bool = False  # exit if score > p0 (released code) instead of >= p0 (thesis)
     freeze_backbone: bool = False  # train the heads only (DToP@Finetune as the thesis words it)
+    # how exited tokens enter the output map. "thesis": each keeps the per-class scores of the head
+    # it left by (thesis 5.2.2). "released": each keeps the mask logits of that head, and the decode
+    # head's class probabilities are applied to every token's masks (zbwxp/Dynamic-Token-Pruning
+    # decode_heads/prune_head.py); ATM heads only.
+    combine: Literal["thesis", "released"] = "thesis"
 
     def __post_init__(self):
         if not 0.0 < self.p0 <= 1.0:
@@ -169,12 +176,12 @@ class TokenGrader(nn.Module):
 
 def atm_token_probs(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
     """ATM per-class scores per token (thesis eq. 4.4): [B, Q, K+1], [B, Q, M] -> [B, M, K]."""
-    return torch.einsum("bqc,bqm->bmc", class_logits.softmax(dim=-1)[..., :-1], mask_logits.sigmoid())
+    return torch.einsum("bqc,bqm->bmc", query_class_probs(class_logits), mask_logits.sigmoid())
 
 
 def atm_class_probs(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
     """Probability that a token is class c, query c being class c: [B, K, K+1], [B, K, M] -> [B, M, K]."""
-    own_class = class_logits.softmax(dim=-1).diagonal(dim1=1, dim2=2)  # [B, K]: query c says "class c"
+    own_class = query_class_probs(class_logits).diagonal(dim1=1, dim2=2)  # [B, K]: query c says "class c"
     return (own_class[..., None] * mask_logits.sigmoid()).transpose(1, 2)  # [B, M, K]
 
 
@@ -314,6 +321,11 @@ class DToPSegmentor(FrozenPartsMixin, nn.Module):
         self.exit_layers = tuple(exits)
         self.exit_heads = tuple(aux_blocks.index(b) for b in exits)
         self.exit_positions = tuple(aux_layers[i] for i in self.exit_heads)  # positions in backbone outputs
+        if options.combine == "released" and any(
+                head_kind(h, decode=h is decode_head) != "class_masks"
+                for h in [decode_head, *(self.aux_heads[i] for i in self.exit_heads)]):
+            raise SegcliError("combine: released keeps mask logits, so every exit head and the decode head must be "
+                              "an ATM head", "model.options.combine", "use combine: thesis with other heads")
         # heads that need the full grid (exited tokens frozen at exit) make every exit update it
         self.needs_full = head_kind(decode_head, decode=True) == "map" or any(
             head_kind(self.aux_heads[i]) == "map" for i in self.exit_heads)
@@ -390,6 +402,8 @@ class DToPSegmentor(FrozenPartsMixin, nn.Module):
         exit_stage = torch.full((batch, num), -1, dtype=torch.long, device=tokens.device)  # [B, N]
         trace = PruneTrace(exit_stage, grid)
         exit_probs = None  # [B, N, K] probabilities of exited tokens, from their exit head
+        released = self.options.combine == "released"
+        exit_masks = None  # released combination: [B, N, K] mask logits of the last head that saw each token
         grade = self.pruning or keep_outputs
         stages = {block: m for m, block in enumerate(self.exit_layers)} if grade else {}
         subset = padded = False  # any token exited (blocks need grid positions) / some image has padding
@@ -417,6 +431,10 @@ class DToPSegmentor(FrozenPartsMixin, nn.Module):
             if exit_probs is None:
                 exit_probs = probs.new_zeros(batch, num, probs.shape[-1])
             exit_probs = scatter_tokens(exit_probs, probs.detach().to(exit_probs.dtype), state.index, ~leave)
+            if released:
+                masks = raw[1].detach().transpose(1, 2)  # [B, M, K]
+                exit_masks = masks.new_zeros(batch, num, masks.shape[-1]) if exit_masks is None else exit_masks
+                exit_masks = scatter_tokens(exit_masks, masks, state.index, state.pad)  # every token this head saw
             if not bool(leave.any()):
                 continue
             exit_stage = scatter_tokens(exit_stage[..., None], torch.full_like(state.index, stage)[..., None],
@@ -433,7 +451,17 @@ class DToPSegmentor(FrozenPartsMixin, nn.Module):
             trace.heads.append(("decode", self.decode_head, outputs, exit_stage < 0))
             return trace
         size = tuple(images.shape[-2:])
-        if kind == "class_masks":
+        if kind == "class_masks" and released:
+            masks = raw[1].transpose(1, 2)  # [B, M, K] the decode head's mask logits at the tokens it saw
+            canvas = masks.new_zeros(batch, num, masks.shape[-1]) if exit_masks is None else exit_masks.to(masks.dtype)
+            canvas = scatter_tokens(canvas, masks, state.index, state.pad)  # [B, N, K]
+            trace.token_scores = atm_token_probs(raw[0], canvas.transpose(1, 2))  # [B, N, K]
+            scores = trace.token_scores.transpose(1, 2).reshape(batch, -1, grid[0], grid[1])  # [B, K, h, w]
+            mask_size = getattr(self.decode_head.cfg, "mask_size", None)
+            if mask_size:  # the released head resizes to its square img_size first
+                scores = resize(scores, (mask_size, mask_size))
+            trace.score_map = UpsampledScores(scores, size)  # -> [B, K, H, W]
+        elif kind == "class_masks":
             probs = atm_token_probs(*raw)  # [B, M, K]
             canvas = exit_probs if exit_probs is not None else probs.new_zeros(batch, num, probs.shape[-1])
             trace.token_scores = scatter_tokens(canvas.to(probs.dtype), probs, state.index, state.pad)  # [B, N, K]

@@ -87,6 +87,10 @@ class ATMConfig:
     # there and the segmentor resizes them to the input (zbwxp/SegVit decode_heads/atm_head.py);
     # None = straight to the output size. Equal whenever the window is img_size (slide testing).
     mask_size: int | None = None
+    # "classes": one Linear(D, K+1) classifies every query over the K classes + "no object" (thesis
+    # eq. 4.4); "binary": Linear(D, 2) only says whether query k's class is present, as the released
+    # DToP PruneHead (zbwxp/Dynamic-Token-Pruning decode_heads/prune_head.py) does
+    class_head: Literal["classes", "binary"] = "classes"
     loss_weight: float = 1.0
     ce_weight: float = 1.0
     focal_weight: float = 20.0
@@ -150,6 +154,21 @@ class ATMStage(nn.Module):
         return queries, similarity.view(batch, -1, height, width)  # [B, Q, h, w]
 
 
+def query_class_probs(class_logits: torch.Tensor) -> torch.Tensor:
+    """``P[b, q, c]``, the probability that query q says class c, minus "no object": ``[B, Q, K]``.
+
+    From ``[B, Q, K+1]`` logits (a class head over the classes) or, for a binary head ``[B, K, 2]``
+    (query k: "class k present" / "absent"), the diagonal matrix of the "present" probabilities,
+    so that every formula over queries (eq. 4.4) gives ``P_k · sigmoid(M_k)`` for class k. With one
+    class both readings coincide.
+    """
+    probs = class_logits.softmax(dim=-1)
+    queries = class_logits.shape[1]
+    if probs.shape[-1] == 2 and queries != 1:
+        return torch.diag_embed(probs[..., 0])  # [B, K, K]
+    return probs[..., :-1]  # [B, Q, K]
+
+
 def semantic_scores(
     class_logits: torch.Tensor,
     mask_logits: torch.Tensor,
@@ -164,7 +183,7 @@ def semantic_scores(
     upsamples the mask logits first (released code), ``"low"`` forms the scores at mask
     resolution and upsamples them (see the module docstring).
     """
-    probs = class_logits.softmax(dim=-1)[..., :-1]  # [B, Q, K]
+    probs = query_class_probs(class_logits)  # [B, Q, K]
     if resolution == "full":
         masks = resize(mask_logits, (mask_size, mask_size) if mask_size else size).sigmoid()  # [B, Q, H', W']
         return resize(torch.einsum("bqc,bqhw->bchw", probs, masks), size)  # [B, K, H, W]
@@ -175,7 +194,7 @@ def semantic_scores(
 
 def low_resolution_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
     """``"low"`` scores before upsampling: ``[B, K, h, w]`` from ``[B, Q, K+1]`` and ``[B, Q, h, w]``."""
-    probs = class_logits.softmax(dim=-1)[..., :-1]  # [B, Q, K]
+    probs = query_class_probs(class_logits)  # [B, Q, K]
     return torch.einsum("bqc,bqhw->bchw", probs, mask_logits.sigmoid())  # [B, K, h, w]
 
 
@@ -185,7 +204,7 @@ class MaskAssemblyScores(ScoreMap):
 
     def __init__(self, class_logits: torch.Tensor, mask_logits: torch.Tensor, size: tuple[int, int]):
         self.class_logits, self.mask_logits = class_logits, mask_logits  # [B, Q, K+1], [B, Q, h, w]
-        self.probs = class_logits.softmax(dim=-1)[..., :-1]  # [B, Q, K]
+        self.probs = query_class_probs(class_logits)  # [B, Q, K]
         self.batch, self.channels = int(mask_logits.shape[0]), int(self.probs.shape[-1])
         self.size = (int(size[0]), int(size[1]))
 
@@ -236,7 +255,8 @@ class ATMHead(DecodeHead):
             ATMStage(c, dim, heads, cfg.num_layers, cfg.ffn_ratio, cfg.dropout, cfg.self_attn) for c in in_channels
         )
         self.class_queries = nn.Embedding(ctx.num_classes, dim)  # N(0, 1)
-        self.class_head = nn.Linear(dim, ctx.num_classes + 1)  # K classes + "no object"
+        binary = cfg.class_head == "binary"
+        self.class_head = nn.Linear(dim, 2 if binary else ctx.num_classes + 1)  # present/absent, or K + "no object"
         self.apply(_init_weights)
         self.criterion = ATMCriterion(
             ctx.num_classes,
@@ -249,6 +269,7 @@ class ATMHead(DecodeHead):
             focal_gamma=cfg.focal_gamma,
             mask_loss_ignore=cfg.mask_loss_ignore,
             loss_weight=cfg.loss_weight,
+            binary=binary,
         )
 
     def initial_queries(self, batch: int) -> torch.Tensor:
