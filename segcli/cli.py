@@ -458,7 +458,7 @@ def cl_step(
 def convert(
     ctx: typer.Context,
     source: Path = typer.Argument(..., help="A released checkpoint (.pth) of the official code or MMSegmentation."),
-    from_: Optional[str] = typer.Option(None, "--from", help="segvit-v1 | mmseg | mmseg-vit (default: detected from the keys)."),
+    from_: Optional[str] = typer.Option(None, "--from", help="segvit-v1 | segvit-v1-shrunk | dtop | mmseg | mmseg-vit (default: detected from the keys)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="The released architecture, e.g. recipes/released/..."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default beside SOURCE: <stem>.segcli.pt)."),
     set_: Optional[List[str]] = SetOpt,

@@ -83,6 +83,22 @@ def test_mmseg_zoo_models_convert_and_match(name, recipe, tmp_path):
         assert rel_diff(model(io["input"]), io["seg_logits"]) < RTOL
 
 
+def test_segvit_v1_shrunk_converts_and_matches(tmp_path):
+    """vit_shrink (QD in block 2) + the TPN head: whole mode at 96x96 (the learnt 4x4 query grid is
+    not resized) and the released slide test."""
+    out = api.convert(FIXTURES / "segvit-v1-shrunk.pth", recipe=RECIPES / "segvit_v1_shrunk_small.yaml",
+                      out=tmp_path / "m.pt")
+    assert out.format == "segvit-v1-shrunk"
+    loaded = api.load_checkpoint(out.path)
+    io = torch.load(FIXTURES / "segvit-v1-shrunk_io.pt", weights_only=True)
+    with torch.no_grad():
+        features, _ = loaded.model.encode(io["input"])
+        assert rel_diff(features[1], io["tpn.q_map"]) < RTOL
+        assert rel_diff(loaded.model(io["input"]), io["seg_logits"]) < RTOL
+        scores = infer(loaded.model, io["slide.input"], loaded.recipe.test, loaded.recipe.data.crop_size)
+    assert rel_diff(scores, io["slide.seg_logits"]) < RTOL
+
+
 def test_dtop_converts_with_its_binary_heads_and_prunes_the_same_tokens(tmp_path):
     """An MMEngine checkpoint of zbwxp/Dynamic-Token-Pruning: exits after blocks 1 and 2 with the
     released rule (> 0.9, 5 per class kept), the released combination of masks and class scores."""
@@ -162,9 +178,8 @@ def test_convert_cli_renders_and_refuses(cli, tmp_path):
     assert res.exit_code == 2 and "--overwrite" in res.output and "Traceback" not in res.output
     res = cli("convert", FIXTURES / "segvit-v1.pth", "--from", "segvit-v9")
     assert res.exit_code == 2 and "segvit-v1" in res.output
-    for name in ("segvit-v1-shrunk",):  # recognised, not read yet
-        res = cli("convert", FIXTURES / f"{name}.pth", "--out", tmp_path / f"{name}.pt")
-        assert res.exit_code == 2 and "cannot read yet" in res.output, (name, res.output)
+    res = cli("convert", FIXTURES / "mmseg-setr.pth", "--out", tmp_path / "setr.pt")  # no --recipe
+    assert res.exit_code == 2 and "--recipe" in res.output
 
 
 def test_the_released_vit_b_recipe_counts_the_released_gflops():

@@ -62,12 +62,12 @@ def atm_head_rules(head: str = "", target: str = "decode_head.") -> list[Rule]:
     ]
 
 
-_STAGE = re.compile(r"stages\.@(\d+)\.")
+_STAGE = re.compile(r"(stages|readers)\.@(\d+)\.")
 
 
 def zero_based_stages(key: str) -> str:
-    """``stages.@N.`` placeholders -> ``stages.{N-1}.`` (official stages count from 1)."""
-    return _STAGE.sub(lambda m: f"stages.{int(m.group(1)) - 1}.", key)
+    """``stages.@N.`` / ``readers.@N.`` placeholders -> ``...{N-1}.`` (official stages count from 1)."""
+    return _STAGE.sub(lambda m: f"{m.group(1)}.{int(m.group(2)) - 1}.", key)
 
 
 def segvit_v1_rules() -> list[Rule]:
@@ -113,3 +113,36 @@ def dtop_rules() -> list[Rule]:
 def dtop_rename(key: str) -> str:
     """``@decode_head@`` -> ``decode_head``, ``@auxiliary_head.i@`` -> ``aux_heads.i``."""
     return _HEAD_PLACEHOLDER.sub(lambda m: "decode_head" if m.group(2) is None else f"aux_heads.{m.group(2)}", key)
+
+
+def tpn_rules() -> list[Rule]:
+    """The released Shrunk's TPN query upsampler (``decode_heads/tpn_atm_head.py``) -> segcli's
+    learned QU (``qu.*``): ``input_proj_{s}`` / ``proj_norm_{s}`` / ``decoder_{s}`` (plain
+    ``nn.TransformerDecoder`` layers: fused ``in_proj`` in both attentions) are reader ``s-1``,
+    ``q`` the learnt query grid."""
+    layer = r"decode_head\.decoder_(\d+)\.layers\.(\d+)\."
+    out = r"qu.readers.@\1.layers.\2."
+    return [
+        Rule(r"decode_head\.loss_decode\..*", None),  # the criterion's class weights: not learnt
+        Rule(r"decode_head\.input_proj_(\d+)\.(weight|bias)", r"qu.readers.@\1.proj.\2"),
+        Rule(r"decode_head\.proj_norm_(\d+)\.(weight|bias)", r"qu.readers.@\1.norm.\2"),
+        Rule(layer + r"self_attn\.in_proj_(weight|bias)", None,
+             split=tuple(out + rf"self_attn.{x}_proj.\3" for x in "qkv")),
+        Rule(layer + r"self_attn\.out_proj\.(weight|bias)", out + r"self_attn.out_proj.\3"),
+        Rule(layer + r"multihead_attn\.in_proj_(weight|bias)", None,
+             split=tuple(out + rf"cross_attn.{x}_proj.\3" for x in "qkv")),
+        Rule(layer + r"multihead_attn\.out_proj\.(weight|bias)", out + r"cross_attn.out_proj.\3"),
+        Rule(layer + r"linear1\.(weight|bias)", out + r"ffn.0.\3"),
+        Rule(layer + r"linear2\.(weight|bias)", out + r"ffn.3.\3"),
+        Rule(layer + r"norm1\.(weight|bias)", out + r"self_norm.\3"),
+        Rule(layer + r"norm2\.(weight|bias)", out + r"cross_norm.\3"),
+        Rule(layer + r"norm3\.(weight|bias)", out + r"ffn_norm.\3"),
+        Rule(r"decode_head\.q\.weight", "qu.grid_queries.weight"),
+    ]
+
+
+def segvit_v1_shrunk_rules() -> list[Rule]:
+    """The released Shrunk SegViT (``backbone/vit_shrink.py`` + ``TPNATMHead``): the ViT (QD adds
+    no tensor), the TPN as segcli's learned QU, its ``atm`` (an ``ATMSingleHead`` without input
+    projection) as the one-stage ATM decode head; apply with ``rename=zero_based_stages``."""
+    return mmseg_vit_rules() + atm_head_rules(head=r"atm\.") + tpn_rules()

@@ -97,6 +97,7 @@ class ShrunkOptions:
     qu_layers: int = 3
     qu_self_attn: bool = True
     qu_dim: int | None = None  # None = C/2
+    qu_heads: int | None = None  # None = qu_dim / 32
     qu_dropout: float = 0.1
     qu_skip: bool = False  # add the shrunk tokens, nearest-upsampled, to the QU output (not in the thesis)
     edge: bool = False  # EQD
@@ -105,6 +106,12 @@ class ShrunkOptions:
     edge_loss_weight: float = 1.0
     edge_keep_train: Literal["predicted", "target"] = "predicted"
     head_mode: Literal["thesis", "released"] = "thesis"
+    # the released TPN head (zbwxp/SegVit decode_heads/tpn_atm_head.py) keeps its learnt query grid
+    # at the size it was built for whatever the input (qu_resize: false; for windows of img_size,
+    # as released testing uses, both agree) and hands its queries to the ATM head without a
+    # projection back to C (qu_out_proj: false, with the ATM head's input_proj: false)
+    qu_resize: bool = True
+    qu_out_proj: bool = True
 
     def __post_init__(self):
         if self.qd_index < 0:
@@ -179,14 +186,15 @@ class QueryUpsampler(nn.Module):
     """QU: 1/16 queries read the shrunk tokens; returns 1/16 tokens with C channels (module docstring)."""
 
     def __init__(self, mode: str, in_dim: int, dim: int, num_layers: int, self_attn: bool, dropout: float,
-                 base_grid: tuple[int, int]):
+                 base_grid: tuple[int, int], resize: bool = True, out_proj: bool = True, heads: int | None = None):
         super().__init__()
-        heads = max(1, dim // HEAD_DIM)
+        heads = heads or max(1, dim // HEAD_DIM)
         if dim % heads:
             raise SegcliError(f"qu_dim {dim} does not split into heads of {HEAD_DIM}", "model.options.qu_dim",
                               f"use a multiple of {HEAD_DIM}")
         self.mode = mode
         self.base_grid = tuple(base_grid)
+        self.resize = resize or mode != "learned"
         if mode == "learned":
             self.grid_queries = nn.Embedding(base_grid[0] * base_grid[1], dim)  # N(0, 1), as released
             self.readers = nn.ModuleList(
@@ -195,7 +203,7 @@ class QueryUpsampler(nn.Module):
             self.query_proj = nn.Linear(in_dim, dim)
             self.query_norm = nn.LayerNorm(dim)
             self.readers = nn.ModuleList([TokenReader(in_dim, dim, heads, num_layers, self_attn, dropout)])
-        self.out_proj = nn.Linear(dim, in_dim)
+        self.out_proj = nn.Linear(dim, in_dim) if out_proj else nn.Identity()
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
@@ -206,11 +214,15 @@ class QueryUpsampler(nn.Module):
         if self.mode != "learned":
             return self.query_norm(self.query_proj(pre_qd))
         queries = self.grid_queries.weight  # [h0*w0, D]
-        if tuple(grid) != self.base_grid:
+        if self.resize and tuple(grid) != self.base_grid:
             queries = queries.t().reshape(1, -1, *self.base_grid)  # [1, D, h0, w0]
             queries = F.interpolate(queries, size=tuple(grid), mode="bilinear", align_corners=False)
             queries = queries.flatten(2)[0].t()  # [h*w, D]
         return queries.unsqueeze(0).expand(pre_qd.shape[0], -1, -1)
+
+    def output_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """The grid of the restored tokens: the input's 1/16 grid, or the learnt one when not resized."""
+        return tuple(grid) if self.resize else self.base_grid
 
     def forward(self, pre_qd: torch.Tensor, final: torch.Tensor, grid: tuple[int, int],
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -255,7 +267,8 @@ class ShrunkSegmentor(EncoderDecoder):
         self.qu = None
         if options.qu != "none":
             self.qu = QueryUpsampler(options.qu, channels, options.qu_dim or channels // 2, options.qu_layers,
-                                     options.qu_self_attn, options.qu_dropout, backbone.base_grid)
+                                     options.qu_self_attn, options.qu_dropout, backbone.base_grid,
+                                     resize=options.qu_resize, out_proj=options.qu_out_proj, heads=options.qu_heads)
         self.edge_head = EdgeHead(channels, options.edge_hidden) if options.edge else None
         self.ignore_index = decode_head.ignore_index  # the edge targets' too
         self.last_stats: dict[str, float] = {}
@@ -311,10 +324,10 @@ class ShrunkSegmentor(EncoderDecoder):
         if self.qu is None:
             saved[deepest] = backbone.tokens_to_map(tokens, small_grid)  # [B, C, h/2, w/2]
         else:
-            restored = self.qu(pre_qd, tokens, grid, pad_mask)  # [B, N, C]
+            restored = self.qu(pre_qd, tokens, grid, pad_mask)  # [B, N, C] (D without qu_out_proj)
             if self.options.qu_skip:
                 restored = restored + nearest_grid(tokens, index, pad_mask, keep, grid)  # [B, N, C]
-            saved[deepest] = backbone.tokens_to_map(restored, grid)  # [B, C, h, w]
+            saved[deepest] = backbone.tokens_to_map(restored, self.qu.output_grid(grid))  # [B, C, h, w]
         if not self.training and not torch.compiler.is_compiling():  # host syncs; none in an exported graph
             self.last_stats = self._stats(keep, extras.get("edge_logits"))
         return [saved[i] for i in backbone.out_indices], extras

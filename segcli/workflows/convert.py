@@ -5,6 +5,10 @@ Formats (``--from``; detected from the keys when omitted and unambiguous):
 * ``segvit-v1``: the official SegViT release (zbwxp/SegVit, MMSegmentation 0.24: ViT + ``ATMHead``).
   The result is a complete segcli checkpoint with the recipe embedded, which ``eval``,
   ``predict``, ``prune``, ``flops`` and ``cl-step`` take as is.
+* ``segvit-v1-shrunk``: the released Shrunk SegViT (``backbone/vit_shrink.py`` +
+  ``decode_heads/tpn_atm_head.py``): QD in one block, the TPN as segcli's learned QU
+  (``qu_resize: false``, ``qu_out_proj: false``), its ``ATMSingleHead`` as a one-stage ATM head
+  (``input_proj: false``, ``head_mode: released``).
 * ``dtop``: a model trained with zbwxp/Dynamic-Token-Pruning (MMSegmentation 1.x, an MMEngine
   checkpoint): ViT + ``PruneHead`` s with their binary class heads; give a ``model.type: dtop``
   recipe with ``class_head: binary`` ATM heads and ``combine: released`` to reproduce it.
@@ -37,7 +41,8 @@ from ..build import as_recipe, build_model, without_pretrained
 from ..convert.keymap import Rule, apply_rules, convert_state  # noqa: F401
 from ..convert.reader import read_foreign_checkpoint, state_dict_of
 from ..convert.mmseg import deeplabv3plus_rename, deeplabv3plus_rules, setr_rename, setr_rules
-from ..convert.segvit import dtop_rename, dtop_rules, mmseg_vit_rules, segvit_v1_rules, zero_based_stages
+from ..convert.segvit import (dtop_rename, dtop_rules, mmseg_vit_rules, segvit_v1_rules, segvit_v1_shrunk_rules,
+                              zero_based_stages)
 from ..data import dataset_classes
 from ..data.classes import label_colormap
 from ..engine.checkpoint import save_checkpoint
@@ -61,6 +66,10 @@ def _is_segvit_v1(keys: set[str]) -> bool:
         k.startswith("decode_head.atm.") for k in keys) and not any(k.startswith("auxiliary_head.") for k in keys)
 
 
+def _is_segvit_v1_shrunk(keys: set[str]) -> bool:
+    return "decode_head.atm.q.weight" in keys and "decode_head.q.weight" in keys
+
+
 def _is_dtop(keys: set[str]) -> bool:
     return "decode_head.decoder.layers.0.linear1.weight" in keys and "decode_head.class_embed.weight" in keys
 
@@ -80,6 +89,8 @@ def _is_mmseg_vit(keys: set[str]) -> bool:
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("segvit-v1", "official SegViT (zbwxp/SegVit): ViT + ATM head", segvit_v1_rules, zero_based_stages,
            _is_segvit_v1),
+    Format("segvit-v1-shrunk", "official Shrunk SegViT (zbwxp/SegVit): vit_shrink + TPN ATM head",
+           segvit_v1_shrunk_rules, zero_based_stages, _is_segvit_v1_shrunk),
     Format("dtop", "a DToP model (zbwxp/Dynamic-Token-Pruning, MMSegmentation 1.x): ViT + PruneHeads",
            dtop_rules, dtop_rename, _is_dtop),
     Format("mmseg-setr", "MMSegmentation model zoo: SETR (ViT + SETRUPHead)", setr_rules, setr_rename,
@@ -102,7 +113,6 @@ class ConvertResult:
 
 # released formats recognised by their keys but not converted yet: an honest one-line refusal
 NOT_YET = (
-    ("a Shrunk SegViT checkpoint (vit_shrink + TPNATMHead)", lambda keys: any(k.startswith("decode_head.atm.") for k in keys)),
     ("an MMSegmentation model-zoo checkpoint of a head segcli does not convert (only SETR-UP / DeepLabV3+)",
      lambda keys: "decode_head.conv_seg.weight" in keys),
 )
@@ -138,7 +148,7 @@ def _class_names(payload: object, recipe: Recipe, num_classes: int) -> list[str]
 
 
 def _num_classes(state: dict[str, torch.Tensor], source: str) -> int:
-    for key in ("decode_head.q.weight", "decode_head.conv_seg.weight"):  # ATM / PruneHead queries, zoo classifiers
+    for key in ("decode_head.atm.q.weight", "decode_head.q.weight", "decode_head.conv_seg.weight"):  # ATM / PruneHead queries, zoo classifiers
         if key in state:
             return int(state[key].shape[0])
     raise SegcliError("cannot find the class count in the checkpoint", source, "check --from")

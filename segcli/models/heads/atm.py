@@ -91,6 +91,9 @@ class ATMConfig:
     # eq. 4.4); "binary": Linear(D, 2) only says whether query k's class is present, as the released
     # DToP PruneHead (zbwxp/Dynamic-Token-Pruning decode_heads/prune_head.py) does
     class_head: Literal["classes", "binary"] = "classes"
+    # false: a stage reads its tokens as they are (already embed_dim wide), with no Linear + LayerNorm
+    # (the released Shrunk's ATMSingleHead(use_proj=False) after the TPN queries)
+    input_proj: bool = True
     loss_weight: float = 1.0
     ce_weight: float = 1.0
     focal_weight: float = 20.0
@@ -127,10 +130,10 @@ class ATMStage(nn.Module):
     """
 
     def __init__(self, in_channels: int, dim: int, num_heads: int, num_layers: int = 3, ffn_ratio: int = 4,
-                 dropout: float = 0.1, self_attn: bool = False):
+                 dropout: float = 0.1, self_attn: bool = False, input_proj: bool = True):
         super().__init__()
-        self.proj = nn.Linear(in_channels, dim)
-        self.proj_norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(in_channels, dim) if input_proj else nn.Identity()
+        self.proj_norm = nn.LayerNorm(dim) if input_proj else nn.Identity()
         self.layers = nn.ModuleList(
             ATMDecoderLayer(dim, num_heads, ffn_ratio, dropout, self_attn) for _ in range(num_layers)
         )
@@ -252,7 +255,8 @@ class ATMHead(DecodeHead):
         self.embed_dim = dim
         self.mask_resolution = cfg.mask_resolution
         self.stages = nn.ModuleList(
-            ATMStage(c, dim, heads, cfg.num_layers, cfg.ffn_ratio, cfg.dropout, cfg.self_attn) for c in in_channels
+            ATMStage(c, dim, heads, cfg.num_layers, cfg.ffn_ratio, cfg.dropout, cfg.self_attn, cfg.input_proj)
+            for c in in_channels
         )
         self.class_queries = nn.Embedding(ctx.num_classes, dim)  # N(0, 1)
         binary = cfg.class_head == "binary"
