@@ -5,7 +5,7 @@ lazily so that ``import segcli`` stays cheap.
 """
 from .version import __version__
 
-_API = ("build_model", "load_checkpoint", "train", "evaluate", "predict", "flops", "load_recipe")
+_API = ("build_model", "load_checkpoint", "train", "evaluate", "predict", "flops", "load_recipe", "convert", "Segmenter")
 
 
 def __getattr__(name):

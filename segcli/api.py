@@ -20,6 +20,7 @@ from .workflows.flops import flops
 from .workflows.plot import plot_run
 from .workflows.predict import PredictResult, predict
 from .workflows.prune import gflops_split, parse_layers, prune_checkpoint
+from .workflows.segmenter import Segmenter
 from .workflows.train import TrainResult, train
 
 
@@ -31,4 +32,4 @@ __all__ = ["CLStepResult", "ConvertResult", "convert", "LoadedModel", "PredictRe
            "cl_metrics", "cl_step", "dump_recipe", "evaluate", "flops", "gflops_split", "load_checkpoint",
            "load_recipe", "pick_device", "predict", "prune", "prune_checkpoint", "train", "without_pretrained",
            "DataCheckResult", "check_data", "plot_run", "resolved_recipe_yaml",
-           "ExportResult", "export", "export_model", "load_onnx", "benchmark"]
+           "ExportResult", "export", "export_model", "load_onnx", "benchmark", "Segmenter"]

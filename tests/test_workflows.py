@@ -11,6 +11,7 @@ import torch
 
 from conftest import REPO, overrides_dict
 
+import segcli
 from segcli import api
 from segcli.errors import SegcliError
 from segcli.workflows.predict import output_stems
@@ -88,3 +89,22 @@ def test_a_checkpoint_of_another_model_is_refused(setr_run):
     with pytest.raises(SegcliError, match="does not fit") as err:
         api.evaluate(work / "last.pt", overrides=["model.decode_head.channels=64"], device="cpu")
     assert "decode_head" in str(err.value)
+
+
+def test_segmenter_labels_equal_predict_and_probabilities_sum_to_one(setr_run, synth_root, tmp_path):
+    from segcli.data import read_image
+
+    work, _ = setr_run
+    segmenter = segcli.Segmenter(work / "best.pt", device="cpu")
+    images = sorted((synth_root / "images" / "val").iterdir())
+    api.predict([str(images[0])], work / "best.pt", out_dir=tmp_path / "pred", device="cpu")
+    written = cv2.imread(str(tmp_path / "pred" / f"{images[0].stem}.png"), cv2.IMREAD_UNCHANGED)
+    labels = segmenter(read_image(str(images[0])))
+    assert labels.shape == (64, 64) and np.array_equal(labels, written)  # the same pipeline as predict
+    batch = segmenter([images[0], read_image(str(images[1]))])  # paths and arrays, a list in, a list out
+    assert len(batch) == 2 and np.array_equal(batch[0], labels)
+    probs = segmenter(images[0], probabilities=True)
+    assert probs.shape == (len(segmenter.classes), 64, 64) and np.allclose(probs.sum(0), 1.0, rtol=1e-5)
+    assert np.array_equal(probs.argmax(0), labels)
+    with pytest.raises(SegcliError, match="RGB uint8"):
+        segmenter(np.zeros((8, 8), np.float32))
