@@ -211,3 +211,33 @@ def test_released_fine_tuning_groups_match_the_official_paramwise_cfg(tmp_path):
             assert ours[zero_based_stages(name)] == released, (key, name)
             checked += 1
     assert checked == len(ours)  # every trainable parameter of ours was compared
+
+
+def test_mmseg_beit_file_loads_as_pretrained(tmp_path):
+    """A BEiT in MMSegmentation's names (what its beit2mmseg.py writes: blocks -> layers, norm -> ln,
+    mlp.fc1/fc2 -> ffn.layers.0.0/1, patch_embed.proj -> projection) loads as pretrained weights
+    and gives the features of the same weights loaded in timm's names."""
+    import re
+
+    from segcli.models.backbones.vit import ViTBackbone, ViTConfig
+
+    cfg = dict(name="beit_base_patch16_224", img_size=64, depth=2, embed_dim=64, num_heads=4, out_indices=(1,),
+               drop_path_rate=0.0)
+    torch.manual_seed(0)
+    reference = ViTBackbone(ViTConfig(**cfg)).eval()
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    timm_state = dict(reference.vit.state_dict())
+    mmseg_state = {}
+    for key, value in timm_state.items():
+        key = key.replace("patch_embed.proj", "patch_embed.projection")
+        key = re.sub(r"^blocks\.", "layers.", key).replace(".norm1.", ".ln1.").replace(".norm2.", ".ln2.")
+        key = key.replace(".mlp.fc1.", ".ffn.layers.0.0.").replace(".mlp.fc2.", ".ffn.layers.1.")
+        mmseg_state[key] = value
+    assert "layers.0.attn.q_bias" in mmseg_state and "layers.0.gamma_1" in mmseg_state
+    torch.save(mmseg_state, tmp_path / "beit_mmseg.pth")
+    loaded = ViTBackbone(ViTConfig(**cfg, pretrained=str(tmp_path / "beit_mmseg.pth"))).eval()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded(images)[0], reference(images)[0], rtol=1e-5, atol=1e-6)

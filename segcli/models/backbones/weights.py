@@ -40,11 +40,16 @@ MMSEG_VIT_RENAMES = (  # MMSegmentation VisionTransformer -> timm VisionTransfor
     (r"layers\.(\d+)\.ffn\.layers\.1\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
     (r"ln1\.(weight|bias)", r"norm.\1"),  # the final norm
     (r"(pos_embed|cls_token)", r"\1"),
+    # BEiT (MMSegmentation's beit2mmseg.py format): the rest of a layer keeps timm's names
+    # (attn.qkv, q_bias, v_bias, relative_position_bias_table, gamma_1, gamma_2)
+    (r"layers\.(\d+)\.(attn\.(?:qkv|proj|q_bias|v_bias|relative_position_\w+)(?:\.\w+)?|gamma_[12])",
+     r"blocks.\1.\2"),
 )
 
 
 def mmseg_vit_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An MMSegmentation-format ViT state dict (``tools/model_converters/vit2mmseg.py``) in timm's names.
+    """An MMSegmentation-format ViT or BEiT state dict (``tools/model_converters/vit2mmseg.py``,
+    ``beit2mmseg.py``) in timm's names.
 
     The fused ``in_proj`` of MMSegmentation's attention is timm's ``qkv`` as is (q, k, v stacked
     in that order in both). Keys that match no rule keep their name (and then fail to load).
