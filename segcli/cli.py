@@ -264,7 +264,8 @@ def predict(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="A segcli checkpoint."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="A named model from the cache (see README)."),
     out: Path = typer.Option(Path("predictions"), "--out", "-o", help="Output folder."),
-    overlay: bool = typer.Option(False, "--overlay", help="Also write <stem>_overlay.png (image blended with colours)."),
+    overlay: bool = typer.Option(False, "--overlay", help="Also write <stem>_overlay.png (image blended with colours, legend beside)."),
+    opacity: float = typer.Option(0.5, "--opacity", help="Colour weight in the overlay: 0 = image, 1 = colours."),
     show_pruning: bool = typer.Option(False, "--show-pruning", help="DToP: write per-stage maps of exited tokens."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace predictions of an earlier run in --out (never an input)."),
     json_out: bool = typer.Option(False, "--json", help="Print {\"written\", \"failed\"} as JSON on stdout."),
@@ -278,7 +279,7 @@ def predict(
             raise SegcliError("give exactly one of --checkpoint or --model", "predict")
         path = checkpoint if checkpoint is not None else zoo.resolve(model)
         return api.predict(list(inputs), path, out_dir=out, overlay=overlay, device=device, show_pruning=show_pruning,
-                           overwrite=overwrite)
+                           overwrite=overwrite, opacity=opacity)
 
     result = _guard(ctx, run)
     if json_out:

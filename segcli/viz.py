@@ -21,6 +21,34 @@ def overlay_image(image: np.ndarray, color: np.ndarray, alpha: float = 0.5) -> n
     return (image.astype(np.float32) * (1 - alpha) + color.astype(np.float32) * alpha).clip(0, 255).astype(np.uint8)
 
 
+def with_legend(image: np.ndarray, labels: np.ndarray, classes: list[str], palette: np.ndarray,
+                max_entries: int = 24) -> np.ndarray:
+    """``image`` (RGB ``[H, W, 3]``) with a legend panel on its right: a colour swatch and the name of
+    every class present in ``labels``, most frequent first (at most ``max_entries``).
+
+    Decision: only the classes in the picture are listed (ADE20K has 150), and the panel is added
+    beside the image rather than drawn over it, so no pixel of the overlay is hidden.
+    """
+    counts = np.bincount(labels.ravel(), minlength=len(classes))[: len(classes)]
+    present = [int(c) for c in np.argsort(-counts, kind="stable") if counts[c] > 0][:max_entries]
+    height = image.shape[0]
+    row = max(14, min(24, height // max(1, len(present))))  # px per entry: fit the image's height if possible
+    scale = row / 30.0
+    names = [classes[c] for c in present]
+    text_width = max((cv2.getTextSize(n, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] for n in names), default=0)
+    width = row + 12 + text_width
+    panel = np.full((max(height, row * len(present) + 8), width, 3), 255, np.uint8)
+    for i, (c, name) in enumerate(zip(present, names)):
+        top = 4 + i * row
+        panel[top + 2: top + row - 2, 4: 4 + row - 4] = palette[c] if c < len(palette) else 0
+        cv2.putText(panel, name, (row + 6, top + int(row * 0.75)), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+    canvas = np.full((panel.shape[0], image.shape[1] + width, 3), 255, np.uint8)
+    canvas[:height, : image.shape[1]] = image
+    canvas[:, image.shape[1]:] = panel
+    return canvas
+
+
 def save_png(path: str | Path, array: np.ndarray) -> None:
     """Write a PNG (grayscale, or BGR for 3 channels), raising a clear error on failure."""
     if not cv2.imwrite(str(path), np.ascontiguousarray(array)):

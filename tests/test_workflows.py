@@ -108,3 +108,22 @@ def test_segmenter_labels_equal_predict_and_probabilities_sum_to_one(setr_run, s
     assert np.array_equal(probs.argmax(0), labels)
     with pytest.raises(SegcliError, match="RGB uint8"):
         segmenter(np.zeros((8, 8), np.float32))
+
+
+def test_overlay_has_a_legend_and_an_opacity(setr_run, synth_root, tmp_path):
+    from segcli.data import read_image
+
+    work, _ = setr_run
+    image = sorted((synth_root / "images" / "val").iterdir())[0]
+    api.predict([str(image)], work / "best.pt", out_dir=tmp_path / "a", overlay=True, opacity=0.0, device="cpu")
+    overlay = cv2.imread(str(tmp_path / "a" / f"{image.stem}_overlay.png"))[..., ::-1]  # RGB
+    original = read_image(str(image))
+    assert overlay.shape[1] > original.shape[1]  # the legend panel beside the image
+    assert np.array_equal(overlay[: original.shape[0], : original.shape[1]], original)  # opacity 0: the image
+    labels = cv2.imread(str(tmp_path / "a" / f"{image.stem}.png"), cv2.IMREAD_UNCHANGED)
+    palette = np.asarray(api.load_checkpoint(work / "best.pt").meta["palette"], np.uint8)
+    panel = overlay[:, original.shape[1]:].reshape(-1, 3)
+    for cls in np.unique(labels):  # every predicted class has its swatch in the legend
+        assert (panel == palette[cls]).all(axis=1).any()
+    with pytest.raises(SegcliError, match="opacity"):
+        api.predict([str(image)], work / "best.pt", out_dir=tmp_path / "b", overlay=True, opacity=1.5, device="cpu")

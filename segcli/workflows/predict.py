@@ -17,7 +17,7 @@ from ..build import load_checkpoint, pick_device
 from ..data import read_image
 from ..engine.inference import infer_labels
 from ..errors import SegcliError
-from ..viz import colorize, overlay_image, save_png
+from ..viz import colorize, overlay_image, save_png, with_legend
 from .export import load_onnx
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -98,13 +98,17 @@ def check_outputs(files: list[Path], outputs: list[Path], overwrite: bool) -> No
 
 def predict(inputs: list[str], checkpoint: str | Path, out_dir: str | Path = "predictions", overlay: bool = False,
             device: str | None = None, progress: Callable[[int, int], None] | None = None,
-            show_pruning: bool = False, overwrite: bool = False) -> PredictResult:
-    """Label PNGs (``<stem>.png``, class ids) and colour PNGs (``<stem>_color.png``, or ``_overlay``).
+            show_pruning: bool = False, overwrite: bool = False, opacity: float = 0.5) -> PredictResult:
+    """Label PNGs (``<stem>.png``, class ids) and colour PNGs (``<stem>_color.png``, pixel-aligned with
+    the image); with ``overlay``, ``<stem>_overlay.png``: the image blended with the colours at
+    ``opacity`` (0 = image only, 1 = colours only), with a legend of the classes present beside it.
 
     Every output path is known before the first is written: one that is an input image is refused
     (even with ``overwrite``), and files of an earlier run in ``out_dir`` are refused unless
     ``overwrite``, so nothing a user has is lost.
     """
+    if not 0.0 <= opacity <= 1.0:
+        raise SegcliError(f"opacity must be in [0, 1], got {opacity}", "--opacity", "e.g. 0.5")
     dev = pick_device(device)
     onnx = Path(checkpoint).suffix.lower() == ".onnx"  # an exported file: onnxruntime (workflows/export.py)
     loaded = load_onnx(checkpoint) if onnx else load_checkpoint(checkpoint, device=dev)
@@ -135,7 +139,8 @@ def predict(inputs: list[str], checkpoint: str | Path, out_dir: str | Path = "pr
         save_png(out / f"{stem}_color.png", color[..., ::-1])
         result.written.append(out / f"{stem}_color.png")
         if overlay:
-            save_png(out / f"{stem}_overlay.png", overlay_image(image, color)[..., ::-1])
+            blended = with_legend(overlay_image(image, color, opacity), pred, list(loaded.meta["classes"]), palette)
+            save_png(out / f"{stem}_overlay.png", blended[..., ::-1])
             result.written.append(out / f"{stem}_overlay.png")
         if show_pruning and hasattr(loaded.model, "exit_maps"):
             for stage, exit_map in enumerate(loaded.model.exit_maps(tensor.to(dev))):
