@@ -13,6 +13,7 @@ from .recipe import Recipe, dump_recipe, load_recipe, resolved_recipe_yaml
 from .workflows.benchmark import benchmark
 from .workflows.continual import CLStepResult, cl_metrics, cl_step
 from .workflows.data_check import DataCheckResult, check_data
+from .workflows.data_show import DataShowResult, show_data
 from .workflows.convert import ConvertResult, convert
 from .workflows.evaluate import evaluate
 from .workflows.export import ExportResult, export_model, load_onnx
@@ -32,4 +33,4 @@ __all__ = ["CLStepResult", "ConvertResult", "convert", "LoadedModel", "PredictRe
            "cl_metrics", "cl_step", "dump_recipe", "evaluate", "flops", "gflops_split", "load_checkpoint",
            "load_recipe", "pick_device", "predict", "prune", "prune_checkpoint", "train", "without_pretrained",
            "DataCheckResult", "check_data", "plot_run", "resolved_recipe_yaml",
-           "ExportResult", "export", "export_model", "load_onnx", "benchmark", "Segmenter"]
+           "ExportResult", "export", "export_model", "load_onnx", "benchmark", "Segmenter", "DataShowResult", "show_data"]

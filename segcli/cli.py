@@ -499,6 +499,32 @@ def data_synth(
     _console().print(f"wrote {n} + {n_val} images to {root}/ (folder layout)")
 
 
+@data_app.command("show")
+def data_show(
+    ctx: typer.Context,
+    recipe: Path = typer.Argument(..., help="Recipe YAML whose dataset to render."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder for <split>_<stem>.png overlays."),
+    split: List[str] = typer.Option(["train"], "--split", help="train and/or val (repeatable)."),
+    limit: Optional[int] = typer.Option(20, "--limit", help="Samples per split (0 or less is an error)."),
+    all_: bool = typer.Option(False, "--all", help="Every sample (ignores --limit)."),
+    opacity: float = typer.Option(0.5, "--opacity", help="Colour weight: 0 = image, 1 = colours."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace overlays of an earlier run."),
+    set_: Optional[List[str]] = SetOpt,
+):
+    """Write ground-truth overlays with a class legend (like MMSegmentation's browse_dataset)."""
+    from . import api
+
+    def run():
+        for name in split:
+            if name not in ("train", "val"):
+                raise SegcliError(f"unknown split '{name}'", "--split", "use train or val")
+        return api.show_data(recipe, out, overrides=set_ or [], splits=tuple(dict.fromkeys(split)),
+                             limit=None if all_ else limit, opacity=opacity, overwrite=overwrite)
+
+    result = _guard(ctx, run)
+    _console().print(f"wrote {len(result.written)} overlay(s) to {out}/")
+
+
 @data_app.command("check")
 def data_check(
     ctx: typer.Context,

@@ -41,6 +41,7 @@ def with_legend(image: np.ndarray, labels: np.ndarray, classes: list[str], palet
     for i, (c, name) in enumerate(zip(present, names)):
         top = 4 + i * row
         panel[top + 2: top + row - 2, 4: 4 + row - 4] = palette[c] if c < len(palette) else 0
+        cv2.rectangle(panel, (4, top + 2), (row - 1, top + row - 3), (128, 128, 128), 1)  # light colours stay visible
         cv2.putText(panel, name, (row + 6, top + int(row * 0.75)), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1,
                     cv2.LINE_AA)
     canvas = np.full((panel.shape[0], image.shape[1] + width, 3), 255, np.uint8)

@@ -127,3 +127,16 @@ def test_overlay_has_a_legend_and_an_opacity(setr_run, synth_root, tmp_path):
         assert (panel == palette[cls]).all(axis=1).any()
     with pytest.raises(SegcliError, match="opacity"):
         api.predict([str(image)], work / "best.pt", out_dir=tmp_path / "b", overlay=True, opacity=1.5, device="cpu")
+
+
+def test_data_show_writes_ground_truth_overlays_and_refuses_to_overwrite(synth_root, tmp_path):
+    recipe = api.load_recipe(SETR, overrides_dict(synth_root))
+    result = api.show_data(recipe, tmp_path / "gt", splits=("train", "val"), limit=2)
+    assert sorted(p.name for p in result.written) == ["train_00000.png", "train_00001.png", "val_00000.png",
+                                                        "val_00001.png"]
+    shown = cv2.imread(str(result.written[0]))
+    assert shown.shape[0] >= 64 and shown.shape[1] > 64  # the image and its legend
+    with pytest.raises(SegcliError, match="earlier run"):
+        api.show_data(recipe, tmp_path / "gt", limit=1)
+    with pytest.raises(SegcliError, match="limit"):
+        api.show_data(recipe, tmp_path / "other", limit=0)
