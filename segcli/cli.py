@@ -321,7 +321,7 @@ def flops(
 @app.command()
 def benchmark(
     ctx: typer.Context,
-    sources: List[Path] = typer.Argument(..., help="Recipes (random weights) and/or segcli checkpoints."),
+    sources: List[Path] = typer.Argument(..., help="Recipes (random weights), segcli checkpoints and/or exported .onnx files."),
     shape: Optional[Tuple[int, int]] = typer.Option(None, "--shape", help="Input H W (default: each crop size)."),
     batch: int = typer.Option(1, "--batch", help="Images per call."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: as is)."),

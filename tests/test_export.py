@@ -202,3 +202,16 @@ def test_predict_with_onnx_writes_the_labels_of_the_checkpoint(cli, synth_root, 
     (tmp_path / "foreign.onnx").write_bytes(b"not a model")
     res = cli("predict", next(images.iterdir()), "--checkpoint", tmp_path / "foreign.onnx", "--out", tmp_path / "f")
     assert res.exit_code == 2 and "onnxruntime cannot load" in res.output
+
+
+def test_benchmark_takes_an_onnx_file_beside_its_checkpoint(synth_root, tmp_path):
+    ckpt = make_checkpoint(synth_root, tmp_path, "bilinear")
+    exported = api.export(ckpt, format="onnx", shape=(64, 64))
+    out = api.benchmark([str(ckpt), str(exported.path)], shape=(64, 64), repeats=1, warmup=1, threads=1,
+                        device="cpu")
+    pytorch, onnx = out["models"]
+    assert onnx["source"] == "onnx" and onnx["name"] == "bilinear.onnx" and onnx["shape"] == [64, 64]
+    assert onnx["gflops"] == pytest.approx(pytorch["gflops"], rel=1e-6)  # the embedded recipe's model
+    assert onnx["latency_median_s"] > 0
+    with pytest.raises(SegcliError, match="PyTorch models"):
+        api.benchmark([str(exported.path)], backbone_only=True, repeats=1, device="cpu")

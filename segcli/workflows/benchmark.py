@@ -38,7 +38,7 @@ METRICS = ("latency_median_s", "latency_min_s", "throughput_ips", "peak_memory_m
 @dataclasses.dataclass
 class _Entry:
     name: str
-    kind: str  # "recipe" | "checkpoint"
+    kind: str  # "recipe" | "checkpoint" | "onnx"
     shape: tuple[int, int]
     run: Callable[[], object]
     gflops: float
@@ -121,6 +121,8 @@ def _check_compiler(dev: torch.device) -> None:
 
 
 def _prepare(source, shape, batch, dev, compile, backbone_only, mode, overrides) -> _Entry:
+    if Path(source).suffix.lower() == ".onnx":
+        return _prepare_onnx(source, shape, batch, dev, compile, backbone_only, mode)
     if is_checkpoint_file(source):
         model, recipe = model_from_payload(read_checkpoint(source), str(source), overrides=overrides)
         kind = "checkpoint"
@@ -149,6 +151,29 @@ def _prepare(source, shape, batch, dev, compile, backbone_only, mode, overrides)
                     setattr(model, name, torch.compile(getattr(model, name)))
         run = lambda: infer_labels(model, images, test, crop)  # noqa: E731
     return _Entry(Path(source).stem, kind, (int(height), int(width)), run, gflops, params)
+
+
+def _prepare_onnx(source, shape, batch, dev, compile, backbone_only, mode) -> _Entry:
+    """An exported file run by onnxruntime (CPU), through the same label path as ``predict``.
+
+    Decision: its GFLOPs and parameters are those of the PyTorch model of the recipe embedded in
+    the file (the graph computes the same thing; fvcore cannot count an ONNX graph)."""
+    from .export import load_onnx
+
+    if dev.type != "cpu":
+        raise SegcliError("ONNX files are benchmarked with onnxruntime on the CPU", "--device", "use --device cpu")
+    if compile or backbone_only:
+        raise SegcliError("--compile and --backbone-only apply to PyTorch models, not to an ONNX file", str(source))
+    loaded = load_onnx(source)
+    recipe = loaded.recipe
+    height, width = shape or tuple(loaded.model.shape) or recipe.data.crop_size
+    images = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(0))
+    test = dataclasses.replace(recipe.test, mode=mode, scale=None, scales=(1.0,), flip=False)
+    crop = tuple(recipe.data.crop_size)
+    reference = build_model(without_pretrained(recipe), num_classes=loaded.meta["num_classes"]).eval()
+    gflops, params = count_flops(TestTimeModel(reference, test, crop), images[:1]), count_params(reference)
+    run = lambda: infer_labels(loaded.model, images, test, crop)  # noqa: E731
+    return _Entry(Path(source).name, "onnx", (int(height), int(width)), run, gflops, params)
 
 
 def _timed(fn, dev: torch.device, compiling: bool, name: str) -> tuple[float, float | None]:
