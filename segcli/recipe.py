@@ -113,6 +113,7 @@ class TrainConfig:
     keep_checkpoints: int = 0  # keep iter_{N}.pt beside last.pt at each save: the N most recent (0 = none)
     seed: int = 0
     init_from: str | None = None  # a checkpoint whose weights start this run (e.g. DToP finetune)
+    tensorboard: bool = True  # event files in WORK_DIR/tensorboard when the tensorboard package is installed
 
     def __post_init__(self):
         if self.max_iters < 1:

@@ -140,3 +140,29 @@ def test_data_show_writes_ground_truth_overlays_and_refuses_to_overwrite(synth_r
         api.show_data(recipe, tmp_path / "gt", limit=1)
     with pytest.raises(SegcliError, match="limit"):
         api.show_data(recipe, tmp_path / "other", limit=0)
+
+
+def test_tensorboard_event_files_hold_curves_and_overlays(synth_root, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = api.load_recipe(SETR, overrides_dict(synth_root, **{"train.max_iters": 2, "train.eval_interval": 2}))
+    api.train(recipe, work_dir=tmp_path / "run", device="cpu")
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "val/mIoU", "val/aAcc"} <= scalars
+    assert any(tag.startswith("val_IoU/") for tag in scalars)
+    assert len(events.Scalars("train/loss")) == 2
+    assert "val/prediction_0" in events.Tags()["images"]
+
+
+def test_without_tensorboard_one_warning_says_how_to_get_it(synth_root, tmp_path, monkeypatch):
+    import segcli.workflows.train as train_module
+
+    monkeypatch.setattr(train_module, "tensorboard_available", lambda: False)
+    seen = []
+    recipe = api.load_recipe(SETR, overrides_dict(synth_root, **{"train.max_iters": 1, "train.eval_interval": 1}))
+    api.train(recipe, work_dir=tmp_path / "run", device="cpu", callback=lambda event, info: seen.append((event, info)))
+    warnings = [info["message"] for event, info in seen if event == "warning"]
+    assert len(warnings) == 1 and "segcli[tensorboard]" in warnings[0]
+    assert not (tmp_path / "run" / "tensorboard").exists()

@@ -20,6 +20,7 @@ from ..engine.distributed import DistInfo, barrier, cleanup, init_distributed
 from ..engine.trainer import Callback, TrainResult, run_training, snapshot_paths
 from ..errors import SegcliError
 from ..recipe import Recipe, dump_recipe
+from .tensorboard import INSTALL_HINT, TensorBoardLogger, tensorboard_available, with_tensorboard
 
 
 @contextmanager
@@ -110,8 +111,22 @@ def start_run(recipe: Recipe, model, train_set, val_set, work_dir: Path, meta: d
                 path.unlink()
         work_dir.mkdir(parents=True, exist_ok=True)
         (work_dir / "recipe.yaml").write_text(dump_recipe(recipe))
-    return run_training(recipe, model, train_set, val_set, work_dir, meta, device, dist_info,
-                        resume=resume, callback=callback, resume_state=state)
+    logger = None
+    if dist_info.is_main and recipe.train.tensorboard:
+        if tensorboard_available():
+            if not resume:  # --overwrite: the old run's curves go with it
+                for old in (work_dir / "tensorboard").glob("events.out.tfevents.*"):
+                    old.unlink()
+            logger = TensorBoardLogger(work_dir / "tensorboard", model, val_set, recipe, device)
+            callback = with_tensorboard(callback, logger)
+        else:
+            callback("warning", {"message": INSTALL_HINT + " (or set train.tensorboard: false)"})
+    try:
+        return run_training(recipe, model, train_set, val_set, work_dir, meta, device, dist_info,
+                            resume=resume, callback=callback, resume_state=state)
+    finally:
+        if logger is not None:
+            logger.close()
 
 
 def train(recipe: Recipe | str | Path, work_dir: str | Path | None = None, overrides=(), resume: bool = False,
