@@ -9,7 +9,7 @@ warm-up, both runtimes on ``--threads`` threads. Prints one line per figure.
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,15 +20,8 @@ from segcli.build import as_recipe, build_model, without_pretrained
 from segcli.engine.deploy import INPUT_NAME, DeployGraph, ort_session
 from segcli.workflows.export import DEFAULT_OPSET, _write, capture, sample_image
 
-
-def timed(fn, runs: int) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import timed  # noqa: E402  (benchmarks/timing.py: (min, median) after one warm-up)
 
 
 def main() -> None:
@@ -53,9 +46,9 @@ def main() -> None:
         session = ort_session(path, threads=args.threads)
         feed = {INPUT_NAME: image.numpy()}
         with torch.no_grad():
-            eager_s = timed(lambda: graph(image), args.runs)
+            eager_s = timed(lambda: graph(image), args.runs)[1]
             agree = float((torch.from_numpy(session.run(None, feed)[0]) == graph(image)).double().mean())
-        ort_s = timed(lambda: session.run(None, feed), args.runs)
+        ort_s = timed(lambda: session.run(None, feed), args.runs)[1]
         size_mb = path.stat().st_size / 2**20
     print(f"{args.recipe} {args.shape[0]}x{args.shape[1]}: export {export_s:.1f} s ({size_mb:.0f} MB), "
           f"PyTorch eager {eager_s:.2f} s, onnxruntime {ort_s:.2f} s ({eager_s / ort_s:.2f}x), "

@@ -78,3 +78,12 @@ def convert_state(source: dict[str, torch.Tensor], rules: list[Rule], target: di
         raise SegcliError(f"not a {what} checkpoint of this architecture: " + "; ".join(problems), where,
                           "check --from, and give the recipe of the released architecture with --recipe")
     return {k: mapped[k].to(target[k].dtype) if k in mapped else target[k] for k in target}
+
+
+_OFFICIAL_HEAD = re.compile(r"@(decode_head|auxiliary_head\.(\d+))@")
+
+
+def segcli_head_names(key: str) -> str:
+    """``@decode_head@`` -> ``decode_head``, ``@auxiliary_head.i@`` -> ``aux_heads.i``: MMSegmentation's
+    head names (placeholders left by rules that match either head) in segcli's."""
+    return _OFFICIAL_HEAD.sub(lambda m: "decode_head" if m.group(2) is None else f"aux_heads.{m.group(2)}", key)

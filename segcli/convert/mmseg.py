@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import re
 
-from .keymap import Rule
+from ..models.backbones.resnet import MMCV_STEM_RENAMES
+from .keymap import Rule, segcli_head_names
 from .segvit import mmseg_vit_rules
 
 _HEAD = r"(decode_head|auxiliary_head\.\d+)"
-
-
-def _head_name(name: str) -> str:
-    return "decode_head" if name == "decode_head" else "aux_heads." + name.split(".")[1]
 
 
 def setr_rules() -> list[Rule]:
@@ -40,24 +37,21 @@ def setr_rules() -> list[Rule]:
     ]
 
 
-_PLACEHOLDER_HEAD = re.compile(r"@([\w.]+?)@")
 _PLACEHOLDER_STEP = re.compile(r"#(\d+)#(\d)")
 
 
 def setr_rename(key: str) -> str:
     """``@head@`` -> segcli's head name; ``#i#j`` -> the index ``4i + j`` in ``convs``."""
-    key = _PLACEHOLDER_HEAD.sub(lambda m: _head_name(m.group(1)), key)
-    return _PLACEHOLDER_STEP.sub(lambda m: str(4 * int(m.group(1)) + int(m.group(2))), key)
-
-
-_RESNET_STEM = {"0": "conv1.0", "1": "conv1.1", "3": "conv1.3", "4": "conv1.4", "6": "conv1.6", "7": "bn1"}
+    return _PLACEHOLDER_STEP.sub(lambda m: str(4 * int(m.group(1)) + int(m.group(2))), segcli_head_names(key))
 
 
 def deeplabv3plus_rules() -> list[Rule]:
-    """MMSegmentation DeepLabV3+ with one FCN auxiliary head; apply with ``rename=deeplabv3plus_rename``."""
+    """MMSegmentation DeepLabV3+ with one FCN auxiliary head (the stem renamed as the ResNet backbone
+    renames MMCV's V1c weights, :data:`~segcli.models.backbones.resnet.MMCV_STEM_RENAMES`)."""
     sep = r"(depthwise|pointwise)_conv\.(conv|bn)\.(\w+)"
-    return [
-        Rule(r"backbone\.stem\.(\d)\.(\w+)", r"backbone.body.$stem\1$.\2"),
+    stem = [Rule(r"backbone\." + re.escape(mmcv) + r"(\w+)", f"backbone.body.{timm}" + r"\1")
+            for mmcv, timm in MMCV_STEM_RENAMES.items()]
+    return stem + [
         Rule(r"backbone\.(layer\d\..*)", r"backbone.body.\1"),
         Rule(r"decode_head\.image_pool\.1\.(conv|bn)\.(\w+)", r"backbone.aspp.image_pool.1.\1.\2"),
         Rule(r"decode_head\.aspp_modules\.0\.(conv|bn)\.(\w+)", r"backbone.aspp.branches.0.\1.\2"),
@@ -71,10 +65,3 @@ def deeplabv3plus_rules() -> list[Rule]:
         Rule(r"auxiliary_head\.conv_seg\.(weight|bias)", r"aux_heads.0.classifier.\1"),
     ]
 
-
-_PLACEHOLDER_STEM = re.compile(r"\$stem(\d)\$")
-
-
-def deeplabv3plus_rename(key: str) -> str:
-    """``$stemN$`` -> timm's name of MMCV's stem layer N."""
-    return _PLACEHOLDER_STEM.sub(lambda m: _RESNET_STEM[m.group(1)], key)

@@ -2,10 +2,7 @@
 
 The released v1 model is MMSegmentation's ``VisionTransformer`` (``with_cls_token=False``, no
 final norm) + ``decode_heads/atm_head.py``'s ``ATMHead``. Its decoder layers are post-norm
-``TransformerDecoderLayer`` s whose norms follow self-attention (``norm1``), cross-attention
-(``norm2``) and the FFN (``norm3``); their query self-attention is a fused ``nn.MultiheadAttention``
-(``in_proj_weight`` = q, k, v stacked), their cross-attention has separate ``q/k/v/proj``
-linears. ``input_proj_{s}`` / ``proj_norm_{s}`` / ``decoder_{s}`` is stage ``s`` (1 = the deepest
+``TransformerDecoderLayer`` s (:func:`decoder_layer_rules`). ``input_proj_{s}`` / ``proj_norm_{s}`` / ``decoder_{s}`` is stage ``s`` (1 = the deepest
 layer), which is segcli's ``stages.{s-1}`` with ``in_index`` deepest first.
 """
 from __future__ import annotations
@@ -15,7 +12,35 @@ import re
 from ..models.backbones.weights import MMSEG_VIT_RENAMES
 from .keymap import Rule
 
-ATM_LAYER = r"decode_head\.{head}decoder_(\d+)\.layers\.(\d+)\."
+_P = r"(?P<p>weight|bias)"
+
+
+def decoder_layer_rules(layer: str, out: str, cross_attention: str = "separate") -> list[Rule]:
+    """One post-norm decoder layer of the official heads -> segcli's ``ATMDecoderLayer``.
+
+    ``layer`` matches the layer's key prefix, ``out`` is its segcli prefix (it may use the prefix's
+    named groups). Query self-attention is a fused ``nn.MultiheadAttention`` (``in_proj`` = q, k, v
+    stacked); cross-attention is the ATM heads' separate ``q/k/v/proj`` linears (``"separate"``)
+    or a second ``nn.MultiheadAttention`` (``"fused"``, the Shrunk TPN's ``nn.TransformerDecoder``).
+    ``norm1/2/3`` follow self-attention, cross-attention and the FFN.
+    """
+    qkv = lambda attn: tuple(out + rf"{attn}.{x}_proj.\g<p>" for x in "qkv")  # noqa: E731
+    if cross_attention == "separate":
+        cross = [Rule(layer + rf"multihead_attn\.(?P<x>q|k|v)\.{_P}", out + r"cross_attn.\g<x>_proj.\g<p>"),
+                 Rule(layer + rf"multihead_attn\.proj\.{_P}", out + r"cross_attn.out_proj.\g<p>")]
+    else:
+        cross = [Rule(layer + rf"multihead_attn\.in_proj_{_P}", None, split=qkv("cross_attn")),
+                 Rule(layer + rf"multihead_attn\.out_proj\.{_P}", out + r"cross_attn.out_proj.\g<p>")]
+    return [
+        Rule(layer + rf"self_attn\.in_proj_{_P}", None, split=qkv("self_attn")),
+        Rule(layer + rf"self_attn\.out_proj\.{_P}", out + r"self_attn.out_proj.\g<p>"),
+        *cross,
+        Rule(layer + rf"linear1\.{_P}", out + r"ffn.0.\g<p>"),
+        Rule(layer + rf"linear2\.{_P}", out + r"ffn.3.\g<p>"),
+        Rule(layer + rf"norm1\.{_P}", out + r"self_norm.\g<p>"),
+        Rule(layer + rf"norm2\.{_P}", out + r"cross_norm.\g<p>"),
+        Rule(layer + rf"norm3\.{_P}", out + r"ffn_norm.\g<p>"),
+    ]
 
 
 def mmseg_vit_rules(source_prefix: str = r"backbone\.", target_prefix: str = "backbone.vit.",
@@ -41,22 +66,12 @@ def atm_head_rules(head: str = "", target: str = "decode_head.") -> list[Rule]:
     Stage numbers keep the official 1-based number in a ``stages.@N`` placeholder, which
     :func:`zero_based_stages` renames afterwards (a regular expression cannot subtract).
     """
-    layer = ATM_LAYER.format(head=head)
-    out = target + r"stages.@\1.layers.\2."
     return [
         Rule(rf"decode_head\.{head}loss_decode\..*", None),  # the criterion's class weights: not learnt
         Rule(rf"decode_head\.{head}input_proj_(\d+)\.(weight|bias)", target + r"stages.@\1.proj.\2"),
         Rule(rf"decode_head\.{head}proj_norm_(\d+)\.(weight|bias)", target + r"stages.@\1.proj_norm.\2"),
-        Rule(layer + r"self_attn\.in_proj_(weight|bias)", None,
-             split=(out + r"self_attn.q_proj.\3", out + r"self_attn.k_proj.\3", out + r"self_attn.v_proj.\3")),
-        Rule(layer + r"self_attn\.out_proj\.(weight|bias)", out + r"self_attn.out_proj.\3"),
-        Rule(layer + r"multihead_attn\.(q|k|v)\.(weight|bias)", out + r"cross_attn.\3_proj.\4"),
-        Rule(layer + r"multihead_attn\.proj\.(weight|bias)", out + r"cross_attn.out_proj.\3"),
-        Rule(layer + r"linear1\.(weight|bias)", out + r"ffn.0.\3"),
-        Rule(layer + r"linear2\.(weight|bias)", out + r"ffn.3.\3"),
-        Rule(layer + r"norm1\.(weight|bias)", out + r"self_norm.\3"),
-        Rule(layer + r"norm2\.(weight|bias)", out + r"cross_norm.\3"),
-        Rule(layer + r"norm3\.(weight|bias)", out + r"ffn_norm.\3"),
+        *decoder_layer_rules(rf"decode_head\.{head}decoder_(?P<s>\d+)\.layers\.(?P<l>\d+)\.",
+                             target + r"stages.@\g<s>.layers.\g<l>."),
         Rule(rf"decode_head\.{head}q\.weight", target + "class_queries.weight"),
         Rule(rf"decode_head\.{head}class_embed\.(weight|bias)", target + r"class_head.\1"),
     ]
@@ -75,30 +90,17 @@ def segvit_v1_rules() -> list[Rule]:
     return mmseg_vit_rules() + atm_head_rules()
 
 
-_HEAD_PLACEHOLDER = re.compile(r"@(decode_head|auxiliary_head\.(\d+))@")
-
-
 def prune_head_rules() -> list[Rule]:
     """The released DToP ``PruneHead`` s (one stage each: ``input_proj``, ``proj_norm``,
     ``decoder.layers``, ``q``, a binary ``class_embed``) -> one-stage ATM heads; the head's name is
-    an ``@...@`` placeholder that :func:`dtop_rename` turns into segcli's (``aux_heads.{i}``)."""
+    an ``@...@`` placeholder that :func:`~segcli.convert.keymap.segcli_head_names` turns into segcli's
+    (``aux_heads.{i}``)."""
     head = r"(?P<h>decode_head|auxiliary_head\.\d+)"
-    layer = head + r"\.decoder\.layers\.(?P<l>\d+)\."
-    out = r"@\g<h>@.stages.0.layers.\g<l>."
     return [
         Rule(head + r"\.loss_decode\..*", None),  # the criterion's class weights: not learnt
-        Rule(head + r"\.input_proj\.(?P<p>weight|bias)", r"@\g<h>@.stages.0.proj.\g<p>"),
-        Rule(head + r"\.proj_norm\.(?P<p>weight|bias)", r"@\g<h>@.stages.0.proj_norm.\g<p>"),
-        Rule(layer + r"self_attn\.in_proj_(?P<p>weight|bias)", None,
-             split=tuple(out + rf"self_attn.{x}_proj.\g<p>" for x in "qkv")),
-        Rule(layer + r"self_attn\.out_proj\.(?P<p>weight|bias)", out + r"self_attn.out_proj.\g<p>"),
-        Rule(layer + r"multihead_attn\.(?P<x>q|k|v)\.(?P<p>weight|bias)", out + r"cross_attn.\g<x>_proj.\g<p>"),
-        Rule(layer + r"multihead_attn\.proj\.(?P<p>weight|bias)", out + r"cross_attn.out_proj.\g<p>"),
-        Rule(layer + r"linear1\.(?P<p>weight|bias)", out + r"ffn.0.\g<p>"),
-        Rule(layer + r"linear2\.(?P<p>weight|bias)", out + r"ffn.3.\g<p>"),
-        Rule(layer + r"norm1\.(?P<p>weight|bias)", out + r"self_norm.\g<p>"),
-        Rule(layer + r"norm2\.(?P<p>weight|bias)", out + r"cross_norm.\g<p>"),
-        Rule(layer + r"norm3\.(?P<p>weight|bias)", out + r"ffn_norm.\g<p>"),
+        Rule(head + rf"\.input_proj\.{_P}", r"@\g<h>@.stages.0.proj.\g<p>"),
+        Rule(head + rf"\.proj_norm\.{_P}", r"@\g<h>@.stages.0.proj_norm.\g<p>"),
+        *decoder_layer_rules(head + r"\.decoder\.layers\.(?P<l>\d+)\.", r"@\g<h>@.stages.0.layers.\g<l>."),
         Rule(head + r"\.q\.weight", r"@\g<h>@.class_queries.weight"),
         Rule(head + r"\.class_embed\.(?P<p>weight|bias)", r"@\g<h>@.class_head.\g<p>"),
     ]
@@ -106,13 +108,8 @@ def prune_head_rules() -> list[Rule]:
 
 def dtop_rules() -> list[Rule]:
     """A model trained with zbwxp/Dynamic-Token-Pruning: MMSegmentation's ViT + ``PruneHead`` s;
-    apply with ``rename=dtop_rename``."""
+    apply with ``rename=segcli_head_names``."""
     return mmseg_vit_rules() + prune_head_rules()
-
-
-def dtop_rename(key: str) -> str:
-    """``@decode_head@`` -> ``decode_head``, ``@auxiliary_head.i@`` -> ``aux_heads.i``."""
-    return _HEAD_PLACEHOLDER.sub(lambda m: "decode_head" if m.group(2) is None else f"aux_heads.{m.group(2)}", key)
 
 
 def tpn_rules() -> list[Rule]:
@@ -120,23 +117,12 @@ def tpn_rules() -> list[Rule]:
     learned QU (``qu.*``): ``input_proj_{s}`` / ``proj_norm_{s}`` / ``decoder_{s}`` (plain
     ``nn.TransformerDecoder`` layers: fused ``in_proj`` in both attentions) are reader ``s-1``,
     ``q`` the learnt query grid."""
-    layer = r"decode_head\.decoder_(\d+)\.layers\.(\d+)\."
-    out = r"qu.readers.@\1.layers.\2."
     return [
         Rule(r"decode_head\.loss_decode\..*", None),  # the criterion's class weights: not learnt
         Rule(r"decode_head\.input_proj_(\d+)\.(weight|bias)", r"qu.readers.@\1.proj.\2"),
         Rule(r"decode_head\.proj_norm_(\d+)\.(weight|bias)", r"qu.readers.@\1.norm.\2"),
-        Rule(layer + r"self_attn\.in_proj_(weight|bias)", None,
-             split=tuple(out + rf"self_attn.{x}_proj.\3" for x in "qkv")),
-        Rule(layer + r"self_attn\.out_proj\.(weight|bias)", out + r"self_attn.out_proj.\3"),
-        Rule(layer + r"multihead_attn\.in_proj_(weight|bias)", None,
-             split=tuple(out + rf"cross_attn.{x}_proj.\3" for x in "qkv")),
-        Rule(layer + r"multihead_attn\.out_proj\.(weight|bias)", out + r"cross_attn.out_proj.\3"),
-        Rule(layer + r"linear1\.(weight|bias)", out + r"ffn.0.\3"),
-        Rule(layer + r"linear2\.(weight|bias)", out + r"ffn.3.\3"),
-        Rule(layer + r"norm1\.(weight|bias)", out + r"self_norm.\3"),
-        Rule(layer + r"norm2\.(weight|bias)", out + r"cross_norm.\3"),
-        Rule(layer + r"norm3\.(weight|bias)", out + r"ffn_norm.\3"),
+        *decoder_layer_rules(r"decode_head\.decoder_(?P<s>\d+)\.layers\.(?P<l>\d+)\.",
+                             r"qu.readers.@\g<s>.layers.\g<l>.", cross_attention="fused"),
         Rule(r"decode_head\.q\.weight", "qu.grid_queries.weight"),
     ]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -18,14 +19,15 @@ from ..errors import SegcliError
 FORMAT = "segcli"
 
 
-def save_checkpoint(path: str | Path, payload: dict) -> Path:
-    """Write ``payload`` to ``path`` atomically (temp file in the same folder + rename)."""
+def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """``write(handle)`` into a temp file beside ``path``, then rename it over ``path``: a reader
+    never sees half a file, and an interrupted write leaves the old file (or none) in place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save({"format": FORMAT, **payload}, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -33,6 +35,11 @@ def save_checkpoint(path: str | Path, payload: dict) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> Path:
+    """Write ``payload`` to ``path`` atomically (temp file in the same folder + rename)."""
+    return write_atomically(path, lambda handle: torch.save({"format": FORMAT, **payload}, handle))
 
 
 def read_checkpoint(path: str | Path) -> dict:

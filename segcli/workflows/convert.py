@@ -29,8 +29,6 @@ Decision: the output never replaces an existing file unless ``overwrite``; the d
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -38,14 +36,14 @@ from typing import Callable
 import torch
 
 from ..build import as_recipe, build_model, without_pretrained
-from ..convert.keymap import Rule, apply_rules, convert_state  # noqa: F401
+from ..convert.keymap import Rule, apply_rules, convert_state, segcli_head_names
 from ..convert.reader import read_foreign_checkpoint, state_dict_of
-from ..convert.mmseg import deeplabv3plus_rename, deeplabv3plus_rules, setr_rename, setr_rules
-from ..convert.segvit import (dtop_rename, dtop_rules, mmseg_vit_rules, segvit_v1_rules, segvit_v1_shrunk_rules,
+from ..convert.mmseg import deeplabv3plus_rules, setr_rename, setr_rules
+from ..convert.segvit import (dtop_rules, mmseg_vit_rules, segvit_v1_rules, segvit_v1_shrunk_rules,
                               zero_based_stages)
 from ..data import dataset_classes
 from ..data.classes import label_colormap
-from ..engine.checkpoint import save_checkpoint
+from ..engine.checkpoint import save_checkpoint, write_atomically
 from ..errors import SegcliError
 from ..recipe import Recipe
 from ..version import __version__
@@ -92,11 +90,11 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("segvit-v1-shrunk", "official Shrunk SegViT (zbwxp/SegVit): vit_shrink + TPN ATM head",
            segvit_v1_shrunk_rules, zero_based_stages, _is_segvit_v1_shrunk),
     Format("dtop", "a DToP model (zbwxp/Dynamic-Token-Pruning, MMSegmentation 1.x): ViT + PruneHeads",
-           dtop_rules, dtop_rename, _is_dtop),
+           dtop_rules, segcli_head_names, _is_dtop),
     Format("mmseg-setr", "MMSegmentation model zoo: SETR (ViT + SETRUPHead)", setr_rules, setr_rename,
            _is_mmseg_setr),
     Format("mmseg-deeplabv3plus", "MMSegmentation model zoo: DeepLabV3+ (ResNetV1c + DSASPPHead)",
-           deeplabv3plus_rules, deeplabv3plus_rename, _is_mmseg_deeplabv3plus),
+           deeplabv3plus_rules, None, _is_mmseg_deeplabv3plus),
     Format("mmseg-vit", "MMSegmentation-format ViT backbone (vit2mmseg.py)",
            lambda: mmseg_vit_rules(source_prefix="", target_prefix="", final_norm=True),
            None, _is_mmseg_vit, backbone_only=True),
@@ -187,7 +185,7 @@ def convert(source: str | Path, from_format: str | None = None, recipe: Recipe |
         if unmatched:
             raise SegcliError(f"not a {name} checkpoint: no place for {', '.join(unmatched[:4])}", str(source),
                               "check --from")
-        _save_atomically(mapped, target_path)
+        write_atomically(target_path, lambda handle: torch.save(mapped, handle))
         return ConvertResult(target_path, name, len(state), len(mapped))
 
     num_classes = _num_classes(state, str(source))
@@ -201,15 +199,3 @@ def convert(source: str | Path, from_format: str | None = None, recipe: Recipe |
     save_checkpoint(target_path, {"version": __version__, "recipe": recipe.to_dict(), "meta": meta,
                                   "model": model.state_dict()})
     return ConvertResult(target_path, name, len(state), len(converted))
-
-
-def _save_atomically(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

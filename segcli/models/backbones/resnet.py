@@ -118,8 +118,8 @@ def read_timm_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 # MMCV ResNetV1c stem (``stem.{0..7}``: conv-bn-relu ×3) -> timm deep stem (``conv1.*`` + ``bn1``).
-_MMCV_STEM = {"stem.0.": "conv1.0.", "stem.1.": "conv1.1.", "stem.3.": "conv1.3.", "stem.4.": "conv1.4.",
-              "stem.6.": "conv1.6.", "stem.7.": "bn1."}
+MMCV_STEM_RENAMES = {"stem.0.": "conv1.0.", "stem.1.": "conv1.1.", "stem.3.": "conv1.3.", "stem.4.": "conv1.4.",
+                     "stem.6.": "conv1.6.", "stem.7.": "bn1."}
 
 
 def checkpoint_filter_fn(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -129,8 +129,8 @@ def checkpoint_filter_fn(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         return state
     renamed = {}
     for key, value in state.items():
-        prefix = next((p for p in _MMCV_STEM if key.startswith(p)), None)
-        renamed[_MMCV_STEM[prefix] + key[len(prefix):] if prefix else key] = value
+        prefix = next((p for p in MMCV_STEM_RENAMES if key.startswith(p)), None)
+        renamed[MMCV_STEM_RENAMES[prefix] + key[len(prefix):] if prefix else key] = value
     return renamed
 
 

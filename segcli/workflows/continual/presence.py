@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from ...data.datasets import SegDataset, read_mask
+from ...engine.checkpoint import write_atomically
 
 INDEX_VERSION = 1
 
@@ -76,15 +76,8 @@ def _read_cache(path: Path, fingerprint: str, shape: tuple[int, int]) -> np.ndar
 
 
 def _write_cache(path: Path, fingerprint: str, matrix: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez_compressed(handle, fingerprint=np.array(fingerprint), packed=np.packbits(matrix, axis=1))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda handle: np.savez_compressed(handle, fingerprint=np.array(fingerprint),
+                                                              packed=np.packbits(matrix, axis=1)))
 
 
 def class_presence(dataset: SegDataset, root: str | Path, split: str, num_workers: int = 0) -> ClassPresence:
