@@ -133,6 +133,12 @@ def normalize(image: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarra
     return (image.astype(np.float32) - mean) / std
 
 
+def image_batch(image: np.ndarray, mean, std) -> torch.Tensor:
+    """An RGB uint8 ``[H, W, 3]`` image as the normalised batch of one a model takes: ``[1, 3, H, W]``."""
+    normalized = normalize(image, np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32))
+    return torch.from_numpy(np.ascontiguousarray(normalized.transpose(2, 0, 1)))[None]  # [1, 3, H, W]
+
+
 def pad_to(image: np.ndarray, label: np.ndarray, size_hw) -> tuple[np.ndarray, np.ndarray]:
     """Pad bottom/right to at least ``size_hw``: image with 0, label with 255 (ignored)."""
     pad_h, pad_w = max(size_hw[0] - image.shape[0], 0), max(size_hw[1] - image.shape[1], 0)

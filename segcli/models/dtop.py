@@ -451,21 +451,20 @@ class DToPSegmentor(FrozenPartsMixin, nn.Module):
             trace.heads.append(("decode", self.decode_head, outputs, exit_stage < 0))
             return trace
         size = tuple(images.shape[-2:])
-        if kind == "class_masks" and released:
-            masks = raw[1].transpose(1, 2)  # [B, M, K] the decode head's mask logits at the tokens it saw
-            canvas = masks.new_zeros(batch, num, masks.shape[-1]) if exit_masks is None else exit_masks.to(masks.dtype)
-            canvas = scatter_tokens(canvas, masks, state.index, state.pad)  # [B, N, K]
-            trace.token_scores = atm_token_probs(raw[0], canvas.transpose(1, 2))  # [B, N, K]
+        if kind == "class_masks":
+            if released:  # every token's last mask logits, under the decode head's class probabilities
+                masks = raw[1].transpose(1, 2)  # [B, M, K] the decode head's mask logits at the tokens it saw
+                canvas = masks.new_zeros(batch, num, masks.shape[-1]) if exit_masks is None else exit_masks.to(masks.dtype)
+                canvas = scatter_tokens(canvas, masks, state.index, state.pad)  # [B, N, K]
+                trace.token_scores = atm_token_probs(raw[0], canvas.transpose(1, 2))  # [B, N, K]
+            else:  # every token keeps the scores of the head it left by
+                probs = atm_token_probs(*raw)  # [B, M, K]
+                canvas = exit_probs if exit_probs is not None else probs.new_zeros(batch, num, probs.shape[-1])
+                trace.token_scores = scatter_tokens(canvas.to(probs.dtype), probs, state.index, state.pad)  # [B, N, K]
             scores = trace.token_scores.transpose(1, 2).reshape(batch, -1, grid[0], grid[1])  # [B, K, h, w]
             mask_size = getattr(self.decode_head.cfg, "mask_size", None)
-            if mask_size:  # the released head resizes to its square img_size first
+            if released and mask_size:  # the released head resizes to its square img_size first
                 scores = resize(scores, (mask_size, mask_size))
-            trace.score_map = UpsampledScores(scores, size)  # -> [B, K, H, W]
-        elif kind == "class_masks":
-            probs = atm_token_probs(*raw)  # [B, M, K]
-            canvas = exit_probs if exit_probs is not None else probs.new_zeros(batch, num, probs.shape[-1])
-            trace.token_scores = scatter_tokens(canvas.to(probs.dtype), probs, state.index, state.pad)  # [B, N, K]
-            scores = trace.token_scores.transpose(1, 2).reshape(batch, -1, grid[0], grid[1])  # [B, K, h, w]
             trace.score_map = UpsampledScores(scores, size)  # -> [B, K, H, W]
         else:
             trace.score_map = self.decode_head.score_map(raw, size)  # -> [B, K, H, W]

@@ -15,6 +15,7 @@ import torch
 
 from ..build import load_checkpoint, pick_device
 from ..data import read_image
+from ..data.transforms import image_batch
 from ..engine.inference import infer_labels
 from ..errors import SegcliError
 from ..viz import colorize, overlay_image, save_png, with_legend
@@ -120,15 +121,13 @@ def predict(inputs: list[str], checkpoint: str | Path, out_dir: str | Path = "pr
                   overwrite)
     out.mkdir(parents=True, exist_ok=True)
     palette = np.asarray(loaded.meta["palette"], dtype=np.uint8)
-    mean = torch.tensor(loaded.recipe.data.mean).view(1, 3, 1, 1)
-    std = torch.tensor(loaded.recipe.data.std).view(1, 3, 1, 1)
     for i, (path, stem) in enumerate(zip(files, output_stems(files))):
         try:
             image = read_image(path)
         except SegcliError as err:
             result.failed.append((str(path), err.message))
             continue
-        tensor = (torch.from_numpy(image).permute(2, 0, 1)[None].float() - mean) / std  # [1, 3, H, W]
+        tensor = image_batch(image, loaded.recipe.data.mean, loaded.recipe.data.std)  # [1, 3, H, W]
         with torch.no_grad():
             labels = infer_labels(loaded.model, tensor.to(dev), loaded.recipe.test, loaded.recipe.data.crop_size)
         pred = labels[0].cpu().numpy()

@@ -21,6 +21,7 @@ import torch
 
 from ..build import LoadedModel, load_checkpoint, pick_device
 from ..data import read_image
+from ..data.transforms import image_batch
 from ..engine.inference import infer, infer_labels
 from ..errors import SegcliError
 
@@ -33,9 +34,6 @@ class Segmenter:
     def __init__(self, checkpoint: str | Path, device: str | None = None):
         self.device = pick_device(device)
         self.loaded: LoadedModel = load_checkpoint(checkpoint, device=self.device)
-        recipe = self.loaded.recipe
-        self.mean = torch.tensor(recipe.data.mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(recipe.data.std, device=self.device).view(1, 3, 1, 1)
 
     @property
     def classes(self) -> list[str]:
@@ -52,8 +50,8 @@ class Segmenter:
             shape = getattr(image, "shape", None)
             raise SegcliError(f"expected an RGB uint8 array [H, W, 3] or an image path, got {type(image).__name__} "
                               f"{shape}", "image", "e.g. segcli.data.read_image(path)")
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
-        return (tensor.permute(2, 0, 1)[None].float() - self.mean) / self.std  # [1, 3, H, W]
+        data = self.loaded.recipe.data
+        return image_batch(image, data.mean, data.std).to(self.device)  # [1, 3, H, W]
 
     @torch.no_grad()
     def _one(self, image: Image, probabilities: bool) -> np.ndarray:

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..data.transforms import image_batch
 from ..engine.inference import infer_labels
 from ..viz import colorize, overlay_image
 
@@ -74,13 +75,11 @@ class TensorBoardLogger:
         """image | prediction overlay | ground-truth overlay, for the first validation images."""
         was_training = self.model.training
         self.model.eval()
-        mean = torch.tensor(self.recipe.data.mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.recipe.data.std, device=self.device).view(1, 3, 1, 1)
         panels = []
         try:
             for index in range(min(self.num_images, len(self.val_set))):
                 image, label = self.val_set.read(index)
-                tensor = (torch.from_numpy(image).to(self.device).permute(2, 0, 1)[None].float() - mean) / std
+                tensor = image_batch(image, self.recipe.data.mean, self.recipe.data.std).to(self.device)
                 pred = infer_labels(self.model, tensor, self.recipe.test, self.recipe.data.crop_size)[0].cpu().numpy()
                 truth = np.where(label == 255, 0, label)
                 panels.append(np.concatenate([image, overlay_image(image, colorize(pred, self.palette)),

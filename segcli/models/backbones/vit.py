@@ -2,8 +2,11 @@
 
 Conventions every head and wrapper relies on (decisions of this project): tokens are patches
 only (the cls token is dropped before the blocks and deleted from the module, so DDP sees no
-unused parameter); no final norm on the features fed to heads; absolute position embeddings are resized bicubically to the input grid on the fly;
-features are taken after the given 0-based blocks and returned as NCHW maps ``[B, C, H/p, W/p]``.
+unused parameter; ``cls_token: true`` keeps it through the blocks for models trained that way);
+no final norm on the features fed to heads; absolute position embeddings are resized to the
+input grid on the fly (``pos_embed_resize``: timm's antialiased bicubic, or MMSegmentation's plain
+bicubic / bilinear); features are taken after the given 0-based blocks and returned as NCHW maps
+``[B, C, H/p, W/p]``.
 
 The blocks are run by :func:`block_forward` rather than timm's ``Block.forward`` so that one
 code path serves the plain model, Shrunk (a query subset: ``query_index``) and DToP (variable
@@ -18,8 +21,8 @@ and exact when the grid matches, which it does for the thesis' crop-sized infere
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import timm
 import torch
@@ -256,7 +259,7 @@ class ViTBackbone(Backbone):
         features = []
         last = max(self.out_indices)
         for index in range(last + 1):
-            tokens = block_forward(self.vit.blocks[index], tokens, grid)
+            tokens = self.run_block(index, tokens, grid)
             if index in self.out_indices:
                 features.append(self.tokens_to_map(tokens[:, prefix:], grid))
         return [features[sorted(self.out_indices).index(i)] for i in self.out_indices]
