@@ -14,6 +14,7 @@ from typing import List, Optional, Tuple
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import SegcliError
@@ -53,7 +54,7 @@ def _guard(ctx: typer.Context, fn, *args, **kwargs):
     except SegcliError as err:
         if debug:
             raise
-        _console(stderr=True).print(f"[bold red]error:[/] {_error_text(err)}")
+        _console(stderr=True).print(f"[bold red]error:[/] {escape(_error_text(err))}")
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         _console(stderr=True).print("interrupted")
@@ -87,7 +88,7 @@ def _metrics_table(metrics: dict, title: str) -> Table:
     table.add_column("IoU", justify="right")
     table.add_column("Acc", justify="right")
     for row in metrics["per_class"]:
-        table.add_row(row["class"], _fmt(row["IoU"]), _fmt(row["Acc"]))
+        table.add_row(escape(row["class"]), _fmt(row["IoU"]), _fmt(row["Acc"]))
     table.add_section()
     table.add_row("[bold]mean[/]", f"[bold]{_fmt(metrics['mIoU'])}[/]", f"[bold]{_fmt(metrics['mAcc'])}[/]")
     return table
@@ -123,12 +124,12 @@ class _TrainReporter:
     def __call__(self, event: str, info: dict) -> None:
         if event == "start":
             start = f", resuming at iteration {info['start_iter']}" if info["start_iter"] else ""
-            self.console.print(f"[bold]{info['recipe']}[/]: {info['model']}, {info['params_m']:.2f} M parameters; "
-                               f"{info['dataset']} ({info['data_root'] or 'default root'}): {info['train_images']} "
-                               f"train / {info['val_images']} val images; {info['max_iters']} iterations{start} "
-                               f"on {info['device']} -> {info['work_dir']}/")
+            self.console.print(f"[bold]{escape(str(info['recipe']))}[/]: " + escape(
+                f"{info['model']}, {info['params_m']:.2f} M parameters; {info['dataset']} "
+                f"({info['data_root'] or 'default root'}): {info['train_images']} train / {info['val_images']} val "
+                f"images; {info['max_iters']} iterations{start} on {info['device']} -> {info['work_dir']}/"))
         elif event == "warning":
-            self.progress.console.print(f"[bold yellow]warning:[/] {info['message']}")
+            self.progress.console.print(f"[bold yellow]warning:[/] {escape(info['message'])}")
         elif event == "checkpoint":
             self.saved = info
         elif event == "step":
@@ -289,7 +290,7 @@ def predict(
     console = _console()
     err = _console(stderr=True)
     for path, reason in result.failed:
-        err.print(f"[bold red]error:[/] {path}: {reason} (skipped)")
+        err.print(f"[bold red]error:[/] {escape(f'{path}: {reason}')} (skipped)")
     images = len([p for p in result.written if p.name.endswith("_color.png")])
     console.print(f"wrote {images} prediction(s) to {out}/")
     if result.failed:
@@ -561,11 +562,11 @@ def data_check(
         table.add_column("pixels", justify="right")
         table.add_column("%", justify="right")
         for i, (name, count) in enumerate(zip(report.classes, report.pixels)):
-            table.add_row(str(i), name, str(count), f"{100 * count / max(total, 1):.2f}")
+            table.add_row(str(i), escape(name), str(count), f"{100 * count / max(total, 1):.2f}")
         table.add_row("255", "(ignore)", str(report.ignored_pixels), f"{100 * report.ignored_pixels / max(total, 1):.2f}")
         console.print(table)
         for where, problem in report.problems:
-            err.print(f"[bold red]problem:[/] {where}: {problem}")
+            err.print(f"[bold red]problem:[/] {escape(f'{where}: {problem}')}")
         console.print("no problems" if report.ok else f"{len(report.problems)} problem(s)")
     if not report.ok:
         raise typer.Exit(2)

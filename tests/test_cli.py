@@ -130,3 +130,17 @@ def test_a_bad_validation_mask_stops_the_run_before_training(cli, tmp_path):
     assert res.exit_code == 2
     assert "x1.png" in res.output and "Traceback" not in res.output
     assert not work.exists()
+
+
+def test_messages_keep_their_square_brackets(cli, synth_root, tmp_path, monkeypatch):
+    """rich reads "[tensorboard]" as markup: the hint `pip install 'segcli[tensorboard]'` and any
+    user text (paths, class names) must reach the terminal as written."""
+    import segcli.workflows.train as train_module
+
+    monkeypatch.setattr(train_module, "tensorboard_available", lambda: False)
+    res = cli("train", SETR, "--work-dir", tmp_path / "run[1]",
+              *tiny_overrides(synth_root, **{"train.max_iters": 1, "train.eval_interval": 1}))
+    assert res.exit_code == 0, res.output
+    assert "segcli[tensorboard]" in res.output and "run[1]" in res.output
+    res = cli("eval", tmp_path / "missing[2].pt")
+    assert res.exit_code == 2 and "missing[2].pt" in res.output
