@@ -16,9 +16,11 @@ Rows:
 * a breakdown of SegViT (low): the segcli ViT-B backbone, the ATM head on its features, the
   score assembly at 1/16 and the final bilinear upsampling of the 150 score maps to 512².
 
-The last step writes a fresh 157 MB tensor; on glibc most of its time is the kernel mapping and
-zeroing new pages (the row ``(same, into a buffer)`` times the same upsampling into a preallocated
-tensor to show it). Any model that returns full-size scores for 150 classes pays it, SETR included.
+The last step writes a fresh 157 MB tensor; with glibc's defaults most of its time is the kernel
+mapping and zeroing new pages (the row ``(same, into a buffer)`` times the same upsampling into a
+preallocated tensor to show it; ``--system-allocator`` keeps those defaults, which the CLI changes:
+``segcli/allocator.py``). Any model that returns full-size scores for 150 classes pays it, SETR
+included.
 
     python benchmarks/segvit_latency.py [--threads 2] [--repeats 7] [--size 512]
 """
@@ -38,15 +40,16 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from segcli.allocator import retain_freed_memory  # noqa: E402
 from segcli.api import build_model  # noqa: E402
-from segcli.engine.inference import infer_labels  # noqa: E402
+from segcli.engine.inference import infer_labels, prepare_for_inference  # noqa: E402
 from segcli.recipe import load_recipe  # noqa: E402
 
 
 def build(recipe: str, size: int, *overrides: str):
     rec = load_recipe(REPO / "recipes" / recipe, ["model.backbone.pretrained=null", f"model.backbone.img_size={size}",
                                                   *overrides])
-    return build_model(rec, num_classes=150).eval()
+    return prepare_for_inference(build_model(rec, num_classes=150))
 
 
 def round_robin(fns: dict, repeats: int) -> dict[str, float]:
@@ -67,7 +70,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--system-allocator", action="store_true",
+                        help="keep glibc's defaults (the CLI retains freed memory; see segcli/allocator.py)")
     args = parser.parse_args()
+    allocator = "glibc defaults" if args.system_allocator or not retain_freed_memory() else "freed memory retained"
     torch.set_num_threads(args.threads)
     size = args.size
     low = build("segvit_vit_b_ade20k.yaml", size, "model.decode_head.mask_resolution=low")
@@ -104,7 +110,7 @@ def main() -> None:
             fns["  (same, into a buffer)"] = lambda: into_buffer(scores, [size, size], False, None, None, out=buffer)
         medians = round_robin(fns, args.repeats)
     base = medians["timm ViT-B backbone"]
-    print(f"{size}x{size}, batch 1, {args.threads} threads, median of {args.repeats}, 150 classes")
+    print(f"{size}x{size}, batch 1, {args.threads} threads, median of {args.repeats}, 150 classes, allocator: {allocator}")
     print(f"{'':30s} {'median s':>9s} {'x backbone':>11s}")
     for name, median in medians.items():
         print(f"{name:30s} {median:9.3f} {median / base:11.3f}")

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .allocator import retain_freed_memory
 from .errors import SegcliError
 
 # rich_markup_mode=None: click's plain help, which shows a boolean flag as a flag (rich help writes "<bool>")
@@ -74,6 +75,7 @@ def _root(ctx: typer.Context, debug: bool = typer.Option(False, "--debug", help=
           version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                        help="Print the version and exit.")):
     ctx.obj = {"debug": debug}
+    retain_freed_memory()  # one job per process: keep freed blocks for reuse (see segcli/allocator.py)
 
 
 def _fmt(value) -> str:

@@ -59,7 +59,7 @@ def test_progress_callback_counts_every_call():
     calls = []
     api.benchmark([SEGVIT, SETR], shape=(32, 32), repeats=2, warmup=1, overrides=TINY[1::2],
                   progress=lambda done, total: calls.append((done, total)))
-    assert calls == [(i, 6) for i in range(1, 7)]
+    assert calls == [(i, 8) for i in range(1, 9)]  # 2 models x (1 warm-up + 2 timed + 1 memory call)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -190,3 +190,51 @@ def test_segmentor_from_model_config(head):
     model.eval()
     with torch.no_grad():
         assert model(images).shape == (2, 5, 72, 100)
+
+
+def _randomise_batchnorms(model: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial BatchNorm statistics and affine parameters (a fresh BN folds to the identity)."""
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+            module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
+            module.bias.data.copy_(torch.randn(n, generator=gen) * 0.1)
+
+
+@pytest.mark.parametrize("head", [
+    {"type": "nrd", "controller_channels": 32},
+    {"type": "deeplabv3plus", "channels": 32, "c1_channels": 16},
+])
+def test_prepare_for_inference_folds_batchnorms_and_keeps_the_scores(head):
+    from segcli.engine.inference import prepare_for_inference
+
+    torch.manual_seed(0)
+    cfg = from_dict(ModelConfig, {
+        "backbone": {"type": "resnet", "name": "resnet18", "out_indices": [1, 4], "aspp": True,
+                     "aspp_channels": 32, "aspp_dilations": [1, 2, 3]},
+        "decode_head": head}, "model")
+    from segcli.models.builder import build_segmentor
+
+    model = build_segmentor(cfg, 5).eval()
+    _randomise_batchnorms(model)
+    images = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        before = model(images)
+        prepared = prepare_for_inference(model)
+        after = prepared(images)
+    assert prepared is model
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in model.backbone.modules())  # every backbone BN folded
+    assert after.shape == before.shape
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4 * before.abs().max().item())
+
+
+def test_fold_batchnorms_leaves_unpaired_and_batch_statistics_norms():
+    from segcli.models.layers import fold_batchnorms
+
+    seq = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.Conv2d(3, 4, 1),
+                              torch.nn.BatchNorm2d(4, track_running_stats=False), torch.nn.ReLU())
+    assert fold_batchnorms(seq.eval()) == 0
+    assert [type(m).__name__ for m in seq] == ["BatchNorm2d", "Conv2d", "BatchNorm2d", "ReLU"]

@@ -23,9 +23,28 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..models.base import resize
+from ..models.layers import fold_batchnorms
 from ..models.scores import DenseScores, ResizedScores, ScoreMap
+
+def prepare_for_inference(model: nn.Module) -> nn.Module:
+    """Eval mode and the inference-only rewrites, in place, for a model that will not be trained
+    again (``predict``, ``eval``, ``benchmark``, :class:`~segcli.Segmenter`): BatchNorms folded into
+    the convolutions they follow (:func:`~segcli.models.layers.fold_batchnorms`) and whatever a
+    module does in its ``fuse_for_inference()`` (timm's ``reparameterize`` habit; the ResNets fold
+    the BatchNorms of their blocks). Scores change by float rounding only. Not applied by
+    ``export`` (the exporters fold on their own and the graph is checked against this model) nor to
+    the model being trained (its periodic validation runs the training weights as they are)."""
+    model.eval()
+    fold_batchnorms(model)
+    for module in list(model.modules()):
+        fuse = getattr(module, "fuse_for_inference", None)
+        if callable(fuse):
+            fuse()
+    return model
+
 
 BAND_BYTES = 32 << 20  # a band of float32 scores [B, K, rows, W] is at most this big (or one row)
 
@@ -145,7 +164,7 @@ def labels_of(scores: ScoreMap, band_bytes: int = BAND_BYTES) -> torch.Tensor:
     rows = max(1, band_bytes // (scores.batch * scores.channels * width * 4))
     labels = None
     for start in range(0, height, rows):
-        band = scores.rows(start, min(start + rows, height)).argmax(1)  # [B, n, W]
+        band = scores.argmax_rows(start, min(start + rows, height))  # [B, n, W]
         if labels is None:
             labels = band.new_empty(scores.batch, height, width)
         labels[:, start:start + band.shape[1]] = band

@@ -53,9 +53,14 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     for group in groups:
         group["lr"] = cfg.lr * group["lr_scale"]
         group.pop("names")
+    # the fused kernels (one pass per tensor) when every parameter is a float tensor on the CPU or
+    # a CUDA device: the same update as the per-tensor loop, several times faster on CPU (the
+    # loop's many small ops were a tenth of a small model's training step)
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
     if cfg.type == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               fused=fused or None)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def lr_factor(iteration: int, train_cfg) -> float:

@@ -32,6 +32,39 @@ class SeparableConvBNReLU(nn.Sequential):
         self.pointwise = ConvBNReLU(in_channels, out_channels, 1)
 
 
+def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Fold an inference-mode BatchNorm into the convolution it follows, in place:
+    ``bn(conv(x)) == conv'(x)`` with ``w' = w * g / s``, ``b' = (b - mean) * g / s + beta``,
+    ``s = sqrt(var + eps)``. The BatchNorm must then be skipped (replaced by ``nn.Identity``)."""
+    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps) if bn.affine else \
+        1.0 / torch.sqrt(bn.running_var + bn.eps)  # [C_out]
+    shift = bn.bias.detach() if bn.affine else torch.zeros_like(scale)
+    bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(scale)
+    with torch.no_grad():
+        conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+        conv.bias = nn.Parameter((bias - bn.running_mean) * scale + shift, requires_grad=False)
+
+
+def fold_batchnorms(module: nn.Module) -> int:
+    """Fold every BatchNorm2d that directly follows a Conv2d inside an ``nn.Sequential`` (the conv
+    blocks above; MMSegmentation's and timm's downsample paths) into that convolution; returns
+    how many. Decision: only sequences, where the convolution's output provably feeds the
+    BatchNorm alone; a module wiring them in ``forward`` folds its own pairs
+    (``fuse_for_inference``). For a model in eval mode that will not be trained again."""
+    folded = 0
+    for parent in list(module.modules()):
+        if not isinstance(parent, nn.Sequential):
+            continue
+        names = list(parent._modules)
+        for first, second in zip(names, names[1:]):
+            conv, bn = parent._modules[first], parent._modules[second]
+            if isinstance(conv, nn.Conv2d) and type(bn) is nn.BatchNorm2d and bn.track_running_stats:
+                fold_batchnorm(conv, bn)
+                parent._modules[second] = nn.Identity()
+                folded += 1
+    return folded
+
+
 class MaskAttention(nn.Module):
     """Multi-head attention from ``queries`` to ``tokens`` (eqs. 4.1-4.2) with separate q/k/v
     projections (with bias) and an output projection; optionally also returns the similarity
@@ -61,21 +94,17 @@ class MaskAttention(nn.Module):
         return_similarity: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``queries`` [B, Q, D], ``tokens`` [B, N, D] -> (output [B, Q, D], similarity [B, Q, N] or None)."""
-        q = self._heads(self.q_proj(queries))  # [B, h, Q, d]
-        k = self._heads(self.k_proj(tokens))  # [B, h, N, d]
+        q_flat, k_flat = self.q_proj(queries), self.k_proj(tokens)  # [B, Q, D], [B, N, D]
+        q, k = self._heads(q_flat), self._heads(k_flat)  # [B, h, Q, d], [B, h, N, d]
         v = self._heads(self.v_proj(tokens))  # [B, h, N, d]
         dropout = self.dropout if self.training else 0.0
         similarity = None
         if return_similarity:
-            logits = torch.matmul(q * self.head_dim ** -0.5, k.transpose(-2, -1))  # [B, h, Q, N]
-            similarity = logits.mean(dim=1)  # [B, Q, N]
-            if key_padding_mask is not None:
-                logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-            weights = F.dropout(logits.softmax(dim=-1), dropout, self.training)
-            out = torch.matmul(weights, v)  # [B, h, Q, d]
-        else:
-            attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # [B, 1, 1, N]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)  # [B, h, Q, d]
+            # the heads' mean of q_h·k_h / sqrt(d) is q·k / (h sqrt(d)) over the full width: one
+            # [Q, D] x [D, N] product instead of h per-head maps and their mean
+            similarity = torch.matmul(q_flat, k_flat.transpose(-2, -1)) * (self.head_dim ** -0.5 / self.num_heads)  # [B, Q, N]
+        attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # [B, 1, 1, N]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)  # [B, h, Q, d]
         out = out.transpose(1, 2).flatten(2)  # [B, Q, D]
         return self.out_proj(out), similarity
 

@@ -44,6 +44,10 @@ class ScoreMap:
         """The whole ``[B, K, H, W]`` tensor."""
         return self.rows(0, self.size[0])
 
+    def argmax_rows(self, start: int, stop: int) -> torch.Tensor:
+        """``rows(start, stop).argmax(1)``: labels ``[B, stop - start, W]`` (a map may know a cheaper way)."""
+        return self.rows(start, stop).argmax(1)
+
     def crop(self, height: int, width: int) -> "ScoreMap":
         """The top-left ``height × width`` of the map (padding removed)."""
         if (height, width) == tuple(self.size):
@@ -88,6 +92,46 @@ class UpsampledScores(ScoreMap):
     def crop(self, height: int, width: int) -> ScoreMap:
         return UpsampledScores(self.scores, self.extent, (height, width))
 
+    def argmax_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Labels of rows ``start:stop`` upsampling only the classes that can win there.
+
+        Each output row lies between two source rows ``a`` and ``b`` (after the width pass) and
+        its scores are ``(1 - t) a + t b``, so a class whose ``max(a, b)`` is below some class's
+        ``min(a, b)`` cannot be the arg-max anywhere between them. Per source-row pair and
+        column, the ``T`` classes of largest ``max(a, b)`` include every possible winner (``T`` =
+        the band's largest count of classes above that bound, with a relative slack of 1e-5 so
+        that near-ties from rounding stay in); only those are interpolated, in class order so that
+        ties go to the lower class as in ``argmax``. The same arithmetic as :meth:`rows` (width
+        pass, then the two vertical taps, element by element rather than as a matmul), so labels
+        agree with ``rows(...).argmax(1)`` up to float rounding between near-equal classes. When ``T`` exceeds a quarter of the classes
+        (flat scores), the dense band is cheaper and is used."""
+        in_height, out_w = int(self.scores.shape[-2]), self.extent[1]
+        if in_height == self.extent[0] or self.channels < 32:  # few classes: the dense band is as fast
+            return super().argmax_rows(start, stop)
+        first, last, index0, index1, weight1 = source_rows(in_height, self.extent[0], start, stop)
+        band = self.scores[:, :, first:last + 1].contiguous(memory_format=torch.channels_last)  # [B, K, m, w]
+        band = band if band.shape[-1] == out_w else _resize_width(band, out_w)  # [B, K, m, W]
+        band = band[..., : self.size[1]]
+        rows = band.permute(0, 2, 3, 1)  # [B, m, W, K], classes innermost (a view: the band is channels-last)
+        pairs, row_pair = torch.unique(torch.stack([index0, index1], 1), dim=0, return_inverse=True)  # [P, 2], [n]
+        top, bottom = rows.index_select(1, pairs[:, 0]), rows.index_select(1, pairs[:, 1])  # [B, P, W, K] each
+        upper = torch.maximum(top, bottom)
+        bound = torch.minimum(top, bottom).amax(-1, keepdim=True)  # [B, P, W, 1]: a winner's score is above it
+        bound = bound - 1e-5 * bound.abs()
+        count = int((upper >= bound).sum(-1).max())
+        if 4 * count > self.channels:
+            return super().argmax_rows(start, stop)
+        classes = upper.topk(count, dim=-1).indices.sort(dim=-1).values  # [B, P, W, T], ascending class ids
+        top, bottom = top.gather(-1, classes), bottom.gather(-1, classes)  # [B, P, W, T]
+        pair_rows = torch.cat([top, bottom], 1)  # [B, 2P, W, T]: the two rows of pair p at p and P + p
+        scores = vertical_taps(pair_rows, row_pair, row_pair + len(pairs), weight1)  # [B, n, W, T]
+        best, winner = scores[..., 0], torch.zeros(scores.shape[:-1], dtype=torch.long, device=scores.device)
+        for j in range(1, count):  # a running arg-max over the few candidates (first maximum wins, as argmax)
+            better = scores[..., j] > best
+            best = torch.where(better, scores[..., j], best)
+            winner.masked_fill_(better, j)
+        return classes.index_select(1, row_pair).gather(-1, winner.unsqueeze(-1)).squeeze(-1)  # [B, n, W] class ids
+
 
 class CroppedScores(ScoreMap):
     def __init__(self, inner: ScoreMap, height: int, width: int):
@@ -96,6 +140,9 @@ class CroppedScores(ScoreMap):
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         return self.inner.rows(start, stop)[..., : self.size[1]]
+
+    def argmax_rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.inner.argmax_rows(start, stop)[..., : self.size[1]]  # a pixel's arg-max ignores other columns
 
 
 class ResizedScores(ScoreMap):
@@ -163,15 +210,30 @@ def resize_rows(fetch: RowFetch, in_height: int, size: tuple[int, int], start: i
         band = fetch(start, stop)  # [B, C, n, w]
         return band if band.shape[-1] == out_w else _resize_width(band, out_w)
     first, last, index0, index1, weight1 = source_rows(in_height, out_h, start, stop)
-    band = fetch(first, last + 1)  # [B, C, m, w]
-    band = band if band.shape[-1] == out_w else _resize_width(band, out_w)  # [B, C, m, W]
-    # the vertical taps as a [n, m] matrix with two weights a row: a matmul is far faster on CPU than
-    # gathering rows (index_select along a middle axis), and m is small (about n / scale + 2)
-    taps = torch.zeros(stop - start, int(band.shape[2]), dtype=band.dtype)  # [n, m]
+    # classes innermost from here on ([B, C, m, w] stored as [B, m, w, C]): the small input rows are
+    # reordered once, the width pass keeps the order, and the band comes out with the classes
+    # contiguous, where the arg-max over them is a vectorised inner reduction (over the middle axis
+    # of a plain [B, C, n, W] tensor it is several times slower on CPU)
+    band = fetch(first, last + 1).contiguous(memory_format=torch.channels_last)  # [B, C, m, w]
+    band = band if band.shape[-1] == out_w else _resize_width(band, out_w)  # [B, C, m, W], classes innermost
+    batch, channels, m, _ = band.shape
+    # the vertical taps as a [n, m] matrix with two weights a row: one pass of a matmul, faster than
+    # gathering two rows per output row and blending them (several passes over a band of many classes)
+    taps = torch.zeros(stop - start, m, dtype=band.dtype)  # [n, m]
     rows = torch.arange(stop - start)
     taps.index_put_((rows, index0), (1 - weight1).to(band.dtype), accumulate=True)
     taps.index_put_((rows, index1), weight1.to(band.dtype), accumulate=True)
-    return torch.matmul(taps.to(band.device), band)  # [B, C, n, W]
+    flat = band.permute(0, 2, 3, 1).reshape(batch, m, out_w * channels)  # [B, m, W*C] (a view)
+    out = torch.matmul(taps.to(band.device), flat)  # [B, n, W*C]
+    return out.view(batch, stop - start, out_w, channels).permute(0, 3, 1, 2)  # [B, C, n, W], classes innermost
+
+
+def vertical_taps(rows: torch.Tensor, index0: torch.Tensor, index1: torch.Tensor, weight1: torch.Tensor) -> torch.Tensor:
+    """``rows[:, index0] * (1 - w) + rows[:, index1] * w`` for ``rows`` ``[B, m, W, C]`` -> ``[B, n, W, C]``
+    (the candidates' vertical pass in :meth:`UpsampledScores.argmax_rows`, where C is small)."""
+    weight = weight1.to(device=rows.device, dtype=rows.dtype).view(1, -1, 1, 1)  # [1, n, 1, 1]
+    out = rows.index_select(1, index0.to(rows.device)).mul_(1 - weight)
+    return out.add_(rows.index_select(1, index1.to(rows.device)).mul_(weight))
 
 
 def nearest_rows(fetch: RowFetch, in_height: int, size: tuple[int, int], start: int, stop: int) -> torch.Tensor:

@@ -1,16 +1,20 @@
 """Speed, memory and cost of models on one input shape (``segcli benchmark``).
 
 Each source is a recipe (random weights: ``pretrained`` cleared, nothing read from disk but the
-recipe) or a segcli checkpoint (its weights). What is timed is what ``predict`` runs: image ->
-labels through the engine (:func:`~segcli.engine.inference.infer_labels`: the recipe's test
-crop/stride in ``slide`` mode, no test-time resize or TTA), or with ``backbone_only`` the bare
-encoder. The models are timed round-robin, one call of each in turn, so that load from other
-processes hits all of them alike; the first call of each (the compile with ``compile``) is
+recipe) or a segcli checkpoint (its weights). What is timed is what ``predict`` runs: the model
+prepared for inference (:func:`~segcli.engine.inference.prepare_for_inference`), image -> labels
+through the engine (:func:`~segcli.engine.inference.infer_labels`: the recipe's test crop/stride
+in ``slide`` mode, no test-time resize or TTA), or with ``backbone_only`` the bare encoder. The
+models are timed round-robin, one call of each in turn, so that load from other processes hits
+all of them alike; the first call of each (the compile with ``compile``) is
 reported apart and never counted.
 
-Memory: on CUDA the peak allocated during a call beyond what was allocated before it; on CPU the
+Memory: one more call of each model after the timed ones (so that measuring never slows a timed
+call): on CUDA the peak allocated during the call beyond what was allocated before it; on CPU the
 growth of the resident set's high-water mark (Linux ``VmHWM``, reset through
-``/proc/self/clear_refs`` before each call), the largest over the timed calls.
+``/proc/self/clear_refs``) after the C heap's free pages were handed back
+(:func:`segcli.allocator.release_freed_memory`): the CLI keeps freed memory for reuse, which
+would otherwise hide a peak inside memory already resident.
 """
 from __future__ import annotations
 
@@ -25,11 +29,12 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
+from ..allocator import release_freed_memory
 from ..build import as_recipe, build_model, model_from_payload, pick_device, without_pretrained
 from ..engine.checkpoint import is_checkpoint_file, read_checkpoint
 from ..engine.evaluate import TestTimeModel
 from ..engine.flops import count_flops, count_params
-from ..engine.inference import infer_labels
+from ..engine.inference import infer_labels, prepare_for_inference
 from ..errors import SegcliError
 
 METRICS = ("latency_median_s", "latency_min_s", "throughput_ips", "peak_memory_mib", "gflops", "params_m")
@@ -44,7 +49,7 @@ class _Entry:
     gflops: float
     params_m: float
     times: list = dataclasses.field(default_factory=list)
-    peaks: list = dataclasses.field(default_factory=list)
+    peak: float | None = None
     first_call_s: float = 0.0
 
 
@@ -64,24 +69,27 @@ def benchmark(sources: list[str | Path], shape: tuple[int, int] | None = None, b
         torch.set_num_threads(threads)
     try:
         entries = [_prepare(src, shape, batch, dev, compile, backbone_only, mode, overrides) for src in sources]
-        total = len(entries) * (warmup + repeats)
+        total = len(entries) * (warmup + repeats + 1)  # + the memory call
         done = 0
         with torch.no_grad():
             for entry in entries:  # warm-up; the first call is timed apart (compilation with --compile)
                 for i in range(warmup):
-                    seconds, _ = _timed(entry.run, dev, compile and i == 0, entry.name)
+                    seconds = _timed(entry.run, dev, compile and i == 0, entry.name)
                     entry.first_call_s = seconds if i == 0 else entry.first_call_s
                     done += 1
                     if progress is not None:
                         progress(done, total)
             for _ in range(repeats):  # round-robin
                 for entry in entries:
-                    seconds, peak = _timed(entry.run, dev, False, entry.name)
-                    entry.times.append(seconds)
-                    entry.peaks.append(peak)
+                    entry.times.append(_timed(entry.run, dev, False, entry.name))
                     done += 1
                     if progress is not None:
                         progress(done, total)
+            for entry in entries:
+                entry.peak = _peak_memory(entry.run, dev)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
         rows = [_row(entry, batch) for entry in entries]
     finally:
         torch.set_num_threads(old_threads)
@@ -141,10 +149,12 @@ def _prepare(source, shape, batch, dev, compile, backbone_only, mode, overrides)
         if height % divisor or width % divisor:
             raise SegcliError(f"--backbone-only needs a shape divisible by {divisor}, got {height}x{width}", "--shape")
         gflops, params = count_flops(encoder, images[:1]), count_params(encoder)
+        prepare_for_inference(model)  # after counting: GFLOPs are of the model as built
         runner = torch.compile(encoder) if compile else encoder
         run = lambda: runner(images)  # noqa: E731
     else:
         gflops, params = count_flops(TestTimeModel(model, test, crop), images[:1]), count_params(model)
+        prepare_for_inference(model)
         if compile:  # the modules' forwards; the engine's band-by-band label loop stays eager
             for name in ("backbone", "decode_head"):
                 if isinstance(getattr(model, name, None), nn.Module):
@@ -176,9 +186,10 @@ def _prepare_onnx(source, shape, batch, dev, compile, backbone_only, mode) -> _E
     return _Entry(Path(source).name, "onnx", (int(height), int(width)), run, gflops, params)
 
 
-def _timed(fn, dev: torch.device, compiling: bool, name: str) -> tuple[float, float | None]:
-    """(wall seconds, peak memory MiB of the call or None) of one call of ``fn``."""
-    before = _memory_before(dev)
+def _timed(fn, dev: torch.device, compiling: bool, name: str) -> float:
+    """Wall seconds of one call of ``fn``."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     start = time.perf_counter()
     try:
         fn()
@@ -190,8 +201,14 @@ def _timed(fn, dev: torch.device, compiling: bool, name: str) -> tuple[float, fl
                           "run without --compile") from None
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    seconds = time.perf_counter() - start
-    return seconds, _memory_peak(dev, before)
+    return time.perf_counter() - start
+
+
+def _peak_memory(fn, dev: torch.device) -> float | None:
+    """Peak memory (MiB) of one call of ``fn`` beyond what was in use before it, or None."""
+    before = _memory_before(dev)
+    fn()
+    return _memory_peak(dev, before)
 
 
 def _memory_before(dev: torch.device):
@@ -199,6 +216,7 @@ def _memory_before(dev: torch.device):
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         return torch.cuda.memory_allocated(dev)
+    release_freed_memory()
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
         return _status_kib("VmRSS")
@@ -223,10 +241,9 @@ def _status_kib(field: str) -> int:
 
 def _row(entry: _Entry, batch: int) -> dict:
     median = statistics.median(entry.times)
-    peaks = [p for p in entry.peaks if p is not None]
     return {
         "name": entry.name, "source": entry.kind, "shape": list(entry.shape),
         "latency_median_s": median, "latency_min_s": min(entry.times), "throughput_ips": batch / median,
-        "peak_memory_mib": max(peaks) if peaks else None,
+        "peak_memory_mib": entry.peak,
         "gflops": entry.gflops, "params_m": entry.params_m, "first_call_s": entry.first_call_s,
     }

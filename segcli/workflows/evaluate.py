@@ -7,6 +7,7 @@ from typing import Callable
 from ..build import build_datasets, load_checkpoint, pick_device
 from ..engine.distributed import DistInfo
 from ..engine.evaluate import evaluate_model
+from ..engine.inference import prepare_for_inference
 from ..errors import SegcliError
 from .continual.metrics import cl_metrics
 from .continual.task_data import cl_eval_dataset
@@ -26,6 +27,8 @@ def evaluate(checkpoint: str | Path, recipe: str | Path | None = None, overrides
         raise SegcliError(f"limit {limit} evaluates no image", "--limit", "give N >= 1, or omit it for every image")
     dev = pick_device(device)
     loaded = load_checkpoint(checkpoint, recipe, overrides, dev)
+    if not flops:  # GFLOPs count the model as built (BatchNorms too), as `segcli flops` does
+        prepare_for_inference(loaded.model)
     (val_set,) = build_datasets(loaded.recipe, splits=("val",))
     val_set = cl_eval_dataset(loaded.meta, val_set)  # unchanged unless a continual-learning step
     if val_set.num_classes != loaded.meta["num_classes"]:

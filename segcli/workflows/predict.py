@@ -16,7 +16,7 @@ import torch
 from ..build import load_checkpoint, pick_device
 from ..data import read_image
 from ..data.transforms import image_batch
-from ..engine.inference import infer_labels
+from ..engine.inference import infer_labels, prepare_for_inference
 from ..errors import SegcliError
 from ..viz import colorize, overlay_image, save_png, with_legend
 from .export import load_onnx
@@ -113,6 +113,8 @@ def predict(inputs: list[str], checkpoint: str | Path, out_dir: str | Path = "pr
     dev = pick_device(device)
     onnx = Path(checkpoint).suffix.lower() == ".onnx"  # an exported file: onnxruntime (workflows/export.py)
     loaded = load_onnx(checkpoint) if onnx else load_checkpoint(checkpoint, device=dev)
+    if not onnx:
+        prepare_for_inference(loaded.model)
     files, failed = expand_inputs(inputs)
     result = PredictResult(failed=list(failed))
     out = Path(out_dir)

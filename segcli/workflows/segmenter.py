@@ -22,7 +22,7 @@ import torch
 from ..build import LoadedModel, load_checkpoint, pick_device
 from ..data import read_image
 from ..data.transforms import image_batch
-from ..engine.inference import infer, infer_labels
+from ..engine.inference import infer, infer_labels, prepare_for_inference
 from ..errors import SegcliError
 
 Image = np.ndarray | str | Path
@@ -34,6 +34,7 @@ class Segmenter:
     def __init__(self, checkpoint: str | Path, device: str | None = None):
         self.device = pick_device(device)
         self.loaded: LoadedModel = load_checkpoint(checkpoint, device=self.device)
+        prepare_for_inference(self.loaded.model)
 
     @property
     def classes(self) -> list[str]:

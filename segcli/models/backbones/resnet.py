@@ -47,7 +47,7 @@ from torch import nn
 
 from ...errors import SegcliError, did_you_mean
 from ...registry import BACKBONES
-from ..layers import ConvBNReLU, SeparableConvBNReLU
+from ..layers import ConvBNReLU, SeparableConvBNReLU, fold_batchnorm, fold_batchnorms
 from ..base import Backbone
 from .weights import load_state_dict_file
 
@@ -176,6 +176,10 @@ class ResNetBackbone(Backbone):
                                       output_stride=cfg.output_stride, **stem)
         channels = list(self.body.feature_info.channels())
         self.out_strides = tuple(self.body.feature_info.reduction())
+        # channels-last: the layout oneDNN's CPU convolutions, BatchNorm and pooling run natively (an
+        # NCHW tensor is reordered at every layer; max-pooling NCHW is an order of magnitude slower),
+        # in training and inference alike; the ASPP stays NCHW (see forward)
+        self.body.to(memory_format=torch.channels_last)
         self.aspp = ASPP(channels[-1], cfg.aspp_channels, cfg.aspp_dilations) if cfg.aspp else None
         if self.aspp is not None:
             channels[-1] = cfg.aspp_channels
@@ -184,10 +188,30 @@ class ResNetBackbone(Backbone):
             state = checkpoint_filter_fn(read_timm_weights(cfg.pretrained))
             load_timm_weights(self.body, state, cfg.name, str(cfg.pretrained))
 
+    def fuse_for_inference(self) -> None:
+        """Inference-only rewrite (eval mode, never trained again): each BatchNorm folded into the
+        convolution before it. The pairs in timm's ResNet blocks are ``convN -> bnN`` (a deep
+        stem's ``conv1`` is a sequence whose last convolution feeds ``bn1``); the ASPP and
+        downsample paths are sequences (:func:`fold_batchnorms`)."""
+        fold_batchnorms(self)
+        for block in self.body.modules():
+            for name, child in list(block.named_children()):
+                if not (name.startswith("bn") and type(child) is nn.BatchNorm2d and child.track_running_stats):
+                    continue
+                conv = getattr(block, "conv" + name[2:], None)
+                if isinstance(conv, nn.Sequential):
+                    conv = conv[-1]
+                if isinstance(conv, nn.Conv2d):
+                    fold_batchnorm(conv, child)
+                    setattr(block, name, nn.Identity())
+
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        images = images.contiguous(memory_format=torch.channels_last)
         features = list(self.body(images))  # [B, C_i, ceil(H/s_i), ceil(W/s_i)] per level
         if self.aspp is not None:
-            features[-1] = self.aspp(features[-1])  # [B, aspp_channels, H/32, W/32]
+            # the ASPP stays NCHW: its dilated depthwise convolutions on a small map run several
+            # times slower channels-last
+            features[-1] = self.aspp(features[-1].contiguous())  # [B, aspp_channels, H/32, W/32]
         return features
 
     def no_weight_decay_names(self) -> set[str]:

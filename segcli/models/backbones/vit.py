@@ -219,7 +219,9 @@ class ViTBackbone(Backbone):
     def _patch_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         x = self.vit.patch_embed.proj(images)  # [B, C, h, w]
         grid = (x.shape[2], x.shape[3])
-        x = x.flatten(2).transpose(1, 2)  # [B, h*w, C]
+        # [B, h*w, C], made contiguous: a transposed view would pass its strides on through every
+        # residual add, and each LayerNorm of every block would copy it again (timm's PatchEmbed does)
+        x = x.flatten(2).transpose(1, 2).contiguous()
         x = self.vit.patch_embed.norm(x)
         pos = getattr(self.vit, "pos_embed", None)
         if pos is not None:

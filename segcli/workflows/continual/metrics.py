@@ -10,6 +10,7 @@ import torch
 from ...build import build_datasets, load_checkpoint
 from ...engine.checkpoint import read_checkpoint
 from ...engine.evaluate import evaluate_model
+from ...engine.inference import prepare_for_inference
 from ...errors import SegcliError
 from .protocol import Tasks, seen_classes
 from .step_file import STEP_FILE, per_class_acc, per_class_iou, read_step_file, write_step_file
@@ -32,6 +33,7 @@ def _step_scores(root: Path, tasks: Tasks, step: int, device, progress) -> tuple
     if recorded is not None:
         return recorded[0], recorded[1], STEP_FILE
     loaded = load_checkpoint(checkpoint, device=device)
+    prepare_for_inference(loaded.model)
     info = loaded.meta.get("cl") or {}
     if tuple(tuple(t) for t in info.get("tasks", ())) != tasks or int(info.get("task", -1)) != step:
         return None, None, f"{checkpoint} is not step {step} of this protocol"
