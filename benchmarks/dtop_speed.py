@@ -5,7 +5,8 @@ recipes/tiny/dtop.yaml``, or a DToP@Finetune one), sets it to ``--p0`` and to ``
 unpruned model: same weights, no grading) with :func:`segcli.workflows.prune.prune_checkpoint` and, on the
 validation images of its recipe, times in one run:
 
-* the unpruned model and the pruned one at batch 1 and batch 8 (``--batch-sizes``): the whole
+* image -> labels as ``predict`` runs it (the engine's label path, whole image), for
+  the unpruned model and the pruned one at batch 1 and batch 8 (``--batch-sizes``): the whole
   validation set in batches, ``--repeats`` times after one warm-up; min and median seconds
   (min is the robust figure on a shared machine: other processes only ever add time);
 * at batch 8, the released code's strategy for comparison: the pruned model run image by image;
@@ -29,6 +30,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from segcli.api import build_datasets, load_checkpoint  # noqa: E402
 from segcli.engine.flops import count_flops  # noqa: E402
+from segcli.engine.inference import infer_labels  # noqa: E402
 from segcli.models.tokens import select_tokens  # noqa: E402
 from segcli.workflows.prune import gflops_split, prune_checkpoint  # noqa: E402
 
@@ -45,11 +48,19 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from timing import timed  # noqa: E402
 
 
+WHOLE = SimpleNamespace(mode="whole", crop_size=None, stride=None, scale=None, scales=(1.0,), flip=False)
+
+
+def labels(model, images: torch.Tensor) -> torch.Tensor:
+    """What ``predict`` runs: image -> labels through the engine's label path (whole image)."""
+    return infer_labels(model, images, WHOLE, tuple(images.shape[-2:]))
+
+
 def over_set(model, images: torch.Tensor, batch: int):
     def run():
         with torch.no_grad():
             for start in range(0, len(images), batch):
-                model(images[start:start + batch])
+                labels(model, images[start:start + batch])
     return run
 
 
@@ -59,7 +70,7 @@ def image_by_image(model, images: torch.Tensor, batch: int):
         with torch.no_grad():
             for start in range(0, len(images), batch):
                 for image in images[start:start + batch]:
-                    model(image[None])
+                    labels(model, image[None])
     return run
 
 

@@ -26,7 +26,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Dataset utilities.")
 app.add_typer(data_app, name="data")
 
-SetOpt = typer.Option(None, "--set", "-s", help="Override a recipe key: --set train.max_iters=100 (repeatable).")
+SetOpt = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help="Override a recipe key: --set train.max_iters=100 (repeatable).")
 DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda if available)."
 
 

@@ -78,3 +78,30 @@ def test_compile_without_a_compiler_is_a_user_error(monkeypatch):
     monkeypatch.setattr("segcli.workflows.benchmark.shutil.which", lambda name: None)
     with pytest.raises(SegcliError, match="C\\+\\+ compiler"):
         api.benchmark([SEGVIT], shape=(32, 32), compile=True, device="cpu", overrides=TINY[1::2])
+
+
+def test_allocator_setting_applies_on_glibc_and_can_be_turned_off(monkeypatch):
+    import platform
+
+    from segcli import allocator
+
+    monkeypatch.setenv(allocator.OPT_OUT_ENV, "system")
+    assert allocator.retain_freed_memory() is False  # opted out: glibc's defaults stay
+    monkeypatch.delenv(allocator.OPT_OUT_ENV)
+    applied = allocator.retain_freed_memory()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert applied is True
+    allocator.release_freed_memory()  # never raises, glibc or not
+
+
+def test_peak_memory_is_measured_after_freed_memory_is_retained():
+    """With freed blocks kept in the heap, a later call's peak must still show (free pages handed back first)."""
+    import platform
+
+    from segcli import allocator
+
+    if platform.system() != "Linux":
+        pytest.skip("the CPU peak reads /proc/self/status")
+    allocator.retain_freed_memory()
+    result = api.benchmark([SEGVIT], shape=(256, 256), repeats=1, warmup=1, overrides=TINY[1::2])
+    assert result["models"][0]["peak_memory_mib"] > 1  # scores of 256² alone are several MiB

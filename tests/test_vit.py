@@ -138,3 +138,40 @@ def test_padded_batch_equals_each_image_alone():
         pos = keep[b].nonzero()[:, 0]
         alone = backbone.run_block(0, tokens[b:b + 1, pos], (4, 4), positions=pos[None])
         assert torch.allclose(out[b, : len(pos)], alone[0], atol=1e-4)
+
+
+def test_ragged_per_token_layers_equal_the_padded_block(monkeypatch):
+    """Above the padding share the norms/projections/MLP run on the real tokens only: same result."""
+    import segcli.models.backbones.vit as vit
+
+    torch.manual_seed(0)
+    backbone = ViTBackbone(_cfg()).eval()
+    tokens = torch.randn(3, 16, 192)
+    pad = torch.zeros(3, 16, dtype=torch.bool)
+    pad[0, 12:], pad[1, 5:] = True, True  # 11 of 48 slots padded
+    with torch.no_grad():
+        monkeypatch.setattr(vit, "RAGGED_MIN_PADDING", 2.0)  # never ragged
+        dense = block_forward(backbone.blocks[0], tokens, (4, 4), key_padding_mask=pad)
+        monkeypatch.setattr(vit, "RAGGED_MIN_PADDING", 0.0)  # always
+        ragged = block_forward(backbone.blocks[0], tokens, (4, 4), key_padding_mask=pad)
+    assert ragged.shape == dense.shape
+    torch.testing.assert_close(ragged[~pad], dense[~pad], rtol=1e-5, atol=1e-5)
+    assert not ragged[pad].any()  # padding slots are zero, never read
+
+
+def test_ragged_attention_falls_back_to_the_mask_for_padding_inside_a_row(monkeypatch):
+    import segcli.models.backbones.vit as vit
+
+    torch.manual_seed(0)
+    backbone = ViTBackbone(_cfg()).eval()
+    tokens = torch.randn(2, 16, 192)
+    pad = torch.zeros(2, 16, dtype=torch.bool)
+    pad[0, 3:7] = True  # not at the end of the row: no per-image split
+    pad[1, 10:] = True
+    assert vit._front_packed_lengths(pad) is None
+    with torch.no_grad():
+        monkeypatch.setattr(vit, "RAGGED_MIN_PADDING", 2.0)
+        dense = block_forward(backbone.blocks[0], tokens, (4, 4), key_padding_mask=pad)
+        monkeypatch.setattr(vit, "RAGGED_MIN_PADDING", 0.0)
+        ragged = block_forward(backbone.blocks[0], tokens, (4, 4), key_padding_mask=pad)
+    torch.testing.assert_close(ragged[~pad], dense[~pad], rtol=1e-5, atol=1e-5)

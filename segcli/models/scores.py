@@ -183,6 +183,7 @@ def resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> to
     """Bilinear resize without corner alignment (MMSegmentation's convention); no-op if equal."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
+    x = x.contiguous()  # NCHW: ATen's channels-last 2-D bilinear upsampling is an order of magnitude slower on CPU
     if mode == "nearest":
         return F.interpolate(x, size=size, mode="nearest")
     return F.interpolate(x, size=size, mode=mode, align_corners=False)

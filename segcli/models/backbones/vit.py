@@ -65,14 +65,9 @@ def _qkv(attn: nn.Module, x: torch.Tensor, query_index: torch.Tensor | None = No
     ``[B, heads, Nq, d]``): QD's saving starts at the query projection, as in the released code.
     """
     batch, num_tokens, _ = x.shape
-    if getattr(attn, "q_bias", None) is not None:  # BEiT: q and v biases, zero k bias
-        bias = torch.cat((attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias))
-    else:
-        bias = attn.qkv.bias
+    bias = _qkv_bias(attn)
     if query_index is None:
-        qkv = F.linear(x, attn.qkv.weight, bias)
-        qkv = qkv.reshape(batch, num_tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)  # [3, B, h, N, d]
-        q, k, v = qkv.unbind(0)
+        return _split_qkv(attn, F.linear(x, attn.qkv.weight, bias))
     else:
         width = attn.qkv.weight.shape[0] // 3
         x_query = torch.gather(x, 1, query_index[..., None].expand(-1, -1, x.shape[-1]))  # [B, Nq, C]
@@ -84,6 +79,24 @@ def _qkv(attn: nn.Module, x: torch.Tensor, query_index: torch.Tensor | None = No
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
     return q, k, v
+
+
+def _qkv_bias(attn: nn.Module) -> torch.Tensor | None:
+    if getattr(attn, "q_bias", None) is not None:  # BEiT: q and v biases, zero k bias
+        return torch.cat((attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias))
+    return attn.qkv.bias
+
+
+def _split_qkv(attn: nn.Module, qkv: torch.Tensor):
+    """``[B, N, 3C]`` projections -> q, k, v ``[B, heads, N, d]`` (q/k norms applied where the model has them)."""
+    batch, num_tokens, _ = qkv.shape
+    q, k, v = qkv.reshape(batch, num_tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, N, d] each
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return q, k, v
+
+
+RAGGED_MIN_PADDING = 0.1  # padded share of a batch above which the per-token layers skip the padding
 
 
 def rel_pos_bias(attn: nn.Module, grid: tuple[int, int]) -> torch.Tensor:
@@ -113,15 +126,36 @@ def block_forward(
 ) -> torch.Tensor:
     """One pre-norm transformer block on ``tokens`` [B, N, C].
 
-    ``key_padding_mask`` [B, N] (True = padding) hides padded tokens from attention.
+    ``key_padding_mask`` [B, N] (True = padding) hides padded tokens from attention. In eval
+    mode, when a tenth or more of the slots are padding (DToP batches whose images kept different token
+    counts), the per-token layers (norms, qkv, output projection, MLP) run on the real tokens
+    only, gathered into one ``[T, C]`` matrix; attention then runs image by image on each one's
+    own tokens when the padding is at the end of each row (``select_tokens``' layout) and there is
+    no relative position bias, else on the padded ``[B, N]`` layout with the mask. Padding slots
+    of the output are zero then (they are never read: the mask hides them).
     ``positions`` [B, N] are the tokens' flat grid indices (needed for relative position bias
     when the tokens are a subset of the grid). ``query_index`` [B, Nq] selects the tokens that
     act as queries (Shrunk's QD); the output then has Nq tokens and the residual is taken from
     those tokens.
     """
     attn = block.attn
-    q, k, v = _qkv(attn, block.norm1(tokens), query_index)  # q [B, h, Nq, d], k/v [B, h, N, d]
-    residual = tokens
+    batch, num_tokens, width = tokens.shape
+    real = None  # ragged: the flat indices [T] of the real (unpadded) tokens
+    # inference only: in training, drop-path on a [T, C] matrix would drop tokens, not samples
+    if key_padding_mask is not None and query_index is None and not block.training and \
+            float(key_padding_mask.float().mean()) >= RAGGED_MIN_PADDING:
+        real = (~key_padding_mask).flatten().nonzero().squeeze(1)  # [T]
+        residual = tokens.reshape(-1, width).index_select(0, real)  # [T, C]
+        projected = F.linear(block.norm1(residual), attn.qkv.weight, _qkv_bias(attn))  # [T, 3C]
+        lengths = _front_packed_lengths(key_padding_mask)
+        if lengths is not None and getattr(attn, "relative_position_bias_table", None) is None:
+            out = _attention_per_image(attn, projected, lengths)  # [T, C]
+            return _block_tail(block, attn, residual, out, real, batch, num_tokens)
+        padded = projected.new_zeros(batch * num_tokens, projected.shape[-1]).index_copy_(0, real, projected)
+        q, k, v = _split_qkv(attn, padded.view(batch, num_tokens, -1))  # [B, h, N, d] each, padding zero
+    else:
+        q, k, v = _qkv(attn, block.norm1(tokens), query_index)  # q [B, h, Nq, d], k/v [B, h, N, d]
+        residual = tokens
     q_positions = positions
     if query_index is not None:
         residual = torch.gather(tokens, 1, query_index[..., None].expand(-1, -1, tokens.shape[-1]))  # [B, Nq, C]
@@ -144,16 +178,51 @@ def block_forward(
     dropout = attn.attn_drop.p if attn.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)  # [B, h, Nq, d]
     out = out.transpose(1, 2).flatten(2)  # [B, Nq, h*d]
+    if real is not None:
+        out = out.reshape(-1, out.shape[-1]).index_select(0, real)  # [T, h*d]
+    return _block_tail(block, attn, residual, out, real, batch, num_tokens)
+
+
+def _front_packed_lengths(key_padding_mask: torch.Tensor) -> list[int] | None:
+    """Each row's real-token count if every row's padding is at its end (``select_tokens``' layout), else None."""
+    counts = (~key_padding_mask).sum(1)  # [B]
+    slots = torch.arange(key_padding_mask.shape[1], device=key_padding_mask.device)
+    if not torch.equal(key_padding_mask, slots[None, :] >= counts[:, None]):
+        return None
+    return counts.tolist()
+
+
+def _attention_per_image(attn: nn.Module, projected: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Attention of each image's own tokens alone: ``projected`` [T, 3C] (images one after the
+    other, ``lengths`` tokens each) -> [T, C]. No padding and no mask: a masked SDPA call on a
+    padded batch costs the padding and runs slower per element on CPU."""
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    outs = []
+    for part in projected.split(lengths):  # [m, 3C] per image
+        if part.shape[0] == 0:
+            outs.append(part[:, : part.shape[1] // 3])
+            continue
+        q, k, v = _split_qkv(attn, part[None])  # [1, h, m, d] each
+        outs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)[0].transpose(0, 1).flatten(1))  # [m, C]
+    return torch.cat(outs)
+
+
+def _block_tail(block, attn, residual, out, real, batch: int, num_tokens: int) -> torch.Tensor:
+    """Output projection, residuals, MLP; ``real`` set: rows are the real tokens, scattered back to [B, N, C]."""
     if hasattr(attn, "norm"):
         out = attn.norm(out)
     out = attn.proj_drop(attn.proj(out))
     if getattr(block, "gamma_1", None) is not None:  # BEiT layer scale
         x = residual + block.drop_path1(block.gamma_1 * out)
-        return x + block.drop_path2(block.gamma_2 * block.mlp(block.norm2(x)))
-    ls1 = getattr(block, "ls1", nn.Identity())
-    ls2 = getattr(block, "ls2", nn.Identity())
-    x = residual + block.drop_path1(ls1(out))
-    return x + block.drop_path2(ls2(block.mlp(block.norm2(x))))
+        x = x + block.drop_path2(block.gamma_2 * block.mlp(block.norm2(x)))
+    else:
+        ls1 = getattr(block, "ls1", nn.Identity())
+        ls2 = getattr(block, "ls2", nn.Identity())
+        x = residual + block.drop_path1(ls1(out))
+        x = x + block.drop_path2(ls2(block.mlp(block.norm2(x))))
+    if real is not None:  # back to [B, N, C]; padding slots are zero
+        x = x.new_zeros(batch * num_tokens, x.shape[-1]).index_copy_(0, real, x).view(batch, num_tokens, -1)
+    return x
 
 
 class ViTBackbone(Backbone):
