@@ -28,6 +28,7 @@ app.add_typer(data_app, name="data")
 
 SetOpt = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help="Override a recipe key: --set train.max_iters=100 (repeatable).")
 DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda if available)."
+COMPILE_HELP = "torch.compile the backbone and head first (the first image pays the compilation; pays off over many images of one size)."
 
 
 def _console(stderr: bool = False) -> Console:
@@ -243,13 +244,14 @@ def eval_(
     trimap: Optional[int] = typer.Option(None, "--trimap", help="Add trimap_mIoU within W px of GT boundaries."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate the first N images only."),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    compile_: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
 ):
     """Evaluate a checkpoint on its dataset's validation split."""
     from . import api
 
     console = _console(stderr=json_out)
     metrics = _guard(ctx, api.evaluate, checkpoint, recipe=recipe, overrides=set_ or [], device=device,
-                     trimap=trimap, flops=flops, limit=limit)
+                     trimap=trimap, flops=flops, limit=limit, compile=compile_)
     if json_out:
         typer.echo(json.dumps(metrics))
         return
@@ -273,6 +275,7 @@ def predict(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace predictions of an earlier run in --out (never an input)."),
     json_out: bool = typer.Option(False, "--json", help="Print {\"written\", \"failed\"} as JSON on stdout."),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    compile_: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
 ):
     """Segment images; writes <stem>.png (class ids) and <stem>_color.png to --out."""
     from . import api, zoo
@@ -282,7 +285,7 @@ def predict(
             raise SegcliError("give exactly one of --checkpoint or --model", "predict")
         path = checkpoint if checkpoint is not None else zoo.resolve(model)
         return api.predict(list(inputs), path, out_dir=out, overlay=overlay, device=device, show_pruning=show_pruning,
-                           overwrite=overwrite, opacity=opacity)
+                           overwrite=overwrite, opacity=opacity, compile=compile_)
 
     result = _guard(ctx, run)
     if json_out:

@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO, tiny_overrides
 
 from segcli.cli import app
+from segcli.errors import SegcliError
 
 SETR = REPO / "recipes" / "tiny" / "setr.yaml"
 COMMANDS = [c.name or c.callback.__name__ for c in app.registered_commands]
@@ -86,3 +87,30 @@ def test_bad_numbers_exit_2_naming_the_flag(cli, setr_run):
     assert res.exit_code == 0 and json.loads(res.stdout)["gflops"] > 0
     res = cli("train", work / "best.pt")
     assert res.exit_code == 2 and "is it a checkpoint?" in res.output
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_compile_without_a_compiler_is_one_line_before_anything_is_written(cli, command, setr_run, synth_root,
+                                                                           tmp_path, monkeypatch):
+    import shutil
+
+    work, _ = setr_run
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    out = tmp_path / "preds"
+    image = next((synth_root / "images" / "val").iterdir())
+    args = [work / "best.pt", "--compile"] if command == "eval" else \
+        [image, "--checkpoint", work / "best.pt", "--out", out, "--compile"]
+    res = cli(command, *args)
+    assert res.exit_code == 2 and "C++ compiler" in res.output
+    assert not out.exists()
+
+
+def test_eval_with_compile_gives_the_eager_metrics(setr_run):
+    from segcli import api
+
+    work, _ = setr_run
+    eager = api.evaluate(work / "best.pt", limit=2, device="cpu")
+    compiled = api.evaluate(work / "best.pt", limit=2, device="cpu", compile=True)
+    assert compiled["mIoU"] == pytest.approx(eager["mIoU"], rel=1e-3)
+    with pytest.raises(SegcliError, match="--flops"):
+        api.evaluate(work / "best.pt", limit=1, compile=True, flops=True)

@@ -20,11 +20,13 @@ Two entry points compute the same thing:
 from __future__ import annotations
 
 import math
+import shutil
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import SegcliError
 from ..models.base import resize
 from ..models.layers import fold_batchnorms
 from ..models.scores import DenseScores, ResizedScores, ScoreMap
@@ -44,6 +46,34 @@ def prepare_for_inference(model: nn.Module) -> nn.Module:
         if callable(fuse):
             fuse()
     return model
+
+
+def compile_for_inference(model: nn.Module, device: torch.device) -> nn.Module:
+    """``torch.compile`` the segmentor's ``backbone`` and ``decode_head`` in place (``--compile`` of
+    ``benchmark``, ``eval``, ``predict``); the engine's band-by-band label loop stays eager.
+
+    Decision: opt-in. On CPU the first call compiles for tens of seconds to minutes (per new input
+    shape; images of several sizes recompile), which a few images never win back; a long ``eval``
+    at one size (slide windows, or a fixed-size dataset) does. Without a C++ compiler on CPU it
+    fails at once, in one line; a compilation error on the first call becomes a
+    :class:`SegcliError` through :func:`compile_failure`."""
+    if device.type == "cpu" and not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
+        raise SegcliError("torch.compile needs a C++ compiler on CPU and none was found", "--compile",
+                          "install g++ (or clang++), or run without --compile")
+    for name in ("backbone", "decode_head"):
+        if isinstance(getattr(model, name, None), nn.Module):
+            setattr(model, name, torch.compile(getattr(model, name)))
+    return model
+
+
+def compile_failure(err: Exception) -> SegcliError | None:
+    """The one-line error for a ``torch.compile`` failure (surfacing on the first call), else None."""
+    dynamo = getattr(getattr(torch, "_dynamo", None), "exc", None)
+    base = getattr(dynamo, "TorchDynamoException", None)
+    if base is None or not isinstance(err, base):
+        return None
+    reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    return SegcliError(f"torch.compile failed: {reason}", "--compile", "run without --compile")
 
 
 BAND_BYTES = 32 << 20  # a band of float32 scores [B, K, rows, W] is at most this big (or one row)

@@ -20,21 +20,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import statistics
 import time
 from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from torch import nn
 
 from ..allocator import release_freed_memory
 from ..build import as_recipe, build_model, model_from_payload, pick_device, without_pretrained
 from ..engine.checkpoint import is_checkpoint_file, read_checkpoint
 from ..engine.evaluate import TestTimeModel
 from ..engine.flops import count_flops, count_params
-from ..engine.inference import infer_labels, prepare_for_inference
+from ..engine.inference import compile_for_inference, infer_labels, prepare_for_inference
 from ..errors import SegcliError
 
 METRICS = ("latency_median_s", "latency_min_s", "throughput_ips", "peak_memory_mib", "gflops", "params_m")
@@ -62,8 +60,6 @@ def benchmark(sources: list[str | Path], shape: tuple[int, int] | None = None, b
     (schema in the README)."""
     _check(sources, shape, batch, threads, repeats, warmup, mode)
     dev = pick_device(device)
-    if compile:
-        _check_compiler(dev)
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -122,12 +118,6 @@ def _check(sources, shape, batch, threads, repeats, warmup, mode) -> None:
             raise SegcliError(f"no such file: {source}", "benchmark", "give a recipe YAML or a segcli checkpoint")
 
 
-def _check_compiler(dev: torch.device) -> None:
-    if dev.type == "cpu" and not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
-        raise SegcliError("torch.compile needs a C++ compiler on CPU and none was found", "--compile",
-                          "install g++ (or clang++), or run without --compile")
-
-
 def _prepare(source, shape, batch, dev, compile, backbone_only, mode, overrides) -> _Entry:
     if Path(source).suffix.lower() == ".onnx":
         return _prepare_onnx(source, shape, batch, dev, compile, backbone_only, mode)
@@ -150,15 +140,13 @@ def _prepare(source, shape, batch, dev, compile, backbone_only, mode, overrides)
             raise SegcliError(f"--backbone-only needs a shape divisible by {divisor}, got {height}x{width}", "--shape")
         gflops, params = count_flops(encoder, images[:1]), count_params(encoder)
         prepare_for_inference(model)  # after counting: GFLOPs are of the model as built
-        runner = torch.compile(encoder) if compile else encoder
+        runner = compile_for_inference(model, dev).backbone if compile else encoder
         run = lambda: runner(images)  # noqa: E731
     else:
         gflops, params = count_flops(TestTimeModel(model, test, crop), images[:1]), count_params(model)
         prepare_for_inference(model)
         if compile:  # the modules' forwards; the engine's band-by-band label loop stays eager
-            for name in ("backbone", "decode_head"):
-                if isinstance(getattr(model, name, None), nn.Module):
-                    setattr(model, name, torch.compile(getattr(model, name)))
+            compile_for_inference(model, dev)
         run = lambda: infer_labels(model, images, test, crop)  # noqa: E731
     return _Entry(Path(source).stem, kind, (int(height), int(width)), run, gflops, params)
 

@@ -16,7 +16,7 @@ import torch
 from ..build import load_checkpoint, pick_device
 from ..data import read_image
 from ..data.transforms import image_batch
-from ..engine.inference import infer_labels, prepare_for_inference
+from ..engine.inference import compile_failure, compile_for_inference, infer_labels, prepare_for_inference
 from ..errors import SegcliError
 from ..viz import colorize, overlay_image, save_png, with_legend
 from .export import load_onnx
@@ -99,7 +99,8 @@ def check_outputs(files: list[Path], outputs: list[Path], overwrite: bool) -> No
 
 def predict(inputs: list[str], checkpoint: str | Path, out_dir: str | Path = "predictions", overlay: bool = False,
             device: str | None = None, progress: Callable[[int, int], None] | None = None,
-            show_pruning: bool = False, overwrite: bool = False, opacity: float = 0.5) -> PredictResult:
+            show_pruning: bool = False, overwrite: bool = False, opacity: float = 0.5,
+            compile: bool = False) -> PredictResult:
     """Label PNGs (``<stem>.png``, class ids) and colour PNGs (``<stem>_color.png``, pixel-aligned with
     the image); with ``overlay``, ``<stem>_overlay.png``: the image blended with the colours at
     ``opacity`` (0 = image only, 1 = colours only), with a legend of the classes present beside it.
@@ -113,8 +114,12 @@ def predict(inputs: list[str], checkpoint: str | Path, out_dir: str | Path = "pr
     dev = pick_device(device)
     onnx = Path(checkpoint).suffix.lower() == ".onnx"  # an exported file: onnxruntime (workflows/export.py)
     loaded = load_onnx(checkpoint) if onnx else load_checkpoint(checkpoint, device=dev)
+    if compile and onnx:
+        raise SegcliError("--compile applies to PyTorch checkpoints, not to an ONNX file", str(checkpoint))
     if not onnx:
         prepare_for_inference(loaded.model)
+    if compile:  # torch.compile of backbone and head (engine/inference.py: worth it for many images of one size)
+        compile_for_inference(loaded.model, dev)
     files, failed = expand_inputs(inputs)
     result = PredictResult(failed=list(failed))
     out = Path(out_dir)
@@ -131,7 +136,13 @@ def predict(inputs: list[str], checkpoint: str | Path, out_dir: str | Path = "pr
             continue
         tensor = image_batch(image, loaded.recipe.data.mean, loaded.recipe.data.std)  # [1, 3, H, W]
         with torch.no_grad():
-            labels = infer_labels(loaded.model, tensor.to(dev), loaded.recipe.test, loaded.recipe.data.crop_size)
+            try:
+                labels = infer_labels(loaded.model, tensor.to(dev), loaded.recipe.test, loaded.recipe.data.crop_size)
+            except Exception as err:  # a torch.compile failure surfaces on the first image
+                failure = compile_failure(err) if compile else None
+                if failure is None:
+                    raise
+                raise failure from None
         pred = labels[0].cpu().numpy()
         label_dtype = np.uint8 if loaded.meta["num_classes"] <= 255 else np.uint16
         save_png(out / f"{stem}.png", pred.astype(label_dtype))
