@@ -75,7 +75,7 @@ def test_bad_input_is_one_line_and_exit_2(cli, args, message):
 
 
 def test_compile_without_a_compiler_is_a_user_error(monkeypatch):
-    monkeypatch.setattr("segcli.workflows.benchmark.shutil.which", lambda name: None)
+    monkeypatch.setattr("segcli.engine.inference.shutil.which", lambda name: None)
     with pytest.raises(SegcliError, match="C\\+\\+ compiler"):
         api.benchmark([SEGVIT], shape=(32, 32), compile=True, device="cpu", overrides=TINY[1::2])
 
