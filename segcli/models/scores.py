@@ -103,10 +103,11 @@ class UpsampledScores(ScoreMap):
         that near-ties from rounding stay in); only those are interpolated, in class order so that
         ties go to the lower class as in ``argmax``. The same arithmetic as :meth:`rows` (width
         pass, then the two vertical taps, element by element rather than as a matmul), so labels
-        agree with ``rows(...).argmax(1)`` up to float rounding between near-equal classes. When ``T`` exceeds a quarter of the classes
-        (flat scores), the dense band is cheaper and is used."""
+        agree with ``rows(...).argmax(1)`` up to float rounding between near-equal classes. When
+        ``T`` exceeds a quarter of the classes (flat scores), the dense band is cheaper and is
+        used; so is it below 32 classes, where the dense band is as fast."""
         in_height, out_w = int(self.scores.shape[-2]), self.extent[1]
-        if in_height == self.extent[0] or self.channels < 32:  # few classes: the dense band is as fast
+        if in_height == self.extent[0] or self.channels < 32:
             return super().argmax_rows(start, stop)
         first, last, index0, index1, weight1 = source_rows(in_height, self.extent[0], start, stop)
         band = self.scores[:, :, first:last + 1].contiguous(memory_format=torch.channels_last)  # [B, K, m, w]
