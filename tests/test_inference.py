@@ -156,3 +156,20 @@ def test_pruned_label_rows_equal_the_dense_argmax(classes, low, size, peaked):
         assert got.shape == (2, stop - start, size[1])
         assert torch.equal(got, dense[:, start:stop])
     assert torch.equal(labels_of(lazy, band_bytes=1 << 16), dense)  # small bands: many band edges
+
+
+def test_compile_failures_become_one_line_errors_only_when_compiled():
+    from torch._dynamo.exc import TorchDynamoException
+
+    from segcli.engine.inference import compile_failures_reported
+    from segcli.errors import SegcliError
+
+    with pytest.raises(SegcliError, match="torch.compile failed: no backend"):
+        with compile_failures_reported(True):
+            raise TorchDynamoException("no backend\nlong trace")
+    with pytest.raises(TorchDynamoException):  # not compiled: left as it is
+        with compile_failures_reported(False):
+            raise TorchDynamoException("no backend")
+    with pytest.raises(ValueError):  # not a compile failure
+        with compile_failures_reported(True):
+            raise ValueError("bad input")

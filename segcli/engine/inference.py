@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ from ..errors import SegcliError
 from ..models.base import resize
 from ..models.layers import fold_batchnorms
 from ..models.scores import DenseScores, ResizedScores, ScoreMap
+
 
 def prepare_for_inference(model: nn.Module) -> nn.Module:
     """Eval mode and the inference-only rewrites, in place, for a model that will not be trained
@@ -56,7 +58,7 @@ def compile_for_inference(model: nn.Module, device: torch.device) -> nn.Module:
     shape; images of several sizes recompile), which a few images never win back; a long ``eval``
     at one size (slide windows, or a fixed-size dataset) does. Without a C++ compiler on CPU it
     fails at once, in one line; a compilation error on the first call becomes a
-    :class:`SegcliError` through :func:`compile_failure`."""
+    :class:`SegcliError` inside :func:`compile_failures_reported`."""
     if device.type == "cpu" and not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
         raise SegcliError("torch.compile needs a C++ compiler on CPU and none was found", "--compile",
                           "install g++ (or clang++), or run without --compile")
@@ -66,14 +68,24 @@ def compile_for_inference(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-def compile_failure(err: Exception) -> SegcliError | None:
-    """The one-line error for a ``torch.compile`` failure (surfacing on the first call), else None."""
-    dynamo = getattr(getattr(torch, "_dynamo", None), "exc", None)
-    base = getattr(dynamo, "TorchDynamoException", None)
-    if base is None or not isinstance(err, base):
-        return None
+def compile_error(err: Exception, subject: str | None = None) -> SegcliError:
+    """The one-line error for a ``torch.compile`` failure (it surfaces on the first call)."""
     reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-    return SegcliError(f"torch.compile failed: {reason}", "--compile", "run without --compile")
+    return SegcliError(f"torch.compile failed{f' on {subject}' if subject else ''}: {reason}", "--compile",
+                       "run without --compile")
+
+
+@contextmanager
+def compile_failures_reported(active: bool):
+    """While ``active`` (the model was compiled), a ``torch.compile`` failure (dynamo's exception
+    family) raised inside becomes :func:`compile_error`; anything else passes unchanged."""
+    try:
+        yield
+    except Exception as err:
+        base = getattr(getattr(getattr(torch, "_dynamo", None), "exc", None), "TorchDynamoException", None)
+        if active and base is not None and isinstance(err, base):
+            raise compile_error(err) from None
+        raise
 
 
 BAND_BYTES = 32 << 20  # a band of float32 scores [B, K, rows, W] is at most this big (or one row)

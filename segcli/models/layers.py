@@ -45,6 +45,11 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
         conv.bias = nn.Parameter((bias - bn.running_mean) * scale + shift, requires_grad=False)
 
 
+def foldable_batchnorm(module: nn.Module) -> bool:
+    """A plain BatchNorm2d that normalises with running statistics in eval mode (so it can be folded)."""
+    return type(module) is nn.BatchNorm2d and module.track_running_stats
+
+
 def fold_batchnorms(module: nn.Module) -> int:
     """Fold every BatchNorm2d that directly follows a Conv2d inside an ``nn.Sequential`` (the conv
     blocks above; MMSegmentation's and timm's downsample paths) into that convolution; returns
@@ -58,7 +63,7 @@ def fold_batchnorms(module: nn.Module) -> int:
         names = list(parent._modules)
         for first, second in zip(names, names[1:]):
             conv, bn = parent._modules[first], parent._modules[second]
-            if isinstance(conv, nn.Conv2d) and type(bn) is nn.BatchNorm2d and bn.track_running_stats:
+            if isinstance(conv, nn.Conv2d) and foldable_batchnorm(bn):
                 fold_batchnorm(conv, bn)
                 parent._modules[second] = nn.Identity()
                 folded += 1

@@ -32,7 +32,7 @@ from ..build import as_recipe, build_model, model_from_payload, pick_device, wit
 from ..engine.checkpoint import is_checkpoint_file, read_checkpoint
 from ..engine.evaluate import TestTimeModel
 from ..engine.flops import count_flops, count_params
-from ..engine.inference import compile_for_inference, infer_labels, prepare_for_inference
+from ..engine.inference import compile_error, compile_for_inference, infer_labels, prepare_for_inference
 from ..errors import SegcliError
 
 METRICS = ("latency_median_s", "latency_min_s", "throughput_ips", "peak_memory_mib", "gflops", "params_m")
@@ -184,9 +184,7 @@ def _timed(fn, dev: torch.device, compiling: bool, name: str) -> float:
     except Exception as err:  # torch.compile's failures (no compiler, an unsupported op) surface on the first call
         if not compiling:
             raise
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise SegcliError(f"torch.compile failed on {name}: {reason}", "--compile",
-                          "run without --compile") from None
+        raise compile_error(err, name) from None
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return time.perf_counter() - start

@@ -7,7 +7,7 @@ from typing import Callable
 from ..build import build_datasets, load_checkpoint, pick_device
 from ..engine.distributed import DistInfo
 from ..engine.evaluate import evaluate_model
-from ..engine.inference import compile_failure, compile_for_inference, prepare_for_inference
+from ..engine.inference import compile_failures_reported, compile_for_inference, prepare_for_inference
 from ..errors import SegcliError
 from .continual.metrics import cl_metrics
 from .continual.task_data import cl_eval_dataset
@@ -40,14 +40,9 @@ def evaluate(checkpoint: str | Path, recipe: str | Path | None = None, overrides
     if val_set.num_classes != loaded.meta["num_classes"]:
         raise SegcliError(f"the dataset has {val_set.num_classes} classes but the checkpoint {loaded.meta['num_classes']}",
                           "data.type", "evaluate on the dataset the model was trained for")
-    try:
+    with compile_failures_reported(compile):  # a compile failure surfaces on the first image
         result = evaluate_model(loaded.model, val_set, loaded.recipe, dev, DistInfo(), trimap=trimap,
                                 count_gflops=flops, progress=progress, limit=limit)
-    except Exception as err:  # a torch.compile failure surfaces on the first image
-        failure = compile_failure(err) if compile else None
-        if failure is None:
-            raise
-        raise failure from None
     result["checkpoint"] = str(checkpoint)
     if loaded.meta.get("cl"):
         result["cl"] = cl_metrics(checkpoint, result, loaded.meta, device=dev)

@@ -16,7 +16,7 @@ import torch
 from ..build import load_checkpoint, pick_device
 from ..data import read_image
 from ..data.transforms import image_batch
-from ..engine.inference import compile_failure, compile_for_inference, infer_labels, prepare_for_inference
+from ..engine.inference import compile_failures_reported, compile_for_inference, infer_labels, prepare_for_inference
 from ..errors import SegcliError
 from ..viz import colorize, overlay_image, save_png, with_legend
 from .export import load_onnx
@@ -136,13 +136,8 @@ def predict(inputs: list[str], checkpoint: str | Path, out_dir: str | Path = "pr
             continue
         tensor = image_batch(image, loaded.recipe.data.mean, loaded.recipe.data.std)  # [1, 3, H, W]
         with torch.no_grad():
-            try:
+            with compile_failures_reported(compile):  # a compile failure surfaces on the first image
                 labels = infer_labels(loaded.model, tensor.to(dev), loaded.recipe.test, loaded.recipe.data.crop_size)
-            except Exception as err:  # a torch.compile failure surfaces on the first image
-                failure = compile_failure(err) if compile else None
-                if failure is None:
-                    raise
-                raise failure from None
         pred = labels[0].cpu().numpy()
         label_dtype = np.uint8 if loaded.meta["num_classes"] <= 255 else np.uint16
         save_png(out / f"{stem}.png", pred.astype(label_dtype))

@@ -47,7 +47,7 @@ from torch import nn
 
 from ...errors import SegcliError, did_you_mean
 from ...registry import BACKBONES
-from ..layers import ConvBNReLU, SeparableConvBNReLU, fold_batchnorm, fold_batchnorms
+from ..layers import ConvBNReLU, SeparableConvBNReLU, fold_batchnorm, foldable_batchnorm
 from ..base import Backbone
 from .weights import load_state_dict_file
 
@@ -189,14 +189,14 @@ class ResNetBackbone(Backbone):
             load_timm_weights(self.body, state, cfg.name, str(cfg.pretrained))
 
     def fuse_for_inference(self) -> None:
-        """Inference-only rewrite (eval mode, never trained again): each BatchNorm folded into the
-        convolution before it. The pairs in timm's ResNet blocks are ``convN -> bnN`` (a deep
-        stem's ``conv1`` is a sequence whose last convolution feeds ``bn1``); the ASPP and
-        downsample paths are sequences (:func:`fold_batchnorms`)."""
-        fold_batchnorms(self)
+        """Inference-only rewrite (eval mode, never trained again): the BatchNorms of timm's ResNet
+        blocks folded into the convolution before them, ``convN -> bnN`` (a deep stem's ``conv1`` is
+        a sequence whose last convolution feeds ``bn1``). The ASPP's and the downsample paths'
+        pairs are sequences, which :func:`~segcli.engine.inference.prepare_for_inference` folds
+        for the whole model (:func:`fold_batchnorms`) before calling this."""
         for block in self.body.modules():
             for name, child in list(block.named_children()):
-                if not (name.startswith("bn") and type(child) is nn.BatchNorm2d and child.track_running_stats):
+                if not (name.startswith("bn") and foldable_batchnorm(child)):
                     continue
                 conv = getattr(block, "conv" + name[2:], None)
                 if isinstance(conv, nn.Sequential):

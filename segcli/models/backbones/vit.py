@@ -195,15 +195,14 @@ def _front_packed_lengths(key_padding_mask: torch.Tensor) -> list[int] | None:
 def _attention_per_image(attn: nn.Module, projected: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     """Attention of each image's own tokens alone: ``projected`` [T, 3C] (images one after the
     other, ``lengths`` tokens each) -> [T, C]. No padding and no mask: a masked SDPA call on a
-    padded batch costs the padding and runs slower per element on CPU."""
-    dropout = attn.attn_drop.p if attn.training else 0.0
+    padded batch costs the padding and runs slower per element on CPU. Eval mode only (no dropout)."""
     outs = []
     for part in projected.split(lengths):  # [m, 3C] per image
         if part.shape[0] == 0:
             outs.append(part[:, : part.shape[1] // 3])
             continue
         q, k, v = _split_qkv(attn, part[None])  # [1, h, m, d] each
-        outs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)[0].transpose(0, 1).flatten(1))  # [m, C]
+        outs.append(F.scaled_dot_product_attention(q, k, v)[0].transpose(0, 1).flatten(1))  # [m, C]
     return torch.cat(outs)
 
 
