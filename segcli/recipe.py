@@ -149,6 +149,52 @@ class CLConfig:
 
 
 @dataclass(frozen=True)
+class PublishedConfig:
+    """``published:`` — the experiment whose number this recipe reproduces.
+
+    Not inherited through ``_base_``: each recipe names its own experiment, and a recipe that
+    changes its base's experiment restates ``published:`` or has none. ``numbers`` are as printed
+    at ``source`` (a thesis table); ``official_config`` is the released config that produced them
+    (null where the thesis is the only source); ``gpus * batch_per_gpu`` is the published global
+    batch; ``pretrained`` names the backbone weights the published run started from (a file name,
+    a URL or ``timm:NAME``; null for none); ``differences`` maps a config-parity key to the reason
+    this recipe differs from ``official_config`` on purpose. Every key but ``differences`` must be
+    written (null where allowed), so a recipe cannot claim a number without saying how it was made.
+    """
+
+    numbers: dict[str, float]
+    source: str
+    official_config: str | None
+    gpus: int
+    batch_per_gpu: int
+    precision: Literal["fp32", "fp16", "bf16"]
+    pretrained: str | None
+    differences: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        numbers = {}
+        for key, value in self.numbers.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"numbers.{key}: expected a number, got {value!r}")
+            numbers[str(key)] = float(value)
+        if not numbers:
+            raise ValueError("numbers: name at least one published number")
+        object.__setattr__(self, "numbers", numbers)
+        for key, value in self.differences.items():
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"differences.{key}: expected the reason as a string, got {value!r}")
+        object.__setattr__(self, "differences", {str(k): v for k, v in self.differences.items()})
+        if self.gpus < 1:
+            raise ValueError("gpus must be >= 1")
+        if self.batch_per_gpu < 1:
+            raise ValueError("batch_per_gpu must be >= 1")
+
+    @property
+    def global_batch(self) -> int:
+        return self.gpus * self.batch_per_gpu
+
+
+@dataclass(frozen=True)
 class Recipe:
     model: ModelConfig
     name: str = "recipe"
@@ -156,6 +202,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     test: TestConfig = field(default_factory=TestConfig)
     cl: CLConfig | None = None
+    published: PublishedConfig | None = None  # not inherited through _base_
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -227,7 +274,9 @@ def load_raw(path: str | Path, _seen: tuple = ()) -> dict:
         base_path = (path.parent / str(base)).resolve()
         if not base_path.is_file():
             raise SegcliError(f"_base_ file '{base}' not found", str(path), f"looked at {base_path}")
-        merged = _merge(merged, load_raw(base_path, _seen + (path,)))
+        base_data = load_raw(base_path, _seen + (path,))
+        base_data.pop("published", None)  # each recipe names its own experiment (PublishedConfig)
+        merged = _merge(merged, base_data)
     return _merge(merged, data)
 
 
