@@ -2,9 +2,12 @@
 
 A recipe has four sections (``model``, ``data``, ``train``, ``test``) and optionally ``cl``.
 ``_base_`` (a path or a list of paths, relative to the recipe file) is merged first, deeper
-recipes override; a mapping that changes a component's ``type`` replaces the base mapping
-instead of merging into it (the base's options belong to another component), and
-``_delete_: true`` in a mapping replaces rather than merges. ``--set a.b.c=value`` overrides are
+recipes override. Inheritance is explicit, as MMSegmentation's ``_delete_``: a mapping merges
+into the base's key by key, so nothing inherited disappears because a neighbouring key changed
+(``data.type`` swapped from one dataset to another keeps the base's root, crop and batch).
+``_delete_: true`` in a mapping replaces the base's mapping instead. The one implicit replacement
+is a registry component (``model.backbone``, ``model.decode_head``) whose ``type`` changes: its
+keys are the options of another config class, which would be rejected as unknown. ``--set a.b.c=value`` overrides are
 applied to the merged data (values parsed as YAML) before validation, so they are type-checked
 like the file. Unknown keys anywhere are rejected with a "did you mean" hint.
 """
@@ -246,17 +249,22 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _merge(base: Any, child: Any) -> Any:
+# Mappings whose keys are the options of the registered class named by their ``type``.
+_COMPONENT_PATHS = frozenset({("model", "backbone"), ("model", "decode_head")})
+
+
+def _merge(base: Any, child: Any, path: tuple[str, ...] = ()) -> Any:
+    """``child`` merged into ``base`` (see the module docstring for the replacement rules)."""
     if not (isinstance(base, dict) and isinstance(child, dict)):
         return copy.deepcopy(child)
     child = dict(child)
     if child.pop("_delete_", False):
         return copy.deepcopy(child)
-    if "type" in child and "type" in base and child["type"] != base["type"]:
+    if path in _COMPONENT_PATHS and "type" in child and child["type"] != base.get("type", child["type"]):
         return copy.deepcopy(child)
     out = copy.deepcopy(base)
     for key, value in child.items():
-        out[key] = _merge(out[key], value) if key in out else copy.deepcopy(value)
+        out[key] = _merge(out[key], value, path + (str(key),)) if key in out else copy.deepcopy(value)
     return out
 
 
