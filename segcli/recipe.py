@@ -129,6 +129,17 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TestConfig:
+    """``test:`` — the test-time computation, as MMSegmentation 0.24.1's test pipeline and
+    ``EncoderDecoder`` run it (``segcli/data/resize.py`` has the size rules).
+
+    ``scale`` is the keep-ratio ``img_scale`` (long, short) the uint8 image is resized to, before
+    normalisation; ``scales`` are ``MultiScaleFlipAug``'s ``img_ratios`` of that pair (or of the
+    image's own size when ``scale`` is None). ``min_size`` is ``Resize(min_size=...)``: the short
+    side becomes ``max(min(scale), min_size)`` and the long side follows the aspect ratio,
+    uncapped (SegViT's Pascal Context and COCO-Stuff configs). With several scales or flips the
+    softmax probabilities of the views are averaged (``aug_test``).
+    """
+
     mode: Literal["whole", "slide"] = "whole"
     crop_size: tuple[int, int] | None = None  # slide window (H, W); None = data.crop_size
     stride: tuple[int, int] | None = None  # slide stride; None = 2/3 of the crop
@@ -136,6 +147,11 @@ class TestConfig:
     scales: tuple[float, ...] = (1.0,)  # multi-scale TTA ratios of `scale`
     flip: bool = False
     batch_size: int = 1
+    min_size: int | None = None  # short side at least this (mmseg Resize min_size); None = fit `scale`
+
+    def __post_init__(self):
+        if self.min_size is not None and self.min_size < 1:
+            raise ValueError("min_size must be >= 1")
 
 
 @dataclass(frozen=True)
