@@ -17,6 +17,7 @@ from segcli import api
 from segcli.data import SYNTHETIC_CLASSES, SYNTHETIC_PALETTE
 from segcli.engine.checkpoint import save_checkpoint
 from segcli.engine.flops import count_flops
+from segcli.engine.optim import build_optimizer
 from segcli.errors import SegcliError
 from segcli.models.dtop import DToPSegmentor, atm_class_probs, atm_token_probs, exit_decision
 from segcli.workflows.prune import gflops_split, parse_layers, prune_checkpoint
@@ -204,27 +205,66 @@ def test_flops_split_counts_aux_heads_apart(images):
 # --------------------------------------------------------------------------- training (DToP@Finetune)
 
 
-def test_finetune_losses_ignore_tokens_that_exited_earlier(images):
-    plain = build(ATM_MODEL)
-    pruned = build(ATM_MODEL, plain.state_dict(), p0=threshold_between(first_stage_confidence(plain, images), 0.5),
-                   k=1, freeze_backbone=True)
-    pruned.train()
+def training_model(model: dict, images, **options):
+    """A pruned model in training mode with dropout off (two forwards see the same network) and a p0
+    at which about half of the stage-1 tokens of ``images`` exit."""
+    plain = build(model)
+    p0 = threshold_between(first_stage_confidence(plain, images), 0.5)
+    pruned = build(model, plain.state_dict(), p0=p0, k=1, **options).train()
+    for module in pruned.modules():
+        if isinstance(module, (torch.nn.Dropout, torch.nn.Dropout2d)):  # the ATM layers' and the FCN heads'
+            module.p = 0.0
+    return pruned
+
+
+def test_finetune_loss_covers_exited_tokens_with_their_stage1_mask_logits(images):
+    """Released DToP: the decode head's loss sees every pixel; a token that exited at stage 1 enters
+    it with the stage-1 head's mask logits, which keep their graph (zbwxp/Dynamic-Token-Pruning
+    backbone/vit_prune.py canvas, decode_heads/prune_head.py)."""
+    pruned = training_model(ATM_MODEL, images)
+    trace = pruned.run(images, keep_outputs=True)
+    exited = trace.exit_stage == 0  # [B, N]
+    assert exited.any() and (trace.exit_stage < 0).any()
+    (name, _, outputs, labelled), decode = trace.heads[0], trace.heads[-1]
+    assert name == "aux0" and decode[0] == "decode" and bool(decode[3].all())  # every pixel is labelled
+    stage1 = outputs["pred_masks"].flatten(2).transpose(1, 2)  # [B, N, K]: stage 1 saw every token
+    final = decode[2]["pred_masks"].flatten(2).transpose(1, 2)  # [B, N, K]
+    assert torch.equal(final[exited], stage1[exited])
+    assert not torch.allclose(final[~exited], stage1[~exited])
+    # the decode loss trains the head the tokens exited by
+    decode_loss = sum(v for k, v in pruned.losses(trace, torch.randint(0, NUM_CLASSES, (2, 64, 64))).items()
+                      if k.startswith("decode."))
+    decode_loss.backward()
+    assert pruned.aux_heads[0].stages[0].proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("model", [ATM_MODEL, FCN_MODEL], ids=["atm", "fcn"])
+def test_finetune_loss_changes_with_the_labels_of_exited_tokens(model, images):
+    pruned = training_model(model, images)
     torch.manual_seed(2)
     labels = torch.randint(0, NUM_CLASSES, (2, 64, 64))
-    for module in pruned.modules():  # dropout off: the two forwards below must see the same network
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
     with torch.no_grad():
         exited = pruned.run(images).exit_stage == 0  # [B, N]
-    pixels = exited.view(2, 1, 8, 8).repeat_interleave(8, 2).repeat_interleave(8, 3)[:, 0]  # [B, H, W]
-    losses = pruned(images, labels)
-    assert {"decode.loss_ce", "aux0.loss_focal", "aux1.loss_dice"} <= set(losses)
-    changed = pruned(images, torch.where(pixels, (labels + 1) % NUM_CLASSES, labels))
-    assert changed["decode.loss_focal"].item() == pytest.approx(losses["decode.loss_focal"].item(), rel=1e-5)
-    assert changed["aux0.loss_focal"].item() != pytest.approx(losses["aux0.loss_focal"].item(), rel=1e-5)
-    sum(losses.values()).backward()
-    assert all(p.grad is None for p in pruned.backbone.parameters())
-    assert pruned.decode_head.class_queries.weight.grad is not None
+        pixels = exited.view(2, 1, 8, 8).repeat_interleave(8, 2).repeat_interleave(8, 3)[:, 0]  # [B, H, W]
+        losses = pruned(images, labels)
+        changed = pruned(images, torch.where(pixels, (labels + 1) % NUM_CLASSES, labels))
+    assert exited.any()
+    for key in losses:  # every head's loss sees the exited tokens' pixels
+        assert changed[key].item() != pytest.approx(losses[key].item(), rel=1e-6), key
+
+
+def test_finetune_trains_every_parameter_unless_freeze_backbone(images):
+    labels = torch.randint(0, NUM_CLASSES, (2, 64, 64))
+    pruned = training_model(ATM_MODEL, images)  # the default: the released prune_* configs train everything
+    sum(pruned(images, labels).values()).backward()
+    assert all(p.requires_grad and p.grad is not None for p in pruned.parameters())
+    optimizer = build_optimizer(pruned, recipe_from_dict(recipe_dict(ATM_MODEL)).train.optimizer)
+    optimized = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+    assert optimized == sum(p.numel() for p in pruned.parameters())
+    heads_only = training_model(ATM_MODEL, images, freeze_backbone=True)  # thesis 5.3.3.1's "finetuning the heads"
+    sum(heads_only(images, labels).values()).backward()
+    assert all(p.grad is None for p in heads_only.backbone.parameters())
+    assert heads_only.decode_head.class_queries.weight.grad is not None
 
 
 # --------------------------------------------------------------------------- prune API and errors

@@ -57,13 +57,21 @@ Decisions (the thesis is silent, or the released code, zbwxp/Dynamic-Token-Pruni
   Log-probabilities differ from the head's logits by a per-pixel constant, so averaging over
   flips and windows ranks classes the same way.
 * **Training (DToP@Finetune).** Pruning is active when training too (thesis 5.3.3.1: the heads
-  are finetuned, or the model retrained, "using DToP"). Each head's loss is
-  computed on the tokens it saw: pixels of tokens that exited before it are labelled ignore
-  (the released SegViT's ``crop_train`` masks labels the same way); the exit rule takes no
-  gradient. ``freeze_backbone: true`` trains the heads only (thesis 5.3.3.1 "finetuning the
-  segmentation heads"; the released config trains everything with the head lr ×10: the
-  default). Auxiliary heads that are not exits are frozen and unused (``frozen_modules`` lists
-  what is frozen; :class:`~segcli.models.base.FrozenPartsMixin` keeps it in eval mode).
+  are finetuned, or the model retrained, "using DToP"); the exit rule takes no gradient. Each
+  head's loss covers the whole image, as released (zbwxp/Dynamic-Token-Pruning
+  ``mmseg_custom/backbone/vit_prune.py`` passes a ``canvas`` from head to head, and
+  ``decode_heads/prune_head.py`` overwrites only the tokens in play and gives the canvas to its
+  ``ATMLoss``): a token that exited earlier enters a head's loss with the outputs it left with,
+  which for ATM heads are the mask logits of the last head that saw it, under this head's class
+  logits; they keep their graph, so the later loss also trains the head it exited by. Pointwise
+  heads carry logits the same way; map heads predict every pixel from the full grid. Where a
+  token has no output of a head's format (it exited by a head of another kind before any head
+  of this kind saw it), its pixels are ignored in that head's loss. The thesis does not say
+  which pixels the losses see. ``freeze_backbone: true`` trains the heads only (thesis 5.3.3.1
+  "finetuning the segmentation heads"); the released ``prune_*`` configs train every parameter
+  (head lr ×10): the default. Auxiliary heads that are not exits are frozen and unused
+  (``frozen_modules`` lists what is frozen; :class:`~segcli.models.base.FrozenPartsMixin`
+  keeps it in eval mode).
 * **FLOPs.** The grading work lives in parameter-free ``graders.{m}`` modules next to
   ``aux_heads``, so a by-module count separates "with" and "without" auxiliary heads
   (``aux_flop_modules``, read by :func:`segcli.engine.flops.count_flops_split`).
@@ -102,7 +110,7 @@ class DToPOptions:
     k: int = 5  # most confident exiting tokens per present class that stay for context
     exit_layers: tuple[int, ...] | None = None  # grading blocks (0-based); None = all aux heads before the decode
     strict: bool = False  # exit if score > p0 (released code) instead of >= p0 (thesis)
-    freeze_backbone: bool = False  # train the heads only (DToP@Finetune as the thesis words it)
+    freeze_backbone: bool = False  # train the heads only (thesis 5.3.3.1's wording); released: everything
     # how exited tokens enter the output map. "thesis": each keeps the per-class scores of the head
     # it left by (thesis 5.2.2). "released": each keeps the mask logits of that head, and the decode
     # head's class probabilities are applied to every token's masks (zbwxp/Dynamic-Token-Pruning
@@ -223,8 +231,9 @@ class _Tokens:
 class PruneTrace:
     """What one pruned forward did: ``exit_stage`` [B, N] (stage a token exited at, -1 = reached
     the decode head), the grid, and per head (exits then decode) ``(head_name, head, outputs,
-    seen [B, N])`` for the losses; ``token_scores`` [B, N, K] (ATM decode) or ``scores``
-    [B, K, H, W] in inference."""
+    labelled [B, N])`` for the losses (``labelled``: the tokens the outputs predict, see the
+    module docstring); ``token_scores`` [B, N, K] (ATM decode) or ``scores`` [B, K, H, W] in
+    inference."""
 
     exit_stage: torch.Tensor
     grid: tuple[int, int]
@@ -375,21 +384,26 @@ class DToPSegmentor(FrozenPartsMixin, nn.Module):
         logits = head.seg_logits(outputs, grid).flatten(2)  # [B, K, h*w]
         return torch.gather(logits, 2, state.index[:, None, :].expand(-1, logits.shape[1], -1))  # [B, K, M]
 
-    def _grid_canvas(self, values: torch.Tensor, state: _Tokens, grid) -> torch.Tensor:
-        """Per-token values [B, K, M] -> a grid [B, K, h, w] (zeros where tokens are not in play)."""
-        batch, channels = values.shape[:2]
-        canvas = values.new_zeros(batch, grid[0] * grid[1], channels)
-        canvas = scatter_tokens(canvas, values.transpose(1, 2), state.index, state.pad)  # [B, N, K]
-        return canvas.transpose(1, 2).reshape(batch, channels, grid[0], grid[1])  # [B, K, h, w]
-
-    def _loss_outputs(self, head, kind, raw, state, grid) -> dict:
-        """A head's outputs in its own format on the full grid, for its loss."""
+    def _loss_outputs(self, kind, raw, state: _Tokens, grid, carried: dict) -> tuple[dict, torch.Tensor]:
+        """A head's outputs in its own format on the full grid, for its loss, and the tokens they
+        predict [B, N]. Per-token outputs (ATM mask logits, pointwise logits) go onto ``carried[kind]``
+        (``(values [B, N, K], labelled [B, N])``, updated here), which keeps for every token the
+        values of the last head of that kind that saw it: exited tokens keep theirs (module docstring)."""
+        batch, num = state.full.shape[:2]
+        if kind == "map":
+            return raw, torch.ones(batch, num, dtype=torch.bool, device=state.index.device)
+        values = raw[1] if kind == "class_masks" else raw  # [B, K, M]
+        values = values.transpose(1, 2)  # [B, M, K]
+        canvas, labelled = carried.get(kind) or (values.new_zeros(batch, num, values.shape[-1]),
+                                                 torch.zeros(batch, num, dtype=torch.bool, device=values.device))
+        canvas = scatter_tokens(canvas.to(values.dtype), values, state.index, state.pad)  # [B, N, K]
+        labelled = scatter_tokens(labelled[..., None], torch.ones_like(state.pad)[..., None], state.index,
+                                  state.pad)[..., 0]  # [B, N]
+        carried[kind] = (canvas, labelled)
+        grid_values = canvas.transpose(1, 2).reshape(batch, -1, *grid)  # [B, K, h, w]
         if kind == "class_masks":
-            class_logits, mask_logits = raw
-            return {"pred_logits": class_logits, "pred_masks": self._grid_canvas(mask_logits, state, grid)}
-        if kind == "pointwise":
-            return {"logits": self._grid_canvas(raw, state, grid)}
-        return raw
+            return {"pred_logits": raw[0], "pred_masks": grid_values}, labelled
+        return {"logits": grid_values}, labelled
 
     # ------------------------------------------------------------------ the staged forward
     def run(self, images: torch.Tensor, keep_outputs: bool = False) -> PruneTrace:
@@ -405,6 +419,7 @@ class DToPSegmentor(FrozenPartsMixin, nn.Module):
         released = self.options.combine == "released"
         exit_masks = None  # released combination: [B, N, K] mask logits of the last head that saw each token
         grade = self.pruning or keep_outputs
+        carried: dict = {}  # training: per head kind, the outputs each token left its last head with
         stages = {block: m for m, block in enumerate(self.exit_layers)} if grade else {}
         subset = padded = False  # any token exited (blocks need grid positions) / some image has padding
         for block in range(self.decode_block + 1):
@@ -416,9 +431,8 @@ class DToPSegmentor(FrozenPartsMixin, nn.Module):
             head = self.aux_heads[self.exit_heads[stage]]
             kind, raw = self._run_head(head, self.exit_positions[stage], state, grid, padded=subset)
             if keep_outputs:
-                seen = exit_stage < 0
-                outputs = self._loss_outputs(head, kind, raw, state, grid)
-                trace.heads.append((f"aux{self.exit_heads[stage]}", head, outputs, seen))
+                outputs, labelled = self._loss_outputs(kind, raw, state, grid, carried)
+                trace.heads.append((f"aux{self.exit_heads[stage]}", head, outputs, labelled))
             if not self.pruning:
                 continue
             if kind == "class_masks":
@@ -447,8 +461,8 @@ class DToPSegmentor(FrozenPartsMixin, nn.Module):
         trace.exit_stage = exit_stage
         kind, raw = self._run_head(self.decode_head, self.decode_layer, state, grid, decode=True, padded=subset)
         if keep_outputs:
-            outputs = self._loss_outputs(self.decode_head, kind, raw, state, grid)
-            trace.heads.append(("decode", self.decode_head, outputs, exit_stage < 0))
+            outputs, labelled = self._loss_outputs(kind, raw, state, grid, carried)
+            trace.heads.append(("decode", self.decode_head, outputs, labelled))
             return trace
         size = tuple(images.shape[-2:])
         if kind == "class_masks":
@@ -490,13 +504,16 @@ class DToPSegmentor(FrozenPartsMixin, nn.Module):
         return trace.score_map
 
     def losses(self, trace: PruneTrace, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Each head's own loss on the tokens it saw (pixels of tokens that exited earlier are ignored)."""
+        """Each head's own loss on the whole image: exited tokens with the outputs they left with
+        (module docstring); pixels of tokens with no output of the head's format are ignored."""
         batch = labels.shape[0]
         losses = {}
-        for name, head, outputs, seen in trace.heads:
-            unseen = (~seen).to(torch.float32).view(batch, 1, *trace.grid)  # [B, 1, h, w]
-            unseen = F.interpolate(unseen, size=tuple(labels.shape[-2:]), mode="nearest")[:, 0] > 0  # [B, H, W]
-            head_labels = labels.masked_fill(unseen, head.ignore_index)
+        for name, head, outputs, labelled in trace.heads:
+            head_labels = labels
+            if not bool(labelled.all()):
+                unlabelled = (~labelled).to(torch.float32).view(batch, 1, *trace.grid)  # [B, 1, h, w]
+                unlabelled = F.interpolate(unlabelled, size=tuple(labels.shape[-2:]), mode="nearest")[:, 0] > 0
+                head_labels = labels.masked_fill(unlabelled, head.ignore_index)  # [B, H, W]
             losses.update({f"{name}.{k}": v for k, v in head.loss(outputs, head_labels).items()})
         return losses
 
