@@ -239,9 +239,10 @@ def paramwise_parity(paramwise: dict | None) -> dict | None:
         return None
     custom = {str(k): {kk: float(vv) for kk, vv in sorted(v.items())}
               for k, v in sorted((paramwise.get("custom_keys") or {}).items())}
-    return {"custom_keys": custom, "norm_decay_mult": paramwise.get("norm_decay_mult"),
-            "bias_decay_mult": paramwise.get("bias_decay_mult"),
-            "bypass_duplicate": bool(paramwise.get("bypass_duplicate", False))}
+    out = {"custom_keys": custom, "bypass_duplicate": bool(paramwise.get("bypass_duplicate", False))}
+    for key in ("norm_decay_mult", "bias_lr_mult", "bias_decay_mult", "dwconv_decay_mult"):
+        out[key] = paramwise.get(key)
+    return out
 
 
 def v0_parity(cfg: dict, defaults: dict) -> dict:
