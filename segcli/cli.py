@@ -466,7 +466,7 @@ def convert(
     ctx: typer.Context,
     source: Path = typer.Argument(..., help="A released checkpoint (.pth) of the official code or MMSegmentation."),
     from_: Optional[str] = typer.Option(None, "--from", help="segvit-v1 | segvit-v1-shrunk | dtop | mmseg | mmseg-vit (default: detected from the keys)."),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="The released architecture, e.g. recipes/released/..."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="The architecture (default: the recipes/released/ one that the tensors' shapes fit)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default beside SOURCE: <stem>.segcli.pt)."),
     set_: Optional[List[str]] = SetOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
@@ -479,8 +479,11 @@ def convert(
                     overrides=set_ or [])
     if json_out:
         typer.echo(json.dumps({"path": str(result.path), "format": result.format, "tensors_in": result.tensors_in,
-                               "tensors_out": result.tensors_out}))
+                               "tensors_out": result.tensors_out, "recipe": result.recipe,
+                               "architecture": result.architecture}))
         return
+    if result.recipe is not None:
+        _console().print(f"recipe {result.recipe} (the tensors say {result.architecture})")
     _console().print(f"wrote {result.path} ({result.format}: {result.tensors_in} tensors read, "
                      f"{result.tensors_out} written)")
     if result.format != "mmseg-vit":

@@ -130,10 +130,10 @@ def test_binary_class_heads_train():
 
 
 def test_wrong_architecture_names_the_keys(tmp_path):
-    with pytest.raises(SegcliError, match="not a segvit-v1 checkpoint of this architecture") as err:
+    with pytest.raises(SegcliError, match="does not fit") as err:
         api.convert(FIXTURES / "segvit-v1.pth", recipe=RECIPES / "segvit_v1_small.yaml", out=tmp_path / "m.pt",
                     overrides=["model.backbone.depth=5"])
-    assert "backbone.vit.blocks.4" in str(err.value)
+    assert "backbone.vit.blocks.*): 4 in the file, 5 in the recipe" in str(err.value)
 
 
 def test_the_output_never_replaces_a_file(tmp_path):
@@ -241,3 +241,196 @@ def test_mmseg_beit_file_loads_as_pretrained(tmp_path):
     images = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(loaded(images)[0], reference(images)[0], rtol=1e-5, atol=1e-6)
+
+
+# --- recipe-less conversion: the architecture read from the tensors (issue 22, bug 3) ---------
+
+RELEASED = REPO / "recipes" / "released"
+
+
+def official_segvit_v1(embed_dim: int, depth: int, grid: int, head_dim: int, num_classes: int, stages: int = 3,
+                       layers: int = 3, shrunk: bool = False) -> dict[str, torch.Tensor]:
+    """The keys and shapes of an official SegViT v1 / Shrunk checkpoint at any size, as ``meta``
+    tensors (shapes only): what tests/fixtures/official/segvit-v1*_keys.txt list at the fixture's
+    size (checked below), so that full-size ViT-L files cost nothing."""
+    def t(*shape):
+        return torch.empty(shape, device="meta")
+
+    width, dim = embed_dim, head_dim
+    state = {"backbone.cls_token": t(1, 1, width), "backbone.pos_embed": t(1, 1 + grid * grid, width),
+             "backbone.patch_embed.projection.weight": t(width, 3, 16, 16),
+             "backbone.patch_embed.projection.bias": t(width)}
+    for i in range(depth):
+        p = f"backbone.layers.{i}."
+        state.update({p + "ln1.weight": t(width), p + "ln1.bias": t(width),
+                      p + "attn.attn.in_proj_weight": t(3 * width, width), p + "attn.attn.in_proj_bias": t(3 * width),
+                      p + "attn.attn.out_proj.weight": t(width, width), p + "attn.attn.out_proj.bias": t(width),
+                      p + "ln2.weight": t(width), p + "ln2.bias": t(width),
+                      p + "ffn.layers.0.0.weight": t(4 * width, width), p + "ffn.layers.0.0.bias": t(4 * width),
+                      p + "ffn.layers.1.weight": t(width, 4 * width), p + "ffn.layers.1.bias": t(width)})
+
+    def decoder(prefix: str, fused_cross: bool) -> None:
+        for layer in range(layers):
+            p = f"{prefix}.layers.{layer}."
+            state.update({p + "self_attn.in_proj_weight": t(3 * dim, dim), p + "self_attn.in_proj_bias": t(3 * dim),
+                          p + "self_attn.out_proj.weight": t(dim, dim), p + "self_attn.out_proj.bias": t(dim),
+                          p + "linear1.weight": t(4 * dim, dim), p + "linear1.bias": t(4 * dim),
+                          p + "linear2.weight": t(dim, 4 * dim), p + "linear2.bias": t(dim)})
+            state.update({p + f"norm{n}.{w}": t(dim) for n in (1, 2, 3) for w in ("weight", "bias")})
+            if fused_cross:  # nn.TransformerDecoderLayer (the TPN)
+                state.update({p + "multihead_attn.in_proj_weight": t(3 * dim, dim),
+                              p + "multihead_attn.in_proj_bias": t(3 * dim),
+                              p + "multihead_attn.out_proj.weight": t(dim, dim),
+                              p + "multihead_attn.out_proj.bias": t(dim)})
+            else:  # the ATM layer's separate q / k / v / proj
+                state.update({p + f"multihead_attn.{x}.{w}": t(dim, dim) if w == "weight" else t(dim)
+                              for x in ("q", "k", "v", "proj") for w in ("weight", "bias")})
+
+    def readers(prefix: str, count: int, fused_cross: bool) -> None:
+        for s in range(1, count + 1):
+            state.update({f"{prefix}input_proj_{s}.weight": t(dim, width), f"{prefix}input_proj_{s}.bias": t(dim),
+                          f"{prefix}proj_norm_{s}.weight": t(dim), f"{prefix}proj_norm_{s}.bias": t(dim)})
+            decoder(f"{prefix}decoder_{s}", fused_cross)
+
+    def atm(prefix: str) -> None:  # ATMHead: q = Embedding(K, D), class_embed = Linear(D, K + 1)
+        state.update({f"{prefix}loss_decode.criterion.empty_weight": t(num_classes + 1),
+                      f"{prefix}q.weight": t(num_classes, dim), f"{prefix}class_embed.weight": t(num_classes + 1, dim),
+                      f"{prefix}class_embed.bias": t(num_classes + 1)})
+
+    if shrunk:  # TPNATMHead: readers with fused cross-attention, a (img/16)^2 query grid, its ATMSingleHead
+        state["decode_head.loss_decode.criterion.empty_weight"] = t(num_classes + 1)
+        readers("decode_head.", stages, fused_cross=True)
+        state["decode_head.q.weight"] = t(grid * grid, dim)
+        decoder("decode_head.atm.decoder_1", fused_cross=False)
+        atm("decode_head.atm.")
+    else:
+        readers("decode_head.", stages, fused_cross=False)
+        atm("decode_head.")
+    return state
+
+
+def _fixture_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    rows = (line.split("\t") for line in (FIXTURES / f"{name}_keys.txt").read_text().splitlines() if line)
+    return {key: tuple(json.loads(shape)) for key, _, shape in rows}
+
+
+@pytest.mark.parametrize("name, shrunk, stages", [("segvit-v1", False, 3), ("segvit-v1-shrunk", True, 2)])
+def test_the_shape_builder_is_the_official_format(name, shrunk, stages):
+    """The test's full-size files are the official code's format: at the fixture's size (64 wide,
+    4 blocks, 4x4 grid, D = 32, 6 classes) the builder gives exactly the fixture's keys and shapes."""
+    built = official_segvit_v1(64, 4, 4, 32, 6, stages=stages, shrunk=shrunk)
+    assert {k: tuple(v.shape) for k, v in built.items()} == _fixture_shapes(name)
+
+
+# (file, width, depth, grid, D, classes, shrunk): the seven released files (zbwxp/SegVit README)
+RELEASED_FILES = [
+    ("segvit_vit_b_ade20k.yaml", 768, 12, 32, 384, 150, False),  # ade_51.3.pth
+    ("segvit_vit_l_ade20k.yaml", 1024, 24, 40, 512, 150, False),  # ade_54.6.pth
+    ("segvit_vit_l_coco_stuff10k.yaml", 1024, 24, 32, 512, 171, False),  # COCOstuff_49.9.pth
+    ("segvit_vit_l_pascal_context.yaml", 1024, 24, 30, 512, 59, False),  # PC59cls_64.1.pth
+    ("segvit_shrunk_vit_l_ade20k.yaml", 1024, 24, 40, 512, 150, True),  # ade_shrunk_53.9.pth
+    ("segvit_shrunk_vit_l_coco_stuff10k.yaml", 1024, 24, 32, 512, 171, True),  # COCOstuff10k_shrunk_49.1.pth
+    ("segvit_shrunk_vit_l_pascal_context.yaml", 1024, 24, 30, 512, 59, True),  # PC59cls_62.3.pth
+]
+
+
+def test_released_files_name_their_recipe():
+    """ViT-B / ViT-L from width and depth, Shrunk from the TPN, the class count from the class
+    queries, the training size from the position grid; each picks its own released recipe."""
+    from segcli.workflows.convert import infer_architecture, pick_released_recipe
+
+    for recipe, width, depth, grid, dim, classes, shrunk in RELEASED_FILES:
+        state = official_segvit_v1(width, depth, grid, dim, classes, stages=2 if shrunk else 3, shrunk=shrunk)
+        arch = infer_architecture(state)
+        assert (arch.family, arch.embed_dim, arch.depth, arch.pos_grid, arch.num_classes) == (
+            "segvit-v1-shrunk" if shrunk else "segvit-v1", width, depth, grid, classes), recipe
+        assert arch.query_grid == (grid if shrunk else None)
+        assert pick_released_recipe(state) == RELEASED / recipe
+
+
+@pytest.mark.parametrize("shrunk", [False, True])
+def test_a_60_class_pascal_context_head_is_never_converted_onto_59_labels(shrunk):
+    """The official PC config trains num_classes=60 (the background-included pascal_context); the
+    released recipes are PC59. 60 class queries: one line with the recipe and the --set that fits."""
+    from segcli.workflows.convert import pick_released_recipe
+
+    state = official_segvit_v1(1024, 24, 30, 512, 60, stages=2 if shrunk else 3, shrunk=shrunk)
+    with pytest.raises(SegcliError) as err:
+        pick_released_recipe(state)
+    text = str(err.value)
+    recipe = f"segvit_{'shrunk_' if shrunk else ''}vit_l_pascal_context.yaml"
+    assert "\n" not in text and "60 classes" in text and "decode_head" in text and "(60, 512)" in text
+    assert f"{recipe} --set data.type=pascal_context" in text and "(59, 512)" in text
+    assert pick_released_recipe(state, overrides=["data.type=pascal_context"]) == RELEASED / recipe  # what it says works
+
+
+def test_a_class_count_no_released_recipe_has_names_the_candidates():
+    from segcli.workflows.convert import pick_released_recipe
+
+    with pytest.raises(SegcliError) as err:
+        pick_released_recipe(official_segvit_v1(1024, 24, 40, 512, 100))
+    text = str(err.value)
+    assert "\n" not in text and "100 classes" in text and "segvit_vit_l_ade20k.yaml" in text and "--recipe" in text
+    with pytest.raises(SegcliError, match="no released recipe builds these shapes"):
+        pick_released_recipe(official_segvit_v1(1024, 12, 40, 512, 150))  # a 12-block ViT-L
+
+
+@pytest.fixture
+def small_released(tmp_path, monkeypatch):
+    """A released-recipe folder holding the reduced fixtures' recipes, so that the recipe-less
+    path converts real (small) official files end to end."""
+    from segcli.workflows import convert as workflow
+
+    folder = tmp_path / "released"
+    folder.mkdir()
+    for name in ("segvit_v1_small.yaml", "segvit_v1_shrunk_small.yaml"):
+        (folder / name).write_text((RECIPES / name).read_text())
+    monkeypatch.setattr(workflow, "RELEASED_RECIPES", folder)
+    return folder
+
+
+@pytest.mark.parametrize("name, recipe, io_key", [("segvit-v1", "segvit_v1_small.yaml", "seg_logits"),
+                                                  ("segvit-v1-shrunk", "segvit_v1_shrunk_small.yaml", "seg_logits")])
+def test_a_released_file_converts_without_recipe(name, recipe, io_key, small_released, tmp_path):
+    """Bug 3: no --recipe on a released SegViT v1 file stopped with "the architecture is needed"."""
+    out = api.convert(FIXTURES / f"{name}.pth", out=tmp_path / "m.pt")
+    assert out.format == name and out.recipe is not None and out.recipe.endswith(recipe)
+    loaded = api.load_checkpoint(out.path)
+    io = torch.load(FIXTURES / f"{name}_io.pt", weights_only=True)
+    with torch.no_grad():
+        assert rel_diff(loaded.model(io["input"]), io[io_key]) < RTOL
+
+
+def test_convert_cli_without_recipe_and_with_a_wrong_one(cli, small_released, tmp_path):
+    res = cli("convert", FIXTURES / "segvit-v1.pth", "--out", tmp_path / "m.pt")
+    assert res.exit_code == 0, res.output
+    assert "segvit_v1_small.yaml" in res.output and "6 classes" in res.output
+    # a ViT-L recipe for a 64-wide file: the tensor, both shapes and the recipe that fits, one line
+    res = cli("convert", FIXTURES / "segvit-v1.pth", "--recipe", RELEASED / "segvit_vit_l_coco_stuff10k.yaml",
+              "--out", tmp_path / "b.pt")
+    error = res.stderr.strip()
+    assert res.exit_code == 2 and "\n" not in error and "Traceback" not in res.output
+    assert "backbone.patch_embed.projection.weight (64, 3, 16, 16)" in error and "(1024, 3, 16, 16)" in error
+    assert "segvit_v1_small.yaml fits" in error
+    # the recipe's dataset has another class count: the class queries, both shapes
+    res = cli("convert", FIXTURES / "segvit-v1.pth", "--recipe", RECIPES / "segvit_v1_small.yaml",
+              "--set", "data.classes=[a, b, c, d, e]", "--out", tmp_path / "c.pt")
+    error = res.stderr.strip()
+    assert res.exit_code == 2 and "\n" not in error
+    assert "decode_head.q.weight (6, 32) in the file" in error and "(5, 32) in the recipe" in error
+    assert not (tmp_path / "b.pt").exists() and not (tmp_path / "c.pt").exists()
+
+
+def test_a_shape_the_architecture_does_not_show_still_names_both_shapes():
+    """The last check (every tensor, every shape) names the tensor as the file names it."""
+    from segcli.convert.keymap import fill_target, map_state
+    from segcli.convert.segvit import segvit_v1_rules, zero_based_stages
+
+    official = state_dict_of(read_foreign_checkpoint(FIXTURES / "segvit-v1.pth"), "segvit-v1")
+    mapped, unmatched, origins = map_state(official, segvit_v1_rules(), zero_based_stages)
+    target = {k: v for k, v in mapped.items()}
+    target["decode_head.stages.0.layers.0.ffn.0.weight"] = torch.empty(96, 32)
+    with pytest.raises(SegcliError) as err:
+        fill_target(mapped, unmatched, origins, target, "file.pth", "segvit-v1", hint="do this")
+    assert "decode_head.decoder_1.layers.0.linear1.weight is (128, 32) in the file" in str(err.value)
+    assert "(96, 32) in the model" in str(err.value) and str(err.value).endswith("(do this)")

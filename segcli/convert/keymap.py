@@ -24,8 +24,10 @@ class Rule:
     split: tuple[str, ...] = ()  # replacements of equal chunks along dim 0 (q, k, v)
 
 
-def apply_rules(source: dict[str, torch.Tensor], rules: list[Rule]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """(renamed tensors, source keys no rule matched)."""
+def apply_rules(source: dict[str, torch.Tensor], rules: list[Rule],
+                origins: dict[str, str] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(renamed tensors, source keys no rule matched); ``origins`` (if given) receives each
+    renamed key's source key, so that an error can name the tensor as the file names it."""
     compiled = [(re.compile(rule.pattern), rule) for rule in rules]
     out: dict[str, torch.Tensor] = {}
     unmatched = []
@@ -37,8 +39,12 @@ def apply_rules(source: dict[str, torch.Tensor], rules: list[Rule]) -> tuple[dic
             if rule.split:
                 for chunk, name in zip(tensor.chunk(len(rule.split), dim=0), rule.split):
                     out[match.expand(name)] = chunk.clone()
+                    if origins is not None:
+                        origins[match.expand(name)] = key
             elif rule.target is not None:
                 out[match.expand(rule.target)] = tensor
+                if origins is not None:
+                    origins[match.expand(rule.target)] = key
             break
         else:
             unmatched.append(key)
@@ -50,17 +56,30 @@ def _keys(keys: list[str], limit: int = 4) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def convert_state(source: dict[str, torch.Tensor], rules: list[Rule], target: dict[str, torch.Tensor],
-                  where: str, what: str, rename: Callable[[str], str] | None = None) -> dict[str, torch.Tensor]:
-    """``source`` renamed by ``rules`` into exactly the keys and shapes of ``target`` (a model's state dict).
-
-    Target entries that are not learnt (buffers that the model computes, e.g. a relative-position
-    index) are taken from ``target`` itself when the source has no counterpart. ``rename`` is
-    applied to every renamed key (renumbering that a regular expression cannot do).
-    """
-    mapped, unmatched = apply_rules(source, rules)
+def map_state(source: dict[str, torch.Tensor], rules: list[Rule], rename: Callable[[str], str] | None = None
+              ) -> tuple[dict[str, torch.Tensor], list[str], dict[str, str]]:
+    """(tensors in segcli's names, source keys no rule took, segcli key -> source key): ``rules``
+    then ``rename`` on every renamed key (renumbering that a regular expression cannot do)."""
+    origins: dict[str, str] = {}
+    mapped, unmatched = apply_rules(source, rules, origins)
     if rename is not None:
         mapped = {rename(k): v for k, v in mapped.items()}
+        origins = {rename(k): v for k, v in origins.items()}
+    return mapped, unmatched, origins
+
+
+def fill_target(mapped: dict[str, torch.Tensor], unmatched: list[str], origins: dict[str, str],
+                target: dict[str, torch.Tensor], where: str, what: str,
+                hint: str = "check --from, and give the recipe of the released architecture with --recipe"
+                ) -> dict[str, torch.Tensor]:
+    """A source state dict renamed by :func:`map_state` into exactly the keys and shapes of ``target``
+    (a model's state dict). What :func:`map_state` gave is checked against ``target``: every tensor placed, none missing,
+    the same shapes, or one error naming the keys (a shape mismatch names the tensor as the file
+    names it, ``origins``, and both shapes; ``hint`` says what to do).
+
+    Target entries that are not learnt (buffers that the model computes, e.g. a relative-position
+    index) are taken from ``target`` itself when the source has no counterpart.
+    """
     problems = []
     if unmatched:
         problems.append(f"{len(unmatched)} tensors of the file have no place in the model: {_keys(unmatched)}")
@@ -70,13 +89,12 @@ def convert_state(source: dict[str, torch.Tensor], rules: list[Rule], target: di
     extra = [k for k in mapped if k not in target]
     if extra:
         problems.append(f"mapped names the model lacks: {_keys(extra)}")
-    shapes = [f"{k} {tuple(mapped[k].shape)} vs {tuple(target[k].shape)}" for k in mapped
-              if k in target and mapped[k].shape != target[k].shape]
+    shapes = [f"{origins.get(k, k)} is {tuple(mapped[k].shape)} in the file, {k} is {tuple(target[k].shape)} in the model"
+              for k in mapped if k in target and mapped[k].shape != target[k].shape]
     if shapes:
         problems.append("shape mismatch: " + _keys(shapes, 3))
     if problems:
-        raise SegcliError(f"not a {what} checkpoint of this architecture: " + "; ".join(problems), where,
-                          "check --from, and give the recipe of the released architecture with --recipe")
+        raise SegcliError(f"not a {what} checkpoint of this architecture: " + "; ".join(problems), where, hint)
     return {k: mapped[k].to(target[k].dtype) if k in mapped else target[k] for k in target}
 
 

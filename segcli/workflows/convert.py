@@ -19,16 +19,29 @@ Formats (``--from``; detected from the keys when omitted and unambiguous):
   is a timm-format backbone state dict for ``model.backbone.pretrained`` (which also reads the
   MMSegmentation file directly).
 
-The architecture comes from a recipe (``--recipe``, e.g. one of ``recipes/released/``); the
-checkpoint must fill every tensor of that model and nothing may be left over, or the conversion
-stops with the keys named. Class names come from the checkpoint's ``meta.CLASSES`` when it has
-them (MMSegmentation saves them), else from the recipe's dataset.
+The architecture comes from a recipe. Without ``--recipe`` it is read from the tensors
+(:func:`infer_architecture`: the ViT's width and depth, the TPN's query grid for Shrunk, the
+class queries for the class count, the position grid for the training size) and the released
+recipe of ``recipes/released/`` that builds exactly those shapes is taken
+(:func:`pick_released_recipe`; a recipe's shapes come from its model built on the ``meta``
+device, so nothing but the recipes' own settings decides). No fit, or several, is one line
+naming the candidates and what to pass. The official Pascal Context config trains
+``num_classes=60`` (zbwxp/SegVit ``configs/segvit/segvit_vit-l_jax_480x480_80k_pc.py``, the
+60-class ``pascal_context`` dataset) while the released files are named "PC59cls": the class
+queries decide, 59 is the released PC59 recipe, 60 is refused with the ``--set data.type=...``
+that makes that recipe PC60, never converted onto 59 labels.
+With a recipe, the checkpoint must build exactly its shapes (its dataset's class count
+included); the first difference is one line naming the tensor, both shapes and the released
+recipe that fits. Then every tensor of that model must be filled and nothing may be left over,
+or the conversion stops with the keys named. Class names come from the checkpoint's
+``meta.CLASSES`` when it has them (MMSegmentation saves them), else from the recipe's dataset.
 
 Decision: the output never replaces an existing file unless ``overwrite``; the default name is
 ``<source stem>.segcli.pt`` beside the source (``<stem>.timm.pth`` for a backbone).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -36,7 +49,8 @@ from typing import Callable
 import torch
 
 from ..build import as_recipe, build_model, without_pretrained
-from ..convert.keymap import Rule, apply_rules, convert_state, segcli_head_names
+from ..convert.architecture import Architecture, architecture_of, first_difference
+from ..convert.keymap import Rule, apply_rules, fill_target, map_state, segcli_head_names
 from ..convert.reader import read_foreign_checkpoint, state_dict_of
 from ..convert.mmseg import deeplabv3plus_rules, setr_rename, setr_rules
 from ..convert.segvit import (dtop_rules, mmseg_vit_rules, segvit_v1_rules, segvit_v1_shrunk_rules,
@@ -46,7 +60,10 @@ from ..data.classes import label_colormap
 from ..engine.checkpoint import save_checkpoint, write_atomically
 from ..errors import SegcliError
 from ..recipe import Recipe
+from ..registry import DATASETS
 from ..version import __version__
+
+RELEASED_RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "released"
 
 
 @dataclass(frozen=True)
@@ -107,6 +124,8 @@ class ConvertResult:
     format: str
     tensors_in: int  # tensors read from the source
     tensors_out: int  # tensors of the written model / backbone
+    recipe: str | None = None  # the released recipe picked from the tensors (None: given, or a backbone)
+    architecture: str | None = None  # what the tensors say the model is
 
 
 # released formats recognised by their keys but not converted yet: an honest one-line refusal
@@ -152,12 +171,131 @@ def _num_classes(state: dict[str, torch.Tensor], source: str) -> int:
     raise SegcliError("cannot find the class count in the checkpoint", source, "check --from")
 
 
+@dataclass(frozen=True)
+class _Read:
+    """A checkpoint in segcli's names: its format, its architecture, the renamed tensors, each one's source key."""
+    format: str
+    arch: Architecture
+    mapped: dict[str, torch.Tensor]
+    unmatched: list[str]
+    origins: dict[str, str]
+
+
+def _read(state: dict[str, torch.Tensor], fmt: Format) -> _Read:
+    mapped, unmatched, origins = map_state(state, fmt.rules(), fmt.rename)
+    return _Read(fmt.name, architecture_of(mapped), mapped, unmatched, origins)
+
+
+def infer_architecture(state: dict[str, torch.Tensor], from_format: str | None = None,
+                       source: str = "checkpoint") -> Architecture:
+    """What a released checkpoint's tensors say it is (its format detected from the keys unless given)."""
+    return _read(state, FORMATS[from_format or detect_format(set(state), source)]).arch
+
+
+def recipe_architecture(recipe: Recipe, num_classes: int | None = None) -> tuple[Architecture, dict[str, torch.Tensor]]:
+    """The architecture a recipe builds and its state dict, built on the ``meta`` device (shapes
+    only). The class count is the recipe's (its dataset's); ``num_classes`` only where the recipe
+    cannot say (a ``folder`` dataset without its class list here)."""
+    try:
+        own = recipe.model.num_classes or len(dataset_classes(recipe.data))
+    except SegcliError:
+        own = num_classes
+    with torch.device("meta"):
+        model = build_model(without_pretrained(recipe), num_classes=own)
+    state = model.state_dict()
+    return architecture_of(state), state
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    path: Path
+    recipe: Recipe
+    arch: Architecture
+    state: dict[str, torch.Tensor]
+
+
+def _released_candidates(arch: Architecture, overrides=(), folder: Path | None = None
+                         ) -> tuple[list[_Candidate], list[_Candidate], list[str]]:
+    """(released recipes that build exactly ``arch``, those that differ only in the class count,
+    those that could not be built: ``name (error)``)."""
+    fits, near, unreadable = [], [], []
+    for path in sorted(Path(folder or RELEASED_RECIPES).glob("*.yaml")):
+        try:
+            recipe = as_recipe(path, overrides)
+            candidate = _Candidate(path, recipe, *recipe_architecture(recipe))
+        except SegcliError as err:  # e.g. overrides that do not apply to it: it cannot fit
+            unreadable.append(f"{path.name} ({err.message.split(' (')[0][:80]})")
+            continue
+        if candidate.arch == arch:
+            fits.append(candidate)
+        elif dataclasses.replace(candidate.arch, num_classes=arch.num_classes) == arch:
+            near.append(candidate)
+    return fits, near, unreadable
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _datasets_with(num_classes: int) -> list[str]:
+    """Registered dataset types whose fixed class list has ``num_classes`` classes."""
+    return [name for name in DATASETS.names()
+            if isinstance(classes := DATASETS.get(name).classes, (tuple, list)) and len(classes) == num_classes]
+
+
+def _what_fits(read: _Read, overrides=(), folder: Path | None = None) -> tuple[_Candidate | None, str, str]:
+    """(the one released recipe that fits or None, why not (empty when one fits), what to pass)."""
+    arch = read.arch
+    fits, near, unreadable = _released_candidates(arch, overrides, folder)
+    more = f" and {len(unreadable) - 2} more" if len(unreadable) > 2 else ""
+    skipped = f"; not read: {', '.join(unreadable[:2])}{more}" if unreadable else ""
+    if len(fits) == 1:
+        return fits[0], "", f"{_shown(fits[0].path)} fits: pass it with --recipe, or leave --recipe out"
+    if fits:
+        names = " | ".join(_shown(c.path) for c in fits)
+        return None, f"several released recipes fit: {names}{skipped}", f"give one with --recipe {names}"
+    if near:
+        why = "; ".join(f"{_shown(c.path)} has {c.arch.num_classes} ({c.recipe.data.type}): "
+                        + first_difference(arch, c.arch, read.mapped, c.state, read.origins) for c in near)
+        passes = [f"--recipe {_shown(c.path)} --set data.type={name}" for c in near for name in _datasets_with(arch.num_classes)]
+        todo = ("pass " + " or ".join(passes)) if passes else (
+            f"pass --recipe {_shown(near[0].path)} with a dataset of {arch.num_classes} classes (--set data.classes=[...])")
+        return None, f"no released recipe has {arch.num_classes} classes ({why}){skipped}", todo
+    return None, f"no released recipe builds these shapes{skipped}", (
+        f"give the recipe of its architecture with --recipe (those of the released files: {_shown(Path(folder or RELEASED_RECIPES))}/)")
+
+
+def _pick(read: _Read, source: str, overrides=(), folder: Path | None = None) -> Path:
+    fit, why, todo = _what_fits(read, overrides, folder)
+    if fit is None:
+        raise SegcliError(f"its tensors ({read.format}) say {read.arch.describe()}, but {why}", source, todo)
+    return fit.path
+
+
+def pick_released_recipe(state: dict[str, torch.Tensor], from_format: str | None = None, source: str = "checkpoint",
+                         overrides=(), folder: Path | None = None) -> Path:
+    """The released recipe (``folder``, default ``recipes/released/``; ``--set`` ``overrides``
+    applied to each) whose model has exactly the shapes of the checkpoint ``state``, or one line
+    naming the candidates and what to pass."""
+    return _pick(_read(state, FORMATS[from_format or detect_format(set(state), source)]), source, overrides, folder)
+
+
+def _fix(read: _Read, overrides) -> str:
+    """What to pass instead of a recipe the checkpoint does not fit (the file's architecture, what fits)."""
+    fit, why, todo = _what_fits(read, overrides)
+    return f"the file is {read.arch.describe()}; " + (todo if fit is not None else f"{why}: {todo}")
+
+
 def convert(source: str | Path, from_format: str | None = None, recipe: Recipe | str | Path | None = None,
             out: str | Path | None = None, overwrite: bool = False, overrides=()) -> ConvertResult:
     """Convert a released checkpoint (module docstring); returns where it was written."""
     source = Path(source).expanduser()
     if from_format is not None and from_format not in FORMATS and from_format not in ALIASES:
         raise SegcliError(f"unknown format '{from_format}'", "--from", "choose " + " | ".join([*FORMATS, *ALIASES]))
+    given = _shown(Path(recipe)) if isinstance(recipe, (str, Path)) else "the recipe"
     if recipe is not None:
         recipe = as_recipe(recipe, overrides)
     payload = read_foreign_checkpoint(source)
@@ -171,9 +309,6 @@ def convert(source: str | Path, from_format: str | None = None, recipe: Recipe |
     if fmt.backbone_only:
         target_path = Path(out).expanduser() if out else source.with_name(f"{source.stem}.timm.pth")
     else:
-        if recipe is None:
-            raise SegcliError("the architecture is needed", "--recipe",
-                              "give the recipe of the released model, e.g. recipes/released/segvit_vit_b_ade20k.yaml")
         target_path = Path(out).expanduser() if out else source.with_name(f"{source.stem}.segcli.pt")
     if target_path.resolve() == source.resolve():
         raise SegcliError("the output would replace the checkpoint being converted", "--out", "choose another file")
@@ -188,9 +323,21 @@ def convert(source: str | Path, from_format: str | None = None, recipe: Recipe |
         write_atomically(target_path, lambda handle: torch.save(mapped, handle))
         return ConvertResult(target_path, name, len(state), len(mapped))
 
+    read = _read(state, fmt)
+    picked = None
+    if recipe is None:
+        picked = _pick(read, str(source), overrides)
+        recipe, given = as_recipe(picked, overrides), _shown(picked)
     num_classes = _num_classes(state, str(source))
+    recipe_arch, recipe_state = recipe_architecture(recipe, num_classes)
+    difference = first_difference(read.arch, recipe_arch, read.mapped, recipe_state, read.origins)
+    if difference is not None:
+        raise SegcliError(f"the checkpoint does not fit {given}: {difference}", str(source), _fix(read, overrides))
     model = build_model(without_pretrained(recipe), num_classes=num_classes)
-    converted = convert_state(state, fmt.rules(), model.state_dict(), str(source), name, rename=fmt.rename)
+    try:
+        converted = fill_target(read.mapped, read.unmatched, read.origins, model.state_dict(), str(source), name)
+    except SegcliError as err:
+        raise SegcliError(err.message, err.where, _fix(read, overrides)) from None
     model.load_state_dict(converted)
     classes = _class_names(payload, recipe, num_classes)
     meta = {"classes": classes, "palette": label_colormap(num_classes + 1)[1:].astype(int).tolist(),
@@ -198,4 +345,6 @@ def convert(source: str | Path, from_format: str | None = None, recipe: Recipe |
             "converted_from": {"file": str(source), "format": name}}
     save_checkpoint(target_path, {"version": __version__, "recipe": recipe.to_dict(), "meta": meta,
                                   "model": model.state_dict()})
-    return ConvertResult(target_path, name, len(state), len(converted))
+    return ConvertResult(target_path, name, len(state), len(converted), None if picked is None else _shown(picked),
+                         read.arch.describe())
+
