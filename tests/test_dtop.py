@@ -7,6 +7,7 @@ picked from the model's own confidences.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -265,6 +266,137 @@ def test_finetune_trains_every_parameter_unless_freeze_backbone(images):
     sum(heads_only(images, labels).values()).backward()
     assert all(p.grad is None for p in heads_only.backbone.parameters())
     assert heads_only.decode_head.class_queries.weight.grad is not None
+
+
+# --------------------------------------------------------------------------- the published experiments
+
+OFFICIAL_CONFIGS = REPO / "tests" / "fixtures" / "official" / "configs"
+# recipe -> its official config (zbwxp/Dynamic-Token-Pruning config/prune/), dumped by tools/dump_official_configs.py
+DTOP_RECIPES = {
+    "dtop_vit_b_ade20k": "BASE_segvit_ade20k",
+    "dtop_vit_b_ade20k_finetune": "prune_segvit_ade20k",
+    "dtop_vit_b_ade20k_finetune_p095": "prune_segvit_ade20k",
+    "dtop_vit_l_ade20k": "BASE_segvit_ade20k_large",
+    "dtop_vit_l_ade20k_finetune": "prune_segvit_ade20k_large",
+    "dtop_vit_l_pascal_context_59": "BASE_segvit_pc",
+    "dtop_vit_l_pascal_context_59_finetune": "prune_segvit_pc",
+    "dtop_vit_l_coco_stuff10k": "BASE_segvit_cocostuff10k",
+    "dtop_vit_l_coco_stuff10k_finetune": "prune_segvit_cocostuff10k",
+}
+VIT_SIZES = {"vit_base_patch16_384": (12, 768, 12), "vit_large_patch16_384": (24, 1024, 16)}  # depth, width, heads
+
+
+def official_dump(name: str) -> dict:
+    return json.loads((OFFICIAL_CONFIGS / f"dtop__{name}.json").read_text())
+
+
+def dtop_parity(recipe) -> dict:
+    """A DToP recipe's settings under the config-parity keys of the official dumps, plus
+    ``model.aux_heads.thresh`` (the auxiliary PruneHeads' threshold: p0, 1.0 = no pruning)."""
+    data, train, test, model = recipe.data, recipe.train, recipe.test, recipe.model
+    backbone, head, opt = model.backbone.cfg, model.decode_head.cfg, train.optimizer
+    depth, width, heads = VIT_SIZES[backbone.name]
+    # the legacy groups equal paramwise_cfg {custom_keys: {head: lr_mult}} when nothing is exempt from decay
+    assert opt.paramwise is not None or (not opt.no_wd_norm and opt.layer_decay is None)
+    paramwise = opt.paramwise.custom_keys if opt.paramwise else {"head": {"lr_mult": opt.head_lr_mult}}
+    return {
+        "batch.per_gpu": data.batch_size // recipe.published.gpus,
+        "data.crop": list(data.crop_size), "data.scale": list(data.scale), "data.ratio_range": list(data.ratio_range),
+        "data.cat_max_ratio": data.cat_max_ratio, "data.flip_prob": data.flip_prob,
+        "data.mean": list(data.mean), "data.std": list(data.std), "data.photometric": data.photometric,
+        "grad_clip": train.grad_clip, "precision": "fp32" if train.amp == "off" else train.amp,
+        "schedule.max_iters": train.max_iters, "schedule.power": train.poly_power,
+        "schedule.warmup_iters": train.warmup_iters, "schedule.warmup_ratio": train.warmup_ratio,
+        "schedule.min_lr": train.min_lr, "schedule.poly_begin": 0, "schedule.poly_end": train.max_iters,
+        "optimizer.type": {"adamw": "AdamW", "sgd": "SGD"}[opt.type], "optimizer.lr": opt.lr,
+        "optimizer.weight_decay": opt.weight_decay, "optimizer.betas": list(opt.betas),
+        "optimizer.paramwise.custom_keys": paramwise,
+        "model.backbone.depth": depth, "model.backbone.embed_dim": width, "model.backbone.num_heads": heads,
+        "model.backbone.out_indices": list(backbone.out_indices), "model.backbone.drop_path_rate": backbone.drop_path_rate,
+        "model.backbone.pos_embed_resize": backbone.pos_embed_resize,
+        "model.backbone.img_size": [backbone.img_size, backbone.img_size],
+        "model.decode_head.embed_dim": head.embed_dim, "model.decode_head.num_heads": head.num_heads,
+        "model.decode_head.num_layers": head.num_layers, "model.decode_head.self_attn": head.self_attn,
+        "model.decode_head.img_size": head.mask_size,
+        "model.loss.mask_weight": head.focal_weight, "model.loss.dice_weight": head.dice_weight,
+        "model.loss.cls_weight": head.ce_weight, "model.loss.loss_weight": head.loss_weight,
+        "model.aux_heads": [{"in_index": h.cfg.in_index[0], "loss_weight": h.cfg.loss_weight} for h in model.aux_heads],
+        "model.aux_heads.thresh": model.options.p0 if model.type == "dtop" else 1.0,
+        "test.mode": test.mode, "test.crop": list(test.crop_size), "test.stride": list(test.stride),
+        "test.scale": list(test.scale), "test.min_size": test.min_size, "test.flip": test.flip,
+    }
+
+
+def official_parity(dump: dict) -> dict:
+    """The same keys from an official dump (its ``parity`` summary and, for the threshold, the config)."""
+    parity = dict(dump["parity"])
+    parity["optimizer.paramwise.custom_keys"] = parity["optimizer.paramwise"]["custom_keys"]
+    parity["data.photometric"] = bool(parity["data.photometric"])
+    parity["model.aux_heads"] = [{"in_index": h["in_index"], "loss_weight": h["loss_weight"]}
+                                 for h in parity["model.aux_heads"]]
+    (thresh,) = {h["thresh"] for h in dump["config"]["model"]["auxiliary_head"]}  # the heads that grade
+    parity["model.aux_heads.thresh"] = thresh
+    return parity
+
+
+def same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and a == pytest.approx(b, rel=1e-9)
+    return a == b
+
+
+@pytest.mark.parametrize("name", sorted(DTOP_RECIPES))
+def test_dtop_recipes_are_the_official_configs_or_say_why_not(name):
+    """Each DToP recipe against its official config: every setting equal, or listed with its reason in
+    ``published.differences`` (and nothing listed that is equal). No gradient clipping, fp32,
+    binary class heads, every parameter trained, thresholds per config."""
+    recipe = load_recipe(REPO / "recipes" / f"{name}.yaml")
+    dump = official_dump(DTOP_RECIPES[name])
+    assert recipe.published is not None and recipe.published.official_config.endswith(f"config/prune/{DTOP_RECIPES[name]}.py")
+    ours, official = dtop_parity(recipe), official_parity(dump)
+    differing = {key for key in ours if not same(ours[key], official[key])}
+    assert differing == set(recipe.published.differences), {k: (ours[k], official[k]) for k in differing}
+    assert recipe.train.grad_clip is None and recipe.published.precision == "fp32" == official["precision"]
+    assert recipe.published.batch_per_gpu == official["batch.per_gpu"]
+    assert recipe.published.gpus * recipe.published.batch_per_gpu == recipe.data.batch_size
+    heads = [recipe.model.decode_head, *recipe.model.aux_heads]
+    assert all(h.type == "atm" and h.cfg.class_head == "binary" and h.cfg.mask_loss_ignore == "negative"
+               and h.cfg.mask_resolution == "low" for h in heads)
+    if "finetune" in name:
+        options = recipe.model.options
+        assert (options.k, options.strict, options.combine, options.freeze_backbone) == (5, True, "released", False)
+        assert options.exit_layers == recipe.model.backbone.cfg.out_indices[:2]
+    else:
+        assert recipe.model.type == "encoder_decoder"
+
+
+def test_vit_l_ade20k_recipes_resize_to_2560_640():
+    for name in ("dtop_vit_l_ade20k", "dtop_vit_l_ade20k_finetune"):
+        recipe = load_recipe(REPO / "recipes" / f"{name}.yaml")
+        assert recipe.data.scale == (2560, 640) and recipe.test.scale == (2560, 640)
+
+
+@pytest.mark.parametrize("name", ["dtop_vit_b_ade20k_finetune", "dtop_vit_l_ade20k_finetune"])
+def test_finetune_recipes_build_and_train_every_parameter(name):
+    """A ViT-B and a ViT-L fine-tune recipe build their pruned model (a narrow ViT of the recipe's
+    depth) and one training step reaches every parameter."""
+    recipe = load_recipe(REPO / "recipes" / f"{name}.yaml",
+                         ["model.backbone.embed_dim=32", "model.backbone.num_heads=2", "model.backbone.img_size=64",
+                          "model.decode_head.embed_dim=32", "model.decode_head.num_heads=2",
+                          "model.aux_heads=[{type: atm, in_index: [0], embed_dim: 32, num_heads: 2, self_attn: true, "
+                          "class_head: binary}, {type: atm, in_index: [1], embed_dim: 32, num_heads: 2, "
+                          "self_attn: true, class_head: binary}]"])
+    torch.manual_seed(0)
+    model = api.build_model(recipe, num_classes=NUM_CLASSES).train()
+    assert isinstance(model, DToPSegmentor) and model.exit_layers == recipe.model.options.exit_layers
+    losses = model(torch.randn(2, 3, 64, 64), torch.randint(0, NUM_CLASSES, (2, 64, 64)))
+    sum(losses.values()).backward()
+    assert all(p.requires_grad and p.grad is not None for p in model.parameters())
+
+
+def test_setr_dtop_recipe_has_no_gradient_clipping():
+    recipe = load_recipe(REPO / "recipes" / "setr_dtop_vit_b_ade20k.yaml")
+    assert recipe.train.grad_clip is None and recipe.train.amp == "off"
 
 
 # --------------------------------------------------------------------------- prune API and errors
