@@ -382,6 +382,7 @@ def prune(
     exit_layers: Optional[str] = typer.Option(None, "--exit-layers", "--layers",
                                               help="0-based exit blocks, e.g. 5,7 (default: every aux head)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output checkpoint (default <stem>_dtop.pt)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out (never the input)."),
     json_out: bool = typer.Option(False, "--json", help="Print {\"checkpoint\", \"p0\", \"k\"} as JSON on stdout."),
 ):
     """DToP@Direct: write a pruned checkpoint that eval/predict/flops use as is (thesis ch. 5)."""
@@ -389,7 +390,7 @@ def prune(
 
     def run():
         try:
-            return api.prune(checkpoint, p0=p0, k=k, exit_layers=exit_layers, out=out)
+            return api.prune(checkpoint, p0=p0, k=k, exit_layers=exit_layers, out=out, overwrite=overwrite)
         except SegcliError as err:  # an error about an option names its flag (same name)
             if err.where in ("p0", "k", "exit_layers"):
                 raise SegcliError(err.message, "--" + err.where.replace("_", "-"), err.hint) from None
@@ -397,7 +398,9 @@ def prune(
 
     path = _guard(ctx, run)
     if json_out:
-        typer.echo(json.dumps({"checkpoint": str(path), "p0": p0, "k": k, "exit_layers": exit_layers}))
+        layers = api.parse_layers(exit_layers) if exit_layers else None
+        typer.echo(json.dumps({"checkpoint": str(path), "p0": p0, "k": k,
+                               "exit_layers": list(layers) if layers is not None else None}))
         return
     _console().print(f"wrote {path} (p0={p0}, k={k})")
     _console().print(f"next: segcli eval {path} --flops")

@@ -161,13 +161,16 @@ def test_label_remapping_overlapped_vs_disjoint(folder4):
 def test_presence_index_is_cached_reused_and_invalidated(folder4, tmp_path, monkeypatch):
     import segcli.workflows.continual.presence as continual
 
+    monkeypatch.setenv("SEGCLI_CACHE", str(tmp_path / "cache"))
     reads = []
     original = continual.read_mask
     monkeypatch.setattr(continual, "read_mask", lambda path: reads.append(path) or original(path))
     dataset = build_dataset(folder_recipe(folder4).data, "train")
+    before = sorted(p.name for p in folder4.iterdir())
     first = class_presence(dataset, folder4, "train")
     assert not first.reused and len(reads) == 4
-    assert first.path == folder4 / ".segcli" / "class_presence-train.npz" and first.path.is_file()
+    assert tmp_path / "cache" in first.path.parents and first.path.is_file()
+    assert sorted(p.name for p in folder4.iterdir()) == before  # nothing written into the dataset
     second = class_presence(dataset, folder4, "train")
     assert second.reused and len(reads) == 4  # no mask read again
     assert np.array_equal(first.matrix, second.matrix)
@@ -182,13 +185,24 @@ def test_presence_index_is_cached_reused_and_invalidated(folder4, tmp_path, monk
     assert not class_presence(remapped, folder4, "train").reused
 
 
-def test_presence_cache_falls_back_when_the_dataset_folder_is_not_writable(folder4, tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    (folder4 / ".segcli").write_text("a file where the cache folder would go")  # mkdir fails: OSError
+def test_presence_index_on_a_read_only_dataset_and_an_unwritable_cache(folder4, tmp_path, monkeypatch):
+    """The bug: cl-step wrote its cache into the dataset and failed on a read-only mount."""
     dataset = build_dataset(folder_recipe(folder4).data, "train")
-    first = class_presence(dataset, folder4, "train")
-    assert tmp_path / "cache" in first.path.parents and first.path.is_file()
-    assert class_presence(dataset, folder4, "train").reused
+    modes = {path: path.stat().st_mode for path in [folder4, *folder4.rglob("*")] if path.is_dir()}
+    monkeypatch.setenv("SEGCLI_CACHE", str(tmp_path / "cache"))
+    try:
+        for folder in modes:
+            folder.chmod(0o555)
+        first = class_presence(dataset, folder4, "train")
+        assert tmp_path / "cache" in first.path.parents and first.path.is_file()
+        assert class_presence(dataset, folder4, "train").reused
+    finally:
+        for folder, mode in modes.items():
+            folder.chmod(mode)
+    (tmp_path / "blocked").write_text("a file where the cache folder would go")  # mkdir fails: OSError
+    monkeypatch.setenv("SEGCLI_CACHE", str(tmp_path / "blocked"))
+    computed = class_presence(dataset, folder4, "train")
+    assert not computed.reused and np.array_equal(computed.matrix, first.matrix)
 
 
 # --------------------------------------------------------------------------- the model

@@ -23,7 +23,7 @@ LAYERS = [  # (module-name prefix, layer); the longest matching prefix wins
     ("segcli.recipe", 5),
     ("segcli.models", 6), ("segcli.data", 6), ("segcli.viz", 6), ("segcli.convert", 6),
     ("segcli.configurable", 7), ("segcli.registry", 7), ("segcli.errors", 7), ("segcli.zoo", 7),
-    ("segcli.version", 7), ("segcli.allocator", 7),
+    ("segcli.version", 7), ("segcli.allocator", 7), ("segcli.outputs", 7),
 ]
 
 

@@ -253,7 +253,12 @@ def generate_synthetic(root: str | Path, n_train: int = 96, n_val: int = 24, siz
                           "data.synthetic_train/synthetic_val")
     if size < 32:
         raise SegcliError(f"synthetic images must be at least 32 px (got {size})", "data.synthetic_size")
+    if seed < 0:
+        raise SegcliError(f"the seed must be >= 0 (got {seed})", "data.synthetic_seed")
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise SegcliError("this is a file, not a folder: the synthetic dataset is a folder", str(root),
+                          "choose a new or empty folder")
     params = _params(n_train, n_val, size, seed)
     marker = _read_marker(root)
     if marker is not None and marker == {**params, "complete": True}:

@@ -17,6 +17,7 @@ import numpy as np
 from ..build import as_recipe
 from ..data import IGNORE_INDEX, build_dataset
 from ..errors import SegcliError
+from ..outputs import check_outputs
 from ..recipe import Recipe
 from ..viz import colorize, overlay_image, save_png, with_legend
 
@@ -41,10 +42,14 @@ def show_data(recipe: Recipe | str | Path, out_dir: str | Path, overrides=(), sp
         dataset = build_dataset(recipe.data, split)
         count = len(dataset) if limit is None else min(limit, len(dataset))
         plans += [(dataset, split, i, out / f"{split}_{Path(dataset.samples[i][0]).stem}.png") for i in range(count)]
-    existing = [path for *_, path in plans if path.exists()]
-    if existing and not overwrite:
-        raise SegcliError(f"{len(existing)} overlay(s) of an earlier run are in the way", str(existing[0]),
-                          "pass --overwrite to replace them, or choose another folder")
+    # the dataset's own folders: an overlay written there would be read back as a sample
+    datasets = {id(dataset): dataset for dataset, *_ in plans}.values()
+    data_dirs = {Path(path).parent for dataset in datasets for sample in dataset.samples for path in sample}
+    if recipe.data.root is not None:
+        data_dirs.add(Path(recipe.data.root))
+    check_outputs([path for *_, path in plans], data_dirs=sorted(data_dirs), overwrite=overwrite)
+    for dataset, _, index, _ in plans:  # every mask checked before the first overlay is written
+        dataset.check_mask(index)
     out.mkdir(parents=True, exist_ok=True)
     result = DataShowResult()
     for done, (dataset, _, index, path) in enumerate(plans, 1):

@@ -37,6 +37,7 @@ from ..build import LoadedModel, load_checkpoint
 from ..engine.deploy import (EXTRA_HINT, INPUT_NAME, META_PREFIX, DeployGraph, OnnxSegmentor, ort_session,
                              read_metadata)
 from ..errors import SegcliError, did_you_mean
+from ..outputs import check_outputs
 from ..recipe import recipe_from_dict
 from ..version import __version__
 
@@ -244,8 +245,7 @@ def export_model(checkpoint: str | Path, format: str = "onnx", shape: tuple[int,
     _check_options(fmt, output, shape, batch, opset, dynamic)
     checkpoint = Path(checkpoint)
     target = Path(out) if out is not None else default_out(checkpoint, fmt)
-    if target.exists() and not overwrite:
-        raise SegcliError("the output file exists", str(target), "add --overwrite, or choose --out FILE")
+    check_outputs([target], inputs=[checkpoint], overwrite=overwrite, input_name="checkpoint")
     if not target.parent.is_dir():
         raise SegcliError("the output folder does not exist", str(target.parent), "create it first")
     if fmt == "onnx":

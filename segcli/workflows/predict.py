@@ -18,6 +18,7 @@ from ..data import read_image
 from ..data.transforms import image_batch
 from ..engine.inference import compile_failures_reported, compile_for_inference, infer_labels, prepare_for_inference
 from ..errors import SegcliError
+from ..outputs import check_outputs as check_writes
 from ..viz import colorize, overlay_image, save_png, with_legend
 from .export import load_onnx
 
@@ -84,17 +85,8 @@ def planned_outputs(stem: str, out: Path, overlay: bool, exit_stages: int) -> li
 
 def check_outputs(files: list[Path], outputs: list[Path], overwrite: bool) -> None:
     """Refuse, before anything is written, outputs that would replace an input image (never allowed)
-    or files of an earlier run (allowed with ``overwrite``)."""
-    inputs = {path.resolve() for path in files}
-    for path in outputs:
-        if path.resolve() in inputs:
-            raise SegcliError("this input image would be overwritten by a prediction", str(path),
-                              "write the predictions to another --out folder (inputs are never overwritten)")
-    existing = [path for path in outputs if path.exists()]
-    if existing and not overwrite:
-        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
-        raise SegcliError(f"a prediction of an earlier run is in the way{more}", str(existing[0]),
-                          "pass --overwrite to replace them, or choose another --out folder")
+    or files of an earlier run (allowed with ``overwrite``): :func:`segcli.outputs.check_outputs`."""
+    check_writes(outputs, inputs=files, overwrite=overwrite, input_name="input image")
 
 
 def predict(inputs: list[str], checkpoint: str | Path, out_dir: str | Path = "predictions", overlay: bool = False,

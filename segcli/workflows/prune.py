@@ -32,6 +32,7 @@ from ..engine.checkpoint import load_model_state, read_checkpoint, save_checkpoi
 from ..engine.flops import count_flops_split
 from ..errors import SegcliError
 from ..models.dtop import DToPOptions
+from ..outputs import check_outputs
 from ..recipe import Recipe, recipe_from_dict
 
 __all__ = ["prune_checkpoint", "pruned_recipe", "parse_layers", "gflops_split", "PRUNE_OPTIONS"]
@@ -85,8 +86,12 @@ def pruned_recipe(recipe: Recipe, p0: float = 0.95, k: int = 5, exit_layers: tup
 
 
 def prune_checkpoint(checkpoint: str | Path, p0: float = 0.95, k: int = 5,
-                     exit_layers: str | tuple[int, ...] | None = None, out: str | Path | None = None) -> Path:
+                     exit_layers: str | tuple[int, ...] | None = None, out: str | Path | None = None,
+                     overwrite: bool = False) -> Path:
     """DToP@Direct: write a pruned copy of ``checkpoint`` (default ``<stem>_dtop.pt`` beside it).
+
+    The copy never replaces ``checkpoint`` and replaces another existing file only with
+    ``overwrite`` (:func:`segcli.outputs.check_outputs`), checked before the checkpoint is read.
 
     ``exit_layers`` are the 0-based blocks whose auxiliary heads grade tokens (None = every
     auxiliary head before the decode head's block), as a tuple or as text (``"5,7"``). Raises :class:`SegcliError` when the model has
@@ -96,6 +101,8 @@ def prune_checkpoint(checkpoint: str | Path, p0: float = 0.95, k: int = 5,
         exit_layers = parse_layers(exit_layers)
     dtop_options(None, p0=p0, k=k, exit_layers=exit_layers)  # the options first: nothing read in vain
     source = Path(checkpoint).expanduser()
+    target = Path(out).expanduser() if out is not None else source.with_name(f"{source.stem}_dtop.pt")
+    check_outputs([target], inputs=[source], overwrite=overwrite, input_name="checkpoint")
     payload = read_checkpoint(source)
     recipe = recipe_from_dict(payload["recipe"], where=f"{source} (embedded recipe)")
     if not recipe.model.aux_heads:
@@ -109,7 +116,6 @@ def prune_checkpoint(checkpoint: str | Path, p0: float = 0.95, k: int = 5,
         option = (err.where or "").rsplit("model.options.", 1)[-1]
         raise SegcliError(err.message, option if option in PRUNE_OPTIONS else str(source), err.hint) from None
     load_model_state(model, payload["model"], str(source))
-    target = Path(out).expanduser() if out is not None else source.with_name(f"{source.stem}_dtop.pt")
     return save_checkpoint(target, {
         "version": payload.get("version"),
         "recipe": recipe.to_dict(),

@@ -39,9 +39,10 @@ Decisions (the thesis is silent; SegViT-CL was not released):
 * **The class-presence index** (which classes each training image contains) is what task
   membership is computed from, for any protocol and setting, with no image decoded twice. It is
   computed once per dataset split (masks read in parallel with ``data.num_workers`` processes)
-  and cached next to the dataset as ``<data.root>/.segcli/class_presence-<split>.npz``. When that
-  folder is not writable the cache goes to ``$XDG_CACHE_HOME/segcli/class_presence/<hash of the
-  root path>/`` (default ``~/.cache``). Invalidation key: a SHA-256 over the class count, the
+  and cached in segcli's cache, ``$SEGCLI_CACHE/class_presence/<hash of the root path>/
+  class_presence-<split>.npz`` (default ``~/.cache/segcli``), never in the user's dataset (it may be
+  read-only, shared, or under version control). When the cache is not writable the index is
+  computed and not kept. Invalidation key: a SHA-256 over the class count, the
   dataset's label mapping and, per mask, its path relative to the root, size and modification
   time (ns) — adding, removing, replacing or editing a mask recomputes it; stat-ing 20k files
   costs well under a second.
@@ -59,12 +60,12 @@ Decisions (the thesis is silent; SegViT-CL was not released):
   exactly the share of them that new heads took: the interference the frozen design leaves.
 """
 from .metrics import cl_metrics
-from .presence import ClassPresence, class_presence, presence_cache_paths
+from .presence import ClassPresence, class_presence, presence_cache_path
 from .protocol import Tasks, parse_protocol, seen_classes
 from .step import CLStepResult, cl_step, find_previous_step, step_recipe
 from .task_data import (TaskDataset, cl_eval_dataset, task_eval_dataset, task_images, task_train_dataset,
                         train_label_map)
 
 __all__ = ["ClassPresence", "CLStepResult", "TaskDataset", "Tasks", "cl_eval_dataset", "cl_metrics", "cl_step",
-           "class_presence", "find_previous_step", "parse_protocol", "presence_cache_paths", "seen_classes",
+           "class_presence", "find_previous_step", "parse_protocol", "presence_cache_path", "seen_classes",
            "step_recipe", "task_eval_dataset", "task_images", "task_train_dataset", "train_label_map"]

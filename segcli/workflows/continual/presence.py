@@ -1,4 +1,4 @@
-"""The class-presence index: which classes every training image holds, cached beside the dataset.
+"""The class-presence index: which classes every training image holds, cached in segcli's cache.
 
 Task membership under any protocol and setting is computed from it, so no mask is decoded twice
 (cache location and invalidation key: see the package docstring).
@@ -16,6 +16,7 @@ import torch
 
 from ...data.datasets import SegDataset, read_mask
 from ...engine.checkpoint import write_atomically
+from ...zoo import cache_dir
 
 INDEX_VERSION = 1
 
@@ -56,12 +57,10 @@ def _fingerprint(dataset: SegDataset, root: Path) -> str:
     return digest.hexdigest()
 
 
-def presence_cache_paths(root: Path, split: str) -> tuple[Path, Path]:
-    """(next to the dataset, fallback user cache) locations of the index of ``split``."""
-    name = f"class_presence-{split}.npz"
-    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+def presence_cache_path(root: Path, split: str) -> Path:
+    """Where the index of ``split`` of the dataset at ``root`` is cached (never inside the dataset)."""
     key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
-    return root / ".segcli" / name, user_cache / "segcli" / "class_presence" / key / name
+    return cache_dir() / "class_presence" / key / f"class_presence-{split}.npz"
 
 
 def _read_cache(path: Path, fingerprint: str, shape: tuple[int, int]) -> np.ndarray | None:
@@ -89,18 +88,15 @@ def class_presence(dataset: SegDataset, root: str | Path, split: str, num_worker
     root = Path(root)
     fingerprint = _fingerprint(dataset, root)
     shape = (len(dataset), dataset.num_classes)
-    beside, fallback = presence_cache_paths(root, split)
-    for path in (beside, fallback):
-        matrix = _read_cache(path, fingerprint, shape)
-        if matrix is not None:
-            return ClassPresence(matrix, path, reused=True)
+    path = presence_cache_path(root, split)
+    matrix = _read_cache(path, fingerprint, shape)
+    if matrix is not None:
+        return ClassPresence(matrix, path, reused=True)
     reader = _MaskClasses([mask for _, mask in dataset.samples], dataset.label_lut, dataset.num_classes)
     loader = torch.utils.data.DataLoader(reader, batch_size=32, num_workers=num_workers)
     matrix = torch.cat(list(loader)).numpy() if len(reader) else np.zeros(shape, dtype=bool)  # [N, K]
-    for path in (beside, fallback):
-        try:
-            _write_cache(path, fingerprint, matrix)
-            return ClassPresence(matrix, path, reused=False)
-        except OSError:
-            continue
-    return ClassPresence(matrix, fallback, reused=False)  # nowhere writable: computed, not cached
+    try:
+        _write_cache(path, fingerprint, matrix)
+    except OSError:  # a read-only cache: computed, not kept
+        pass
+    return ClassPresence(matrix, path, reused=False)
