@@ -46,9 +46,11 @@ Decisions (the thesis is silent, or the released code, zbwxp/Dynamic-Token-Pruni
   ``head.forward_tokens``. Other heads need a spatial map: they get the full grid in which
   exited tokens keep the features they had when they exited (their own map would otherwise have
   holes). How a head runs is decided once by :func:`head_kind`.
-* **Combining** (the thesis: exited tokens keep the prediction of the head where they exited;
-  the released code instead keeps their early mask logits with the final head's class
-  probabilities, which needs ATM heads everywhere: not offered). With an ATM decode head, a
+* **Combining** (``combine: thesis``, the default: exited tokens keep the prediction of the head
+  where they exited, thesis 5.2.2 "predictions from each stage jointly form the final results";
+  ``combine: released``, which the recipes of the published experiments use: they keep their
+  early mask logits under the decode head's class probabilities, which needs ATM heads
+  everywhere). With ``combine: thesis`` and an ATM decode head, a
   token-level canvas ``[B, K, h, w]`` holds each token's per-class probabilities from the head
   it left by, and is upsampled bilinearly: this is the ATM head's own ``mask_resolution: low``
   order, so DToP requires it. With a logit decode head (FCN, SETR) the decode head's scores are
