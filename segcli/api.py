@@ -16,6 +16,7 @@ from .workflows.data_check import DataCheckResult, check_data
 from .workflows.data_show import DataShowResult, show_data
 from .workflows.convert import ConvertResult, convert
 from .workflows.evaluate import evaluate
+from .workflows.experiment import ExperimentCheck, RecipeShow, compare_to_published, show_recipe
 from .workflows.export import ExportResult, export_model, load_onnx
 from .workflows.flops import flops
 from .workflows.plot import plot_run
@@ -33,4 +34,5 @@ __all__ = ["CLStepResult", "ConvertResult", "convert", "LoadedModel", "PredictRe
            "cl_metrics", "cl_step", "dump_recipe", "evaluate", "flops", "gflops_split", "load_checkpoint",
            "load_recipe", "pick_device", "predict", "prune", "prune_checkpoint", "train", "without_pretrained",
            "DataCheckResult", "check_data", "plot_run", "resolved_recipe_yaml",
-           "ExportResult", "export", "export_model", "load_onnx", "benchmark", "Segmenter", "DataShowResult", "show_data"]
+           "ExportResult", "export", "export_model", "load_onnx", "benchmark", "Segmenter", "DataShowResult", "show_data",
+           "ExperimentCheck", "RecipeShow", "compare_to_published", "show_recipe"]

@@ -131,6 +131,13 @@ class _TrainReporter:
                 f"{info['model']}, {info['params_m']:.2f} M parameters; {info['dataset']} "
                 f"({info['data_root'] or 'default root'}): {info['train_images']} train / {info['val_images']} val "
                 f"images; {info['max_iters']} iterations{start} on {info['device']} -> {info['work_dir']}/"))
+        elif event == "experiment":
+            if info["matches"]:
+                self.console.print(f"[bold green]this run is the published experiment:[/] {escape(info['published'])}")
+            else:
+                self.console.print(f"published experiment: {escape(info['published'])}")
+                for line in info["differences"]:
+                    self.console.print(f"  [bold yellow]differs:[/] {escape(line)}")
         elif event == "warning":
             self.progress.console.print(f"[bold yellow]warning:[/] {escape(info['message'])}")
         elif event == "checkpoint":
@@ -191,8 +198,8 @@ def train(
         rec = api.load_recipe(recipe, set_ or [])
         reporter = _TrainReporter(console, rec.train.log_interval) if main else None
         try:
-            result = api.train(rec, work_dir=work_dir, resume=resume, device=device, callback=reporter,
-                               overwrite=overwrite)
+            result = api.train(recipe, work_dir=work_dir, overrides=set_ or [], resume=resume, device=device,
+                               callback=reporter, overwrite=overwrite)
         except KeyboardInterrupt:
             if reporter:
                 reporter.close()
@@ -594,11 +601,26 @@ def recipe_show(
     ctx: typer.Context,
     recipe: Path = typer.Argument(..., help="Recipe YAML."),
     set_: Optional[List[str]] = SetOpt,
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="Compare with the published experiment for a run on N GPUs (default 1)."),
 ):
-    """Print the resolved recipe (bases merged, --set applied, defaults filled): what train writes."""
+    """Print the resolved recipe (bases merged, --set applied, defaults filled): what train writes.
+
+    A recipe that names its published experiment starts with comment lines marking each way a run
+    of it (on --gpus GPUs, CUDA) differs from that experiment."""
     from . import api
 
-    typer.echo(_guard(ctx, api.resolved_recipe_yaml, recipe, overrides=set_ or []), nl=False)
+    shown = _guard(ctx, api.show_recipe, recipe, overrides=set_ or [], gpus=gpus)
+    check = shown.check
+    if check.published is not None:
+        assumed = ", ".join(shown.assumed)
+        lines = [f"# published experiment: {check.summary()}"]
+        if check.matches:
+            lines.append(f"# a run on {assumed} is the published experiment")
+        else:
+            lines.append(f"# a run on {assumed} differs from it:")
+            lines += [f"#   differs: {line}" for line in check.differences]
+        typer.echo("\n".join(lines))
+    typer.echo(shown.yaml, nl=False)
 
 
 @app.command()

@@ -9,7 +9,12 @@ batch size) and slot ``s`` of that batch is augmented with a generator seeded by
   sampler runs in the main process and the DataLoader returns batches in request order);
 * resuming at ``start_iter`` yields exactly the batches an uninterrupted run would have seen;
 * under DDP, rank ``r`` of ``W`` takes slots ``[r*B/W, (r+1)*B/W)`` of the same global batch,
-  so W processes with B/W samples each see exactly what one process with B sees.
+  so W processes with B/W samples each see exactly what one process with B sees;
+* with ``A`` accumulation steps, rank ``r``'s share is cut into ``A`` micro-batches of ``m =
+  B/(W*A)`` consecutive slots, micro-batch ``j`` holding slots ``[r*B/W + j*m, r*B/W + (j+1)*m)``:
+  B stays the global batch of one optimizer step (MMSegmentation's is ``gpus * samples_per_gpu``
+  per step; accumulation only changes how many samples are in memory at once), and a run with
+  any W and A sees exactly the samples and augmentations of one process with B.
 
 Evaluation: batch size 1 (images keep their own sizes), rank ``r`` takes indices ``r::W``.
 """
@@ -69,33 +74,55 @@ def global_batch(num_samples: int, batch_size: int, seed: int, iteration: int) -
     return keys
 
 
+def micro_batch_size(batch_size: int, world_size: int = 1, accum_steps: int = 1) -> int:
+    """Samples per process per micro-batch: the global ``batch_size`` split over ``world_size``
+    processes and ``accum_steps`` accumulation steps (refused when it does not divide)."""
+    parts = world_size * accum_steps
+    if batch_size % parts:
+        raise SegcliError(f"data.batch_size {batch_size} (the global batch) is not divisible by {parts} = "
+                          f"{world_size} process(es) x train.accum_steps {accum_steps}", "data.batch_size",
+                          f"use a multiple of {parts}, or change train.accum_steps")
+    return batch_size // parts
+
+
 class TrainBatchSampler(Sampler):
-    """Endless per-rank batches of :class:`SampleKey` from iteration ``start_iter`` on."""
+    """Endless per-rank micro-batches of :class:`SampleKey` from optimizer step ``start_iter`` on
+    (``accum_steps`` of them per step)."""
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 start_iter: int = 0):
+                 start_iter: int = 0, accum_steps: int = 1):
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.seed = seed
-        self.per_rank = batch_size // world_size
+        self.micro = micro_batch_size(batch_size, world_size, accum_steps)
+        self.accum_steps = accum_steps
         self.rank = rank
         self.start_iter = start_iter
 
     def __iter__(self):
         iteration = self.start_iter
-        lo, hi = self.rank * self.per_rank, (self.rank + 1) * self.per_rank
+        first = self.rank * self.micro * self.accum_steps  # rank r's share of the global batch
         while True:
-            yield global_batch(self.num_samples, self.batch_size, self.seed, iteration)[lo:hi]
+            keys = global_batch(self.num_samples, self.batch_size, self.seed, iteration)
+            for step in range(self.accum_steps):
+                lo = first + step * self.micro
+                yield keys[lo:lo + self.micro]
             iteration += 1
 
 
 class TrainBatches:
-    """An endless iterator of training batches; ``iteration`` is the index of the next one."""
+    """An endless iterator of training micro-batches; ``iteration`` is the optimizer step of the next one."""
 
-    def __init__(self, loader: DataLoader, start_iter: int):
+    def __init__(self, loader: DataLoader, start_iter: int, accum_steps: int = 1):
         self.loader = loader
-        self.iteration = start_iter
+        self.start_iter = start_iter
+        self.accum_steps = accum_steps
+        self.served = 0  # micro-batches returned so far
         self._iterator = None
+
+    @property
+    def iteration(self) -> int:
+        return self.start_iter + self.served // self.accum_steps
 
     def __iter__(self):
         return self
@@ -104,7 +131,7 @@ class TrainBatches:
         if self._iterator is None:
             self._iterator = iter(self.loader)
         batch = next(self._iterator)
-        self.iteration += 1
+        self.served += 1
         return batch
 
     def close(self) -> None:
@@ -118,19 +145,20 @@ def _check_ranks(rank: int, world_size: int) -> None:
 
 
 def build_train_loader(dataset, batch_size: int, num_workers: int, seed: int, rank: int = 0,
-                       world_size: int = 1, start_iter: int = 0, pin_memory: bool = False) -> TrainBatches:
-    """Endless training batches ``dict(image [b, 3, H, W], label [b, H, W], index [b])``.
+                       world_size: int = 1, start_iter: int = 0, pin_memory: bool = False,
+                       accum_steps: int = 1) -> TrainBatches:
+    """Endless training micro-batches ``dict(image [m, 3, H, W], label [m, H, W], index [m])``.
 
-    ``batch_size`` is global; each of the ``world_size`` processes gets ``batch_size //
-    world_size`` samples. Batch ``i`` depends only on (seed, i); see the module docstring.
+    ``batch_size`` is the global batch of one optimizer step; each of the ``world_size`` processes
+    gets ``accum_steps`` micro-batches of ``m = batch_size / (world_size * accum_steps)`` samples
+    per step (:func:`micro_batch_size`). Step ``i`` depends only on (seed, i); see the module
+    docstring. ``start_iter`` counts optimizer steps.
     """
     _check_ranks(rank, world_size)
-    if batch_size % world_size:
-        raise SegcliError(f"batch size {batch_size} is not divisible by {world_size} processes",
-                          "data.batch_size", f"use a multiple of {world_size}")
+    micro_batch_size(batch_size, world_size, accum_steps)
     if len(dataset) == 0:
         raise SegcliError("the training set is empty", getattr(dataset, "name", None))
-    sampler = TrainBatchSampler(len(dataset), batch_size, seed, rank, world_size, start_iter)
+    sampler = TrainBatchSampler(len(dataset), batch_size, seed, rank, world_size, start_iter, accum_steps)
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -141,7 +169,7 @@ def build_train_loader(dataset, batch_size: int, num_workers: int, seed: int, ra
         pin_memory=pin_memory,
         persistent_workers=False,
     )
-    return TrainBatches(loader, start_iter)
+    return TrainBatches(loader, start_iter, accum_steps)
 
 
 def build_eval_loader(dataset, num_workers: int, rank: int = 0, world_size: int = 1,

@@ -1,13 +1,18 @@
 """The iteration-based training loop (model-agnostic).
 
-One iteration = one optimizer step over ``accum_steps`` micro-batches. The data of micro-batch
-``j`` depends only on (seed, j), the lr only on the iteration, and checkpoints carry the
+One iteration = one optimizer step over ``data.batch_size`` samples, the global batch: each of
+the W processes runs ``train.accum_steps`` micro-batches of ``batch_size / (W * accum_steps)``
+samples, so accumulation keeps the global batch instead of multiplying it (MMSegmentation's
+global batch is ``gpus * samples_per_gpu`` per step). The data of iteration ``i`` depends only on
+(seed, i) (``data/loader.py``), the lr only on the iteration, and checkpoints carry the
 optimizer, scaler and torch RNG states, so ``resume`` continues exactly where ``last.pt`` was
 written (Ctrl-C writes it before leaving). Under DDP, rank 0 alone writes files; every rank
 evaluates its share and the confusion matrices are summed.
 
 Events reach the caller through ``callback(event, info)``: ``"step"`` (iteration, lr, losses,
-it/s), ``"eval"`` (metrics), ``"checkpoint"`` (path). The library never prints.
+it/s), ``"eval"`` (metrics), ``"checkpoint"`` (path). The library never prints. ``records`` given by
+the caller (e.g. how the run differs from its published experiment) are appended to
+``metrics.jsonl`` before the first iteration, tagged with the iteration they start at.
 """
 from __future__ import annotations
 
@@ -119,6 +124,7 @@ def run_training(
     resume: bool = False,
     callback: Callback | None = None,
     resume_state: dict | None = None,
+    records: tuple[dict, ...] = (),
 ) -> TrainResult:
     """Train ``model`` into ``work_dir``; with ``resume``, continue from ``resume_state`` (the payload
     of ``last.pt``, already read and checked by the caller) or else from ``work_dir/last.pt``."""
@@ -205,12 +211,12 @@ def run_training(
         callback("eval", {"iter": iteration, **metrics})
         return metrics
 
-    per_rank = recipe.data.batch_size // dist_info.world_size
-    if per_rank * dist_info.world_size != recipe.data.batch_size:
-        raise SegcliError(f"batch_size {recipe.data.batch_size} is not divisible by {dist_info.world_size} processes",
-                          "data.batch_size")
     loader = build_train_loader(train_set, recipe.data.batch_size, recipe.data.num_workers, cfg.seed,
-                                dist_info.rank, dist_info.world_size, start_iter=start_iter * cfg.accum_steps)
+                                dist_info.rank, dist_info.world_size, start_iter=start_iter,
+                                accum_steps=cfg.accum_steps)
+    if dist_info.is_main:
+        for record in records:
+            _append_jsonl(metrics_path, {"iter": start_iter, **record})
     batches = iter(loader)
     metrics = None
     iteration = start_iter

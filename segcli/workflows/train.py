@@ -15,11 +15,13 @@ from typing import Iterator
 import torch
 
 from ..build import as_recipe, build_datasets, build_model, dataset_meta, pick_device
+from ..data.loader import micro_batch_size
 from ..engine.checkpoint import load_model_state, read_checkpoint
 from ..engine.distributed import DistInfo, barrier, cleanup, init_distributed
 from ..engine.trainer import Callback, TrainResult, run_training, snapshot_paths
 from ..errors import SegcliError
 from ..recipe import Recipe, dump_recipe
+from .experiment import ExperimentCheck, compare_to_published
 from .tensorboard import INSTALL_HINT, TensorBoardLogger, tensorboard_available, with_tensorboard
 
 
@@ -80,13 +82,17 @@ def run_banner(recipe: Recipe, model, train_set, val_set, work_dir: Path, device
 
 
 def start_run(recipe: Recipe, model, train_set, val_set, work_dir: Path, meta: dict, device: torch.device,
-              dist_info: DistInfo, resume: bool, callback: Callback | None, overwrite: bool = False) -> TrainResult:
+              dist_info: DistInfo, resume: bool, callback: Callback | None, overwrite: bool = False,
+              experiment: ExperimentCheck | None = None) -> TrainResult:
     """Check everything, then write ``work_dir/recipe.yaml`` (rank 0) and run the training loop.
 
     Nothing is written before every check has passed: an earlier run in ``work_dir`` is refused
     unless ``resume`` (continue it) or ``overwrite`` (its files are deleted first); ``resume``
-    needs a ``last.pt`` that fits ``model``; every validation mask is read once. Events:
-    ``"start"`` (:func:`run_banner`), ``"warning"`` (``{"message"}``), then the trainer's.
+    needs a ``last.pt`` that fits ``model``; the global batch must split over the processes and
+    accumulation steps; every validation mask is read once. Events: ``"start"``
+    (:func:`run_banner`), ``"experiment"`` (:meth:`ExperimentCheck.to_event`, when ``experiment``
+    names a published one; also recorded in ``metrics.jsonl``), ``"warning"`` (``{"message"}``),
+    then the trainer's.
     """
     callback = callback or (lambda event, info: None)
     work_dir = Path(work_dir)
@@ -99,8 +105,13 @@ def start_run(recipe: Recipe, model, train_set, val_set, work_dir: Path, meta: d
             raise SegcliError(f"holds an earlier run ({', '.join(p.name for p in earlier)})", str(work_dir),
                               "continue it with --resume, train into another --work-dir, or pass --overwrite "
                               "to replace it")
+    micro_batch_size(recipe.data.batch_size, dist_info.world_size, recipe.train.accum_steps)
     callback("start", run_banner(recipe, model, train_set, val_set, work_dir, device,
                                  int(state["iteration"]) if state else 0))
+    records = ()
+    if experiment is not None and experiment.published is not None:
+        callback("experiment", experiment.to_event())
+        records = (experiment.to_event(),)
     if recipe.train.warmup_iters > recipe.train.max_iters:
         callback("warning", {"message": f"train.warmup_iters ({recipe.train.warmup_iters}) > train.max_iters "
                                         f"({recipe.train.max_iters}): the learning rate never reaches its peak"})
@@ -123,7 +134,7 @@ def start_run(recipe: Recipe, model, train_set, val_set, work_dir: Path, meta: d
             callback("warning", {"message": INSTALL_HINT + " (or set train.tensorboard: false)"})
     try:
         return run_training(recipe, model, train_set, val_set, work_dir, meta, device, dist_info,
-                            resume=resume, callback=callback, resume_state=state)
+                            resume=resume, callback=callback, resume_state=state, records=records)
     finally:
         if logger is not None:
             logger.close()
@@ -133,7 +144,9 @@ def train(recipe: Recipe | str | Path, work_dir: str | Path | None = None, overr
           device: str | None = None, callback: Callback | None = None, overwrite: bool = False) -> TrainResult:
     """Train a recipe; writes ``last.pt``, ``best.pt``, ``metrics.jsonl`` and ``recipe.yaml`` to ``work_dir``
     (default ``runs/<recipe name>``). A work dir holding an earlier run needs ``resume`` or ``overwrite``
-    (:func:`start_run`). Events reach ``callback(event, info)`` (see :func:`start_run` and ``engine/trainer.py``)."""
+    (:func:`start_run`). Events reach ``callback(event, info)`` (see :func:`start_run` and ``engine/trainer.py``);
+    before the first iteration, ``"experiment"`` lists each way this run (its ``overrides``, processes,
+    device) differs from the published experiment its recipe names (:func:`compare_to_published`)."""
     recipe = as_recipe(recipe, overrides)
     work_dir = Path(work_dir or Path("runs") / recipe.name)
     with distributed_run(device) as (dev, dist_info):
@@ -144,5 +157,6 @@ def train(recipe: Recipe | str | Path, work_dir: str | Path | None = None, overr
             barrier(dist_info)
         torch.manual_seed(recipe.train.seed)  # the initial weights depend on the seed alone
         model = build_model(recipe, num_classes=train_set.num_classes)
+        experiment = compare_to_published(recipe, overrides, dist_info.world_size, str(dev))
         return start_run(recipe, model, train_set, val_set, work_dir, dataset_meta(train_set), dev, dist_info,
-                         resume, callback, overwrite=overwrite)
+                         resume, callback, overwrite=overwrite, experiment=experiment)
