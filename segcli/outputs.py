@@ -57,5 +57,5 @@ def check_outputs(outputs: Iterable[str | Path], inputs: Iterable[str | Path] = 
     existing = [path for path in outputs if path.exists()]
     if existing and not overwrite:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        raise SegcliError(f"a file of an earlier run is in the way{more}", str(existing[0]),
+        raise SegcliError(f"this output exists already{more}, from an earlier run?", str(existing[0]),
                           f"pass --overwrite to replace it, or choose another {option}")

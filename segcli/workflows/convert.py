@@ -59,6 +59,7 @@ from ..data import dataset_classes
 from ..data.classes import label_colormap
 from ..engine.checkpoint import save_checkpoint, write_atomically
 from ..errors import SegcliError
+from ..outputs import check_outputs
 from ..recipe import Recipe
 from ..registry import DATASETS
 from ..version import __version__
@@ -310,10 +311,7 @@ def convert(source: str | Path, from_format: str | None = None, recipe: Recipe |
         target_path = Path(out).expanduser() if out else source.with_name(f"{source.stem}.timm.pth")
     else:
         target_path = Path(out).expanduser() if out else source.with_name(f"{source.stem}.segcli.pt")
-    if target_path.resolve() == source.resolve():
-        raise SegcliError("the output would replace the checkpoint being converted", "--out", "choose another file")
-    if target_path.exists() and not overwrite:
-        raise SegcliError("the output file exists", str(target_path), "choose another --out, or pass --overwrite")
+    check_outputs([target_path], inputs=[source], overwrite=overwrite, input_name="checkpoint")
 
     if fmt.backbone_only:
         mapped, unmatched = apply_rules(state, fmt.rules())
