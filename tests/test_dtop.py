@@ -239,6 +239,29 @@ def test_finetune_loss_covers_exited_tokens_with_their_stage1_mask_logits(images
     assert pruned.aux_heads[0].stages[0].proj.weight.grad.abs().sum() > 0
 
 
+def test_finetune_losses_equal_the_official_ones(tmp_path):
+    """zbwxp/Dynamic-Token-Pruning's training losses on its reduced model (tests/fixtures/official/
+    dtop_loss.pt, made by tools/make_dtop_loss_fixture.py): pruning active, every head's ATMLoss on
+    its full canvas, ignore pixels as negatives. Converted weights, same input and labels."""
+    official = REPO / "tests" / "fixtures" / "official"
+    fixture = torch.load(official / "dtop_loss.pt", weights_only=True)
+    negative = [f"{head}.mask_loss_ignore=negative" for head in ("model.decode_head", "model.aux_heads.0",
+                                                                  "model.aux_heads.1")]
+    out = api.convert(official / "dtop.pth", recipe=REPO / "tests" / "fixtures" / "recipes" / "dtop_small.yaml",
+                      out=tmp_path / "m.pt", overrides=negative)
+    model = api.load_checkpoint(out.path).model.eval()  # no dropout: the fixture switched it off in train mode
+    with torch.no_grad():
+        stage = model.run(fixture["input"]).exit_stage[0]  # [N]
+        losses = model(fixture["input"], fixture["labels"].long())
+    assert torch.equal(stage == 0, fixture["stage0.exited"].bool())
+    assert torch.equal(stage >= 0, fixture["stage1.exited"].bool()) and (stage == 1).any()
+    terms = {"loss_ce": "loss_ce", "loss_focal": "loss_mask", "loss_dice": "loss_dice"}
+    for head, official_head in {"aux0": "aux_0", "aux1": "aux_1", "decode": "decode"}.items():
+        for term, official_term in terms.items():
+            expected = fixture[f"loss.{official_head}.{official_term}"]
+            assert losses[f"{head}.{term}"].item() == pytest.approx(expected.item(), rel=1e-5), (head, term)
+
+
 @pytest.mark.parametrize("model", [ATM_MODEL, FCN_MODEL], ids=["atm", "fcn"])
 def test_finetune_loss_changes_with_the_labels_of_exited_tokens(model, images):
     pruned = training_model(model, images)
