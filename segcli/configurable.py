@@ -68,6 +68,9 @@ def _convert(value: Any, tp: Any, where: str, registry: str | None = None) -> An
         raise errors[0] if len(errors) == 1 else SegcliError(
             f"expected {' or '.join(_describe(a) for a in args)}, got {value!r}", where)
     if origin is Literal:
+        if isinstance(value, bool) and value not in args:  # YAML 1.1 reads off/on/no/yes as booleans
+            value = next((word for word in (("on", "yes", "true") if value else ("off", "no", "false"))
+                          if word in args), value)
         if value not in args:
             raise SegcliError(f"invalid value {value!r}", where, "choose one of " + ", ".join(map(repr, args)))
         return value

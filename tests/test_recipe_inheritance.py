@@ -46,3 +46,10 @@ def test_a_component_type_swap_replaces_its_options(tmp_path):
     recipe = load_recipe(child)
     assert recipe.model.decode_head.type == "fcn"
     assert recipe.model.backbone.cfg.out_indices == (3, 5)  # the neighbouring component is kept
+
+
+def test_off_in_a_recipe_or_a_set_is_the_word_not_a_boolean(tmp_path):
+    """YAML 1.1 reads ``off`` as False: ``--set train.amp=off`` was refused as "invalid value False"."""
+    path = _write(tmp_path / "r.yaml", MODEL + "train: {amp: off}\n")
+    assert load_recipe(path).train.amp == "off"
+    assert load_recipe(path, ["train.amp=bf16", "train.amp=off"]).train.amp == "off"

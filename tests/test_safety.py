@@ -167,3 +167,31 @@ def test_eval_refuses_empty_trimap_and_limit(setr_run, option):
     with pytest.raises(SegcliError) as err:
         api.evaluate(work / "best.pt", device="cpu", **option)
     assert err.value.where == "--" + next(iter(option))
+
+
+# --------------------------------------------------------------------------- predict: what it is given
+
+
+def test_predict_recurses_into_sub_folders_and_keeps_them_in_the_names(setr_run, synth_root, tmp_path):
+    """The bug: a folder holding only sub-folders (Cityscapes' val/<city>/) gave nothing, exit 0."""
+    work, _ = setr_run
+    val = tmp_path / "val"
+    for city in ("aachen", "bonn"):
+        (val / city).mkdir(parents=True)
+        shutil.copyfile(synth_root / "images" / "val" / "00000.png", val / city / f"{city}_000000_leftImg8bit.png")
+    result = api.predict([str(val)], work / "best.pt", out_dir=tmp_path / "out", device="cpu")
+    assert sorted(p.name for p in result.written) == [
+        "aachen_aachen_000000_leftImg8bit.png", "aachen_aachen_000000_leftImg8bit_color.png",
+        "bonn_bonn_000000_leftImg8bit.png", "bonn_bonn_000000_leftImg8bit_color.png"]
+
+
+def test_predict_without_images_and_show_pruning_without_pruning_are_refused(setr_run, tmp_path):
+    work, _ = setr_run
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(SegcliError, match="no images found"):
+        api.predict([str(tmp_path / "empty")], work / "best.pt", out_dir=tmp_path / "out", device="cpu")
+    image = tmp_path / "x.png"
+    cv2.imwrite(str(image), np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(SegcliError, match="prunes no tokens"):
+        api.predict([str(image)], work / "best.pt", out_dir=tmp_path / "out", device="cpu", show_pruning=True)
+    assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -93,9 +93,9 @@ def draw_panel(points: list[tuple[int, float]], title: str, color: tuple[int, in
 def plot_run(run_dir: str | Path, out: str | Path | None = None, overwrite: bool = False) -> Path:
     """Write the loss and mIoU curves of a run to ``out`` (default ``RUN_DIR/curves.png``)."""
     out = Path(out) if out is not None else Path(run_dir) / "curves.png"
+    loss, miou = read_metrics(run_dir)  # a missing input is told first
     check_outputs([out], inputs=[Path(run_dir) / "metrics.jsonl"], overwrite=overwrite, suffixes=IMAGE_SUFFIXES,
                   input_name="metrics file")
-    loss, miou = read_metrics(run_dir)
     best = f" (best {max(v for _, v in miou):.2f})" if miou else ""
     figure = np.concatenate([draw_panel(loss, "training loss", (180, 90, 20)),
                              draw_panel(miou, f"validation mIoU{best}", (40, 140, 40))], axis=1)  # [H, 2W, 3]

@@ -31,13 +31,23 @@ class PredictResult:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
 
-def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Files, folders (their images) and globs -> image paths; unknown entries reported."""
-    files, failed = [], []
+def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]], dict[Path, str]]:
+    """Files, folders (their images, sub-folders included) and globs -> image paths; unknown entries
+    reported. The third value names each image found in a sub-folder of a given folder by its
+    relative path (``val/frankfurt/x.png`` under ``val`` -> ``frankfurt_x``): Cityscapes keeps its
+    images in one folder per city, and the city belongs in the output's name."""
+    files, failed, names = [], [], {}
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+            if not found:
+                failed.append((item, "no images found in this folder or its sub-folders"))
+            for image in found:
+                relative = image.relative_to(path)
+                if len(relative.parts) > 1:
+                    names.setdefault(image.resolve(), "_".join((*relative.parent.parts, image.stem)))
+            files += found
         elif path.is_file():
             files.append(path)
         elif any(ch in item for ch in "*?["):
@@ -48,25 +58,27 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
         else:
             failed.append((item, "no such file or folder"))
     unique = list(dict.fromkeys(p.resolve() for p in files))  # a file given twice is segmented once
-    return unique, failed
+    return unique, failed, names
 
 
-def output_stems(files: list[Path]) -> list[str]:
-    """Output names: the file stem; where stems collide, the extension is added (same folder) or
-    parent folder names are prefixed (``a/x.jpg``, ``b/x.jpg`` -> ``a_x``, ``b_x``), so that no
-    prediction overwrites another."""
+def output_stems(files: list[Path], names: dict[Path, str] | None = None) -> list[str]:
+    """Output names: the file stem (or its name in ``names``); where names collide, the extension
+    is added (same folder) or parent folder names are prefixed (``a/x.jpg``, ``b/x.jpg`` -> ``a_x``,
+    ``b_x``), so that no prediction overwrites another."""
+    names = names or {}
+
     def label(path: Path, depth: int, ext: bool) -> str:
         parts = list(path.parent.parts[len(path.parent.parts) - depth:]) if depth else []
-        parts.append(path.stem + (path.suffix.replace(".", "_") if ext else ""))
+        parts.append(names.get(path, path.stem) + (path.suffix.replace(".", "_") if ext else ""))
         return "_".join(part.strip("/\\") or "root" for part in parts)
 
     state = {path: [0, False] for path in files}  # parents prefixed, extension added
     for _ in range(64):
-        names = [label(path, *state[path]) for path in files]
-        clashes = {n for n in names if names.count(n) > 1}
+        labels = [label(path, *state[path]) for path in files]
+        clashes = {n for n in labels if labels.count(n) > 1}
         if not clashes:
-            return names
-        for path, n in zip(files, names):
+            return labels
+        for path, n in zip(files, labels):
             if n not in clashes:
                 continue
             twin = any(q != path and q.parent == path.parent and q.stem == path.stem for q in files)
@@ -74,7 +86,7 @@ def output_stems(files: list[Path]) -> list[str]:
                 state[path][1] = True
             elif state[path][0] < len(path.parent.parts):
                 state[path][0] += 1
-    return [f"{n}_{i}" for i, n in enumerate(names)]
+    return [f"{n}_{i}" for i, n in enumerate(labels)]
 
 
 def planned_outputs(stem: str, out: Path, overlay: bool, exit_stages: int) -> list[Path]:
@@ -103,6 +115,10 @@ def predict(inputs: list[str], checkpoint: str | Path, out_dir: str | Path = "pr
     """
     if not 0.0 <= opacity <= 1.0:
         raise SegcliError(f"opacity must be in [0, 1], got {opacity}", "--opacity", "e.g. 0.5")
+    files, failed, names = expand_inputs(inputs)
+    if not files:
+        what = "; ".join(f"{item}: {reason}" for item, reason in failed) or "no input given"
+        raise SegcliError(f"no images found ({what})", None, "give image files, folders of images or globs")
     dev = pick_device(device)
     onnx = Path(checkpoint).suffix.lower() == ".onnx"  # an exported file: onnxruntime (workflows/export.py)
     loaded = load_onnx(checkpoint) if onnx else load_checkpoint(checkpoint, device=dev)
@@ -112,15 +128,18 @@ def predict(inputs: list[str], checkpoint: str | Path, out_dir: str | Path = "pr
         prepare_for_inference(loaded.model)
     if compile:  # torch.compile of backbone and head (engine/inference.py: worth it for many images of one size)
         compile_for_inference(loaded.model, dev)
-    files, failed = expand_inputs(inputs)
     result = PredictResult(failed=list(failed))
     out = Path(out_dir)
-    exit_stages = len(getattr(loaded.model, "exit_layers", ())) if show_pruning and hasattr(loaded.model, "exit_maps") else 0
-    check_outputs(files, [path for stem in output_stems(files) for path in planned_outputs(stem, out, overlay, exit_stages)],
+    if show_pruning and not hasattr(loaded.model, "exit_maps"):
+        raise SegcliError("this model prunes no tokens: --show-pruning has nothing to show", str(checkpoint),
+                          "give a DToP checkpoint, e.g. one written by `segcli prune`")
+    exit_stages = len(loaded.model.exit_layers) if show_pruning else 0
+    stems = output_stems(files, names)
+    check_outputs(files, [path for stem in stems for path in planned_outputs(stem, out, overlay, exit_stages)],
                   overwrite)
     out.mkdir(parents=True, exist_ok=True)
     palette = np.asarray(loaded.meta["palette"], dtype=np.uint8)
-    for i, (path, stem) in enumerate(zip(files, output_stems(files))):
+    for i, (path, stem) in enumerate(zip(files, stems)):
         try:
             image = read_image(path)
         except SegcliError as err:
