@@ -85,6 +85,32 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class ParamwiseConfig:
+    """``train.optimizer.paramwise:`` — mmcv 1.x ``DefaultOptimizerConstructor`` ``paramwise_cfg``
+    (what the official configs write), copied verbatim: ``custom_keys`` match substrings of the
+    *official* model's parameter names (``segcli/convert/official_names.py``); see
+    :func:`segcli.engine.optim.paramwise_groups` for the rules."""
+
+    custom_keys: dict[str, dict[str, float]] = field(default_factory=dict)  # KEY: {lr_mult, decay_mult}
+    norm_decay_mult: float | None = None
+    bias_lr_mult: float | None = None
+    bias_decay_mult: float | None = None
+    dwconv_decay_mult: float | None = None
+    bypass_duplicate: bool = False
+
+    def __post_init__(self):
+        typed = {}
+        for key, mults in self.custom_keys.items():
+            if not isinstance(mults, dict) or set(mults) - {"lr_mult", "decay_mult"}:
+                raise ValueError(f"custom_keys.{key}: expected a mapping of lr_mult / decay_mult, got {mults!r}")
+            try:
+                typed[str(key)] = {k: float(v) for k, v in mults.items()}
+            except (TypeError, ValueError):
+                raise ValueError(f"custom_keys.{key}: lr_mult / decay_mult must be numbers, got {mults!r}") from None
+        object.__setattr__(self, "custom_keys", typed)
+
+
+@dataclass(frozen=True)
 class OptimizerConfig:
     type: Literal["adamw", "sgd"] = "adamw"
     lr: float = 2e-5
@@ -97,6 +123,17 @@ class OptimizerConfig:
     # weight decay on position embeddings and class queries after all (only norms are exempt):
     # the released SegViT configs' paramwise_cfg (custom_keys norm / ln: decay 0, head: lr x10)
     wd_embeddings: bool = False
+    # mmcv paramwise_cfg semantics (the official configs' groups); replaces the four rules above
+    paramwise: ParamwiseConfig | None = None
+
+    def __post_init__(self):
+        if self.paramwise is None:
+            return
+        legacy = {"head_lr_mult": 10.0, "layer_decay": None, "no_wd_norm": True, "wd_embeddings": False}
+        set_too = [k for k, default in legacy.items() if getattr(self, k) != default]
+        if set_too:
+            raise ValueError(f"paramwise replaces {', '.join(set_too)}: set one or the other (remove "
+                             f"{', '.join(set_too)}, or paramwise: null)")
 
 
 @dataclass(frozen=True)

@@ -185,7 +185,7 @@ def test_mask_losses_exclude_ignore_pixels():
     changed = masks.clone()
     changed[:, :, :, :3] += 5.0  # only ignored pixels change
     outputs = {"pred_logits": torch.zeros(2, K, K + 1)}
-    exclude, negative = ATMCriterion(K), ATMCriterion(K, mask_loss_ignore="negative")
+    exclude, negative = ATMCriterion(K, mask_loss_ignore="exclude"), ATMCriterion(K)  # default: released code
     a, b = exclude({**outputs, "pred_masks": masks}, labels), exclude({**outputs, "pred_masks": changed}, labels)
     assert torch.allclose(a["loss_focal"], b["loss_focal"]) and torch.allclose(a["loss_dice"], b["loss_dice"])
     c, d = negative({**outputs, "pred_masks": masks}, labels), negative({**outputs, "pred_masks": changed}, labels)
@@ -198,7 +198,7 @@ def test_mask_losses_average_over_present_pairs_and_weights():
     labels[1] = 2
     labels[1, 0] = 255
     masks = torch.randn(2, K, 4, 4)
-    crit = ATMCriterion(K, focal_weight=1.0, dice_weight=1.0)
+    crit = ATMCriterion(K, focal_weight=1.0, dice_weight=1.0, mask_loss_ignore="exclude")
     losses = crit({"pred_logits": torch.zeros(2, K, K + 1), "pred_masks": masks}, labels)
     # pairs: (0, class 0) all 16 pixels valid; (1, class 2) 12 valid pixels
     d0 = dice_loss(masks[0, 0].flatten()[None], torch.ones(1, 16))

@@ -1,19 +1,29 @@
 """Optimizer with parameter groups, and the warmup + poly learning-rate rule.
 
-Groups (MMSegmentation's ``paramwise_cfg`` habits): parameters outside the backbone take
-``lr × head_lr_mult``; norm weights/biases (LayerNorm, BatchNorm, GroupNorm), position
-embeddings and whatever a module lists in its ``no_weight_decay_names()`` take no weight decay (``no_wd_norm``;
-``wd_embeddings`` exempts the norms only, as the released SegViT configs' ``paramwise_cfg`` does);
-with ``layer_decay`` the backbone's layer ``i`` of ``L`` takes ``lr × decay^(L-1-i)`` (BEiT
-fine-tuning). The lr of iteration ``it`` is a pure function of ``it`` (mmcv 0.x "poly" with linear
-warmup: ``base · poly(it) · warmup(it)``), so resuming needs only the iteration number.
+Two ways to form the groups:
+
+* ``paramwise`` (:func:`paramwise_groups`): the official configs' ``paramwise_cfg``, with mmcv
+  1.7 ``DefaultOptimizerConstructor`` semantics (mmcv ``runner/optimizer/default_constructor.py``),
+  matched on the official parameter names (``segcli/convert/official_names.py``).
+* the legacy rules (``paramwise: null``): parameters outside the backbone take
+  ``lr × head_lr_mult``; norm weights/biases (LayerNorm, BatchNorm, GroupNorm), position
+  embeddings and whatever a module lists in its ``no_weight_decay_names()`` take no weight decay
+  (``no_wd_norm``; ``wd_embeddings`` exempts the norms only); with ``layer_decay`` the backbone's
+  layer ``i`` of ``L`` takes ``lr × decay^(L-1-i)`` (BEiT fine-tuning).
+
+The lr of iteration ``it`` is a pure function of ``it`` (mmcv 1.x ``PolyLrUpdaterHook`` with linear
+warmup, :func:`group_lr`), so resuming needs only the iteration number.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from ..convert.official_names import official_names
+
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+# mmcv's ``is_norm``: _BatchNorm, _InstanceNorm, GroupNorm, LayerNorm
+_MMCV_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 
 
 def _no_decay_names(model: nn.Module, embeddings: bool = True) -> set[str]:
@@ -27,8 +37,65 @@ def _no_decay_names(model: nn.Module, embeddings: bool = True) -> set[str]:
     return names
 
 
+def paramwise_groups(model: nn.Module, cfg) -> list[dict]:
+    """Groups by ``cfg.paramwise`` with mmcv 1.7's ``DefaultOptimizerConstructor.add_params`` rules.
+
+    For each trainable parameter, with ``name`` its official name (the segcli name where the model
+    has no converter key map):
+
+    * ``custom_keys``, tried longest first and alphabetically among equal lengths: the first key
+      that is a substring of ``name`` sets ``lr = base lr × lr_mult`` and ``weight_decay = base wd
+      × decay_mult`` (each 1 when absent), and no other rule applies. So ``head`` wins over
+      ``norm`` (same length, ``head`` sorts first) and a head's norms keep their weight decay.
+    * otherwise a bias (local name ``bias``, not of a norm) takes ``bias_lr_mult``; the weight decay
+      multiplier is ``norm_decay_mult`` for parameters of a norm module (BatchNorm, InstanceNorm,
+      GroupNorm, LayerNorm), else ``dwconv_decay_mult`` for a depth-wise conv, else
+      ``bias_decay_mult`` for a bias; unset multipliers are 1, as are unmatched parameters.
+    * ``bypass_duplicate``: a parameter shared by two modules is listed once by
+      ``named_parameters``, so it is always one group's (mmcv without the flag would fail).
+
+    MMEngine 0.7's ``DefaultOptimWrapperConstructor`` (DToP's configs) applies the same custom-key
+    rule; it tries bias before depth-wise conv and adds ``flat_decay_mult``, which no official
+    config here sets.
+    """
+    pw = cfg.paramwise
+    sorted_keys = sorted(sorted(pw.custom_keys), key=len, reverse=True)
+    modules = dict(model.named_modules())
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    _, official = official_names(n for n, _ in trainable)
+    groups: dict[tuple, dict] = {}
+    for name, param in trainable:
+        module = modules[name.rpartition(".")[0]]
+        full = official.get(name, name)
+        local = full.rpartition(".")[2]  # ``in_proj_bias`` (official) is not a ``bias``
+        key = next((k for k in sorted_keys if k in full), None)
+        lr_mult, decay_mult = 1.0, 1.0
+        if key is not None:
+            lr_mult = pw.custom_keys[key].get("lr_mult", 1.0)
+            decay_mult = pw.custom_keys[key].get("decay_mult", 1.0)
+        else:
+            is_norm = isinstance(module, _MMCV_NORMS)
+            is_dwconv = isinstance(module, nn.Conv2d) and module.in_channels == module.groups
+            if local == "bias" and not is_norm and pw.bias_lr_mult is not None:
+                lr_mult = pw.bias_lr_mult
+            if is_norm:
+                decay_mult = 1.0 if pw.norm_decay_mult is None else pw.norm_decay_mult
+            elif is_dwconv:
+                decay_mult = 1.0 if pw.dwconv_decay_mult is None else pw.dwconv_decay_mult
+            elif local == "bias":
+                decay_mult = 1.0 if pw.bias_decay_mult is None else pw.bias_decay_mult
+        decay = cfg.weight_decay * decay_mult
+        group = groups.setdefault((round(lr_mult, 12), decay),
+                                  {"params": [], "lr_scale": lr_mult, "weight_decay": decay, "names": []})
+        group["params"].append(param)
+        group["names"].append(name)
+    return list(groups.values())
+
+
 def param_groups(model: nn.Module, cfg) -> list[dict]:
     """Parameter groups for ``cfg`` (an ``OptimizerConfig``); each group carries ``lr_scale``."""
+    if cfg.paramwise is not None:
+        return paramwise_groups(model, cfg)
     no_decay = _no_decay_names(model, embeddings=not cfg.wd_embeddings) if cfg.no_wd_norm else set()
     backbone = getattr(model, "backbone", None)
     groups: dict[tuple, dict] = {}
@@ -63,21 +130,30 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
+def group_lr(iteration: int, train_cfg, lr_scale: float = 1.0) -> float:
+    """The lr of a group whose initial lr is ``base lr × lr_scale`` at ``iteration`` (0-based, the
+    iterations done before this step): mmcv 1.7 ``PolyLrUpdaterHook`` with linear warmup
+    (mmcv ``runner/hooks/lr_updater.py``).
+
+    The regular lr is ``(initial - min_lr) · (1 - it / max_iters)^power + min_lr`` (``min_lr`` the
+    same absolute floor for every group); during warmup that regular lr is multiplied by
+    ``1 - (1 - it / warmup_iters) · (1 - warmup_ratio)``.
+    """
+    initial = train_cfg.optimizer.lr * lr_scale
+    progress = min(iteration / train_cfg.max_iters, 1.0)
+    lr = (initial - train_cfg.min_lr) * (1 - progress) ** train_cfg.poly_power + train_cfg.min_lr
+    if iteration < train_cfg.warmup_iters:
+        lr *= 1 - (1 - iteration / train_cfg.warmup_iters) * (1 - train_cfg.warmup_ratio)
+    return lr
+
+
 def lr_factor(iteration: int, train_cfg) -> float:
     """Multiplier of the base lr at ``iteration`` (0-based): poly decay × linear warmup."""
-    progress = min(iteration / train_cfg.max_iters, 1.0)
-    poly = (1 - progress) ** train_cfg.poly_power
     base = train_cfg.optimizer.lr
-    min_factor = train_cfg.min_lr / base if base > 0 else 0.0
-    factor = (1 - min_factor) * poly + min_factor
-    if iteration < train_cfg.warmup_iters:
-        k = (1 - iteration / train_cfg.warmup_iters) * (1 - train_cfg.warmup_ratio)
-        factor *= 1 - k
-    return factor
+    return group_lr(iteration, train_cfg) / base if base > 0 else 0.0
 
 
 def set_lr(optimizer: torch.optim.Optimizer, iteration: int, train_cfg) -> float:
-    factor = lr_factor(iteration, train_cfg)
     for group in optimizer.param_groups:
-        group["lr"] = train_cfg.optimizer.lr * group["lr_scale"] * factor
-    return train_cfg.optimizer.lr * factor
+        group["lr"] = group_lr(iteration, train_cfg, group["lr_scale"])
+    return group_lr(iteration, train_cfg)

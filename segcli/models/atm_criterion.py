@@ -11,12 +11,14 @@ No Hungarian matching: query k is class k (thesis 4.2.1; released ``ATMLoss``). 
   (``loss_focal``, mean over pixels per mask) and dice loss with +1 smoothing ×1
   (``loss_dice``). Both are summed over the pairs of the batch and divided by their number
   (averaged over DDP processes, at least 1), as in the released code.
-* **Ignore pixels** (label ``ignore_index``) are excluded from focal and dice
-  (``mask_loss_ignore="exclude"``, the default; the focal mean is over the mask's valid pixels).
-  The released code treats them as negatives of every class; ``"negative"`` reproduces that.
-  Excluding is our decision (thesis 4.2.1 does not discuss ignore pixels): an ignore pixel
-  carries no label, so it is neither a positive nor a negative of any mask. It matters at crop
-  borders, where the padding is labelled ignore.
+* **Ignore pixels** (label ``ignore_index``) are negatives of every class mask in focal and dice
+  (``mask_loss_ignore="negative"``, the default), as in the released code: zbwxp/SegVit
+  ``losses/atm_loss.py`` ``ATMLoss.prepare_targets`` builds each mask as ``label == class`` over
+  the whole image and ``losses/criterion.py`` ``sigmoid_focal_loss`` / ``dice_loss`` average and
+  sum over every pixel. Every published SegViT number was trained so. ``"exclude"`` is the named
+  alternative (thesis 4.2.1 does not discuss ignore pixels): an ignore pixel carries no label, so
+  it is left out of both terms and the focal mean is over the mask's valid pixels. It matters at
+  crop borders, where the padding is labelled ignore.
 * **Deep supervision**: each entry of ``outputs["aux_outputs"]`` (earlier stages' class logits
   and cumulative masks) gets the same three terms, named ``s{i}.loss_ce`` etc.
 * **Binary class heads** (``binary=True``, DToP's released ``PruneHead``: query k only says
@@ -113,7 +115,7 @@ class ATMCriterion(nn.Module):
         dice_weight: float = 1.0,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
-        mask_loss_ignore: Literal["exclude", "negative"] = "exclude",
+        mask_loss_ignore: Literal["exclude", "negative"] = "negative",
         loss_weight: float = 1.0,
         binary: bool = False,
     ):

@@ -101,7 +101,7 @@ class ATMConfig:
     eos_coef: float = 0.1  # CE weight of the "no object" target
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
-    mask_loss_ignore: Literal["exclude", "negative"] = "exclude"  # released code: "negative"
+    mask_loss_ignore: Literal["exclude", "negative"] = "negative"  # released code; see atm_criterion.py
     deep_supervision: bool = True  # every stage's (class, cumulative mask) gets the loss
 
     def __post_init__(self):
