@@ -6,6 +6,7 @@ the traceback instead. No logic lives here beyond presentation.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -672,6 +673,9 @@ def export(
 
 
 def main() -> None:
+    # torch's C++-extension helper, which --compile imports, logs "No CUDA runtime is found, using
+    # CUDA_HOME=..." on a CPU-only machine with a CUDA toolkit: nothing a user can act on.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     app()
 
 
