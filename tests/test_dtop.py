@@ -319,9 +319,8 @@ def dtop_parity(recipe) -> dict:
     data, train, test, model = recipe.data, recipe.train, recipe.test, recipe.model
     backbone, head, opt = model.backbone.cfg, model.decode_head.cfg, train.optimizer
     depth, width, heads = VIT_SIZES[backbone.name]
-    # the legacy groups equal paramwise_cfg {custom_keys: {head: lr_mult}} when nothing is exempt from decay
-    assert opt.paramwise is not None or (not opt.no_wd_norm and opt.layer_decay is None)
-    paramwise = opt.paramwise.custom_keys if opt.paramwise else {"head": {"lr_mult": opt.head_lr_mult}}
+    paramwise = {key: getattr(opt.paramwise, key) for key in ("custom_keys", "norm_decay_mult", "bias_lr_mult",
+                                                               "bias_decay_mult", "dwconv_decay_mult", "bypass_duplicate")}
     return {
         "batch.per_gpu": data.batch_size // recipe.published.gpus,
         "data.crop": list(data.crop_size), "data.scale": list(data.scale), "data.ratio_range": list(data.ratio_range),
@@ -333,7 +332,7 @@ def dtop_parity(recipe) -> dict:
         "schedule.min_lr": train.min_lr, "schedule.poly_begin": 0, "schedule.poly_end": train.max_iters,
         "optimizer.type": {"adamw": "AdamW", "sgd": "SGD"}[opt.type], "optimizer.lr": opt.lr,
         "optimizer.weight_decay": opt.weight_decay, "optimizer.betas": list(opt.betas),
-        "optimizer.paramwise.custom_keys": paramwise,
+        "optimizer.paramwise": paramwise,
         "model.backbone.depth": depth, "model.backbone.embed_dim": width, "model.backbone.num_heads": heads,
         "model.backbone.out_indices": list(backbone.out_indices), "model.backbone.drop_path_rate": backbone.drop_path_rate,
         "model.backbone.pos_embed_resize": backbone.pos_embed_resize,
@@ -353,7 +352,6 @@ def dtop_parity(recipe) -> dict:
 def official_parity(dump: dict) -> dict:
     """The same keys from an official dump (its ``parity`` summary and, for the threshold, the config)."""
     parity = dict(dump["parity"])
-    parity["optimizer.paramwise.custom_keys"] = parity["optimizer.paramwise"]["custom_keys"]
     parity["data.photometric"] = bool(parity["data.photometric"])
     parity["model.aux_heads"] = [{"in_index": h["in_index"], "loss_weight": h["loss_weight"]}
                                  for h in parity["model.aux_heads"]]
