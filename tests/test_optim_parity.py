@@ -21,7 +21,7 @@ from segcli import api
 from segcli.convert.keymap import apply_rules
 from segcli.convert.official_names import official_names
 from segcli.convert.segvit import segvit_v1_rules, zero_based_stages
-from segcli.engine.optim import build_optimizer, group_lr, param_groups, set_lr
+from segcli.engine.optim import build_optimizer, group_lr, mmengine_group_lr, param_groups, set_lr
 from segcli.errors import SegcliError
 from segcli.models.atm_criterion import ATMCriterion
 from segcli.recipe import OptimizerConfig, ParamwiseConfig, TrainConfig
@@ -234,3 +234,47 @@ def test_official_names_invert_the_converter_key_maps(recipe, keys):
     used, official = official_names(names)
     listed = {line.split("\t")[0] for line in (FIXTURES / f"{keys}_keys.txt").read_text().splitlines()}
     assert used == keys and set(official) == set(names) and set(official.values()) <= listed
+
+
+# --------------------------------------------------------------------------- DToP (MMEngine 0.7)
+# tests/fixtures/official/dtop_optim.json (tools/make_dtop_optim_fixture.py): build_optim_wrapper
+# and the param_scheduler of every zbwxp/Dynamic-Token-Pruning config/prune/ config on the reduced
+# model of the dtop fixture.
+DTOP = json.loads((FIXTURES / "dtop_optim.json").read_text())
+
+
+def dtop_train(config: dict) -> TrainConfig:
+    opt = config["optim_wrapper"]["optimizer"]
+    linear, poly = config["param_scheduler"]
+    assert (linear["type"], linear["begin"], poly["type"], poly["begin"]) == ("LinearLR", 0, "PolyLR", linear["end"])
+    paramwise = ParamwiseConfig(**config["optim_wrapper"]["paramwise_cfg"])
+    return TrainConfig(max_iters=config["max_iters"], warmup_iters=linear["end"], warmup_ratio=linear["start_factor"],
+                       poly_power=poly["power"], min_lr=poly["eta_min"], grad_clip=config["clip_grad"],
+                       optimizer=OptimizerConfig(type=opt["type"].lower(), lr=opt["lr"], betas=tuple(opt["betas"]),
+                                                 weight_decay=opt["weight_decay"], paramwise=paramwise))
+
+
+@pytest.mark.parametrize("config_name", sorted(DTOP["configs"]))
+def test_dtop_param_groups_match_mmengine(config_name):
+    config = DTOP["configs"][config_name]
+    train = dtop_train(config)
+    model = api.build_model(api.load_recipe(RECIPES / "dtop_small.yaml"), num_classes=5)
+    ours = official_groups(model, train.optimizer)
+    theirs = {k: tuple(v) for k, v in config["params"].items() if k != "backbone.cls_token"}
+    assert set(ours) == set(theirs)
+    assert all(math.isclose(a, b, rel_tol=1e-12, abs_tol=0) for k, v in theirs.items() for a, b in zip(ours[k], v))
+    assert config["clip_grad"] is None  # MMEngine clips only with optim_wrapper.clip_grad
+
+
+@pytest.mark.parametrize("config_name", sorted(DTOP["configs"]))
+def test_dtop_lr_schedule_matches_mmengine(config_name):
+    config = DTOP["configs"][config_name]
+    train = dtop_train(config)
+    poly_end = config["param_scheduler"][1]["end"]
+    scales = {"backbone": 1.0, "head": config["optim_wrapper"]["paramwise_cfg"]["custom_keys"]["head"]["lr_mult"]}
+    for iteration, lrs in config["lr_at"].items():
+        for part, lr in lrs.items():
+            ours = mmengine_group_lr(int(iteration), train, scales[part], poly_end=poly_end)
+            assert math.isclose(ours, lr, rel_tol=1e-9, abs_tol=1e-18), (iteration, part)
+    # the mmcv rule differs: poly counted from iteration 0 and warmup over the decayed lr
+    assert not math.isclose(group_lr(1500, train), config["lr_at"]["1500"]["backbone"], rel_tol=1e-4)

@@ -147,6 +147,27 @@ def group_lr(iteration: int, train_cfg, lr_scale: float = 1.0) -> float:
     return lr
 
 
+def mmengine_group_lr(iteration: int, train_cfg, lr_scale: float = 1.0, poly_end: int | None = None) -> float:
+    """The lr of the DToP configs' schedule (zbwxp/Dynamic-Token-Pruning ``config/prune/*.py``:
+    MMEngine 0.7 ``LinearLR(start_factor, begin=0, end=warmup_iters)`` then ``PolyLR(eta_min, power,
+    begin=warmup_iters, end=poly_end)``, mmengine ``optim/scheduler/param_scheduler.py``).
+
+    Unlike :func:`group_lr`, the poly decay starts where the warmup ends and the warmup scales the
+    constant initial lr. MMEngine schedulers span ``end - begin - 1`` steps: the warmup factor is
+    ``warmup_ratio + (1 - warmup_ratio) · it / (warmup_iters - 1)`` (1 at ``warmup_iters - 1``), and
+    the poly reaches ``min_lr`` at ``poly_end - 1`` and stays there. ``poly_end`` defaults to
+    ``max_iters``; DToP's ``BASE_segvit_ade20k.py`` trains 40k iterations with ``end=160000``.
+    """
+    initial = train_cfg.optimizer.lr * lr_scale
+    warmup = train_cfg.warmup_iters
+    if iteration < warmup:
+        ratio = train_cfg.warmup_ratio
+        return initial * (ratio + (1 - ratio) * iteration / max(warmup - 1, 1))
+    span = (poly_end or train_cfg.max_iters) - warmup - 1
+    progress = min((iteration - warmup) / span, 1.0) if span > 0 else 1.0
+    return (initial - train_cfg.min_lr) * (1 - progress) ** train_cfg.poly_power + train_cfg.min_lr
+
+
 def lr_factor(iteration: int, train_cfg) -> float:
     """Multiplier of the base lr at ``iteration`` (0-based): poly decay × linear warmup."""
     base = train_cfg.optimizer.lr
