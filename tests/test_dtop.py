@@ -252,14 +252,20 @@ def test_finetune_losses_equal_the_official_ones(tmp_path):
     model = api.load_checkpoint(out.path).model.eval()  # no dropout: the fixture switched it off in train mode
     with torch.no_grad():
         stage = model.run(fixture["input"]).exit_stage[0]  # [N]
-        losses = model(fixture["input"], fixture["labels"].long())
     assert torch.equal(stage == 0, fixture["stage0.exited"].bool())
     assert torch.equal(stage >= 0, fixture["stage1.exited"].bool()) and (stage == 1).any()
+    losses = model(fixture["input"], fixture["labels"].long())
     terms = {"loss_ce": "loss_ce", "loss_focal": "loss_mask", "loss_dice": "loss_dice"}
     for head, official_head in {"aux0": "aux_0", "aux1": "aux_1", "decode": "decode"}.items():
         for term, official_term in terms.items():
             expected = fixture[f"loss.{official_head}.{official_term}"]
             assert losses[f"{head}.{term}"].item() == pytest.approx(expected.item(), rel=1e-5), (head, term)
+    # the decode loss trains the auxiliary heads through the mask logits exited tokens carry, as released
+    sum(v for k, v in losses.items() if k.startswith("decode.")).backward()
+    for head, official_head in {"aux_heads.0": "aux_0", "aux_heads.1": "aux_1", "decode_head": "decode"}.items():
+        grad = model.get_submodule(head).stages[0].proj.weight.grad
+        expected = fixture[f"grad.{official_head}.input_proj.weight"]
+        assert float((grad - expected).norm() / expected.norm()) < 1e-4, head
 
 
 @pytest.mark.parametrize("model", [ATM_MODEL, FCN_MODEL], ids=["atm", "fcn"])

@@ -7,7 +7,9 @@ reads those (``PruneHead.forward(inference=False)`` + ``loss_decode``, i.e. ``AT
 script rebuilds the reduced model of ``tests/fixtures/official/dtop.json`` with the official code,
 loads ``dtop.pth``, switches every dropout and drop-path off (so train mode is deterministic),
 and writes ``dtop_loss.pt``: the fixture's input, a label map with ignore pixels, which tokens
-exited at each stage, and every head's official loss terms.
+exited at each stage, every head's official loss terms, and the gradient of the decode head's
+loss on each head's input projection (it reaches the auxiliary heads through the mask logits that
+exited tokens carry on the canvas).
 
 MMSegmentation 1.x world only; run with the reference interpreter and ``--mmseg1-path`` first on
 ``PYTHONPATH``::
@@ -91,17 +93,25 @@ def main() -> None:
     features = model.extract_feat(x)  # every head runs (and grades) between blocks, as in training
     for h in hooks:
         h.remove()
-    losses = {}
+    losses, decode_terms = {}, []
     for name, head in [("aux_0", model.auxiliary_head[0]), ("aux_1", model.auxiliary_head[1]),
                        ("decode", model.decode_head)]:
         outputs = head.forward(features)  # inference=False: the results of the pass above, full canvas
         terms = head.loss_decode(outputs, labels, ignore_index=head.ignore_index)
         losses.update({f"{name}.{k}": v.detach().clone() for k, v in terms.items()})
+        if name == "decode":
+            decode_terms = list(terms.values())
+    # the decode loss reaches the auxiliary heads through the mask logits that exited tokens carry
+    model.zero_grad()
+    sum(decode_terms).backward()
+    grads = {f"grad.{name}.input_proj.weight": head.input_proj.weight.grad.detach().clone()
+             for name, head in [("aux_0", model.auxiliary_head[0]), ("aux_1", model.auxiliary_head[1]),
+                                ("decode", model.decode_head)]}
     exited = [s[0].to(torch.uint8) for s in stages[:2]]
     for m in range(2):  # deterministic train mode grades as the fixture's inference did
         assert torch.equal(exited[m], io[f"stage{m}.exited"][0]), f"stage {m} exits differ from dtop_io.pt"
     payload = {"input": x, "labels": labels.to(torch.uint8), "stage0.exited": exited[0], "stage1.exited": exited[1],
-               **{f"loss.{k}": v for k, v in losses.items()}}
+               **{f"loss.{k}": v for k, v in losses.items()}, **grads}
     torch.save(payload, args.out / "dtop_loss.pt")
     summary = {
         "made_by": "tools/make_dtop_loss_fixture.py",
@@ -114,6 +124,7 @@ def main() -> None:
         "exited_tokens": {"stage0": int(exited[0].sum()), "stage1": int(exited[1].sum()),
                           "of": int(exited[0].numel())},
         "losses": {k: float(v) for k, v in losses.items()},
+        "gradients": {k: f"d(sum of the decode losses)/d {k[5:]}, norm {float(v.norm()):.6g}" for k, v in grads.items()},
         "versions": fixtures.versions(),
     }
     (args.out / "dtop_loss.json").write_text(json.dumps(summary, indent=1) + "\n")
