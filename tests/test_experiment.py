@@ -1,5 +1,7 @@
 """The published experiment: the ``published:`` recipe section, and how a run differs from it."""
 import json
+import os
+import signal
 import textwrap
 from pathlib import Path
 
@@ -293,9 +295,9 @@ def test_resume_with_accumulation_is_exact(synth_root, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     api.train(recipe, work_dir=full, device="cpu")
 
-    def stop_at_2(event, info):
+    def stop_at_2(event, info):  # a real Ctrl-C: the trainer stops at the next iteration boundary
         if event == "step" and info["iter"] == 2:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(KeyboardInterrupt):
         api.train(recipe, work_dir=part, device="cpu", callback=stop_at_2)

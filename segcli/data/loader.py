@@ -46,9 +46,15 @@ def worker_init(worker_id: int) -> None:
     single-threaded (its thread pool would oversubscribe the cores the workers already use).
 
     The transforms draw only from explicit generators; this is a safety net for library code.
+    Workers ignore SIGINT: a Ctrl-C in the terminal reaches the whole process group, and the
+    training process decides when to stop (after the iteration under way, engine/trainer.py), so
+    the workers must still serve it until then; they end with the loader.
     """
+    import signal
+
     import cv2
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

@@ -6,7 +6,11 @@ samples, so accumulation keeps the global batch instead of multiplying it (MMSeg
 global batch is ``gpus * samples_per_gpu`` per step). The data of iteration ``i`` depends only on
 (seed, i) (``data/loader.py``), the lr only on the iteration, and checkpoints carry the
 optimizer, scaler and torch RNG states, so ``resume`` continues exactly where ``last.pt`` was
-written (Ctrl-C writes it before leaving). Under DDP, rank 0 alone writes files; every rank
+written. Ctrl-C (SIGINT) finishes the iteration under way, with its evaluation and checkpoint when
+they are due, then writes ``last.pt`` at that iteration and leaves with ``KeyboardInterrupt``:
+state saved from the middle of an iteration (weights stepped, RNG advanced, an evaluation
+skipped) would resume as another run. A second Ctrl-C leaves at once, keeping the last
+checkpoint written. Under DDP the ranks agree on stopping (the flag is reduced every iteration). Under DDP, rank 0 alone writes files; every rank
 evaluates its share and the confusion matrices are summed.
 
 Events reach the caller through ``callback(event, info)``: ``"step"`` (iteration, lr, losses,
@@ -18,6 +22,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -101,6 +107,40 @@ def keep_snapshot(last_path: Path, iteration: int, keep: int) -> None:
         shutil.copy2(last_path, snapshot)
     for old in snapshot_paths(last_path.parent)[:-keep]:
         old.unlink(missing_ok=True)
+
+
+class IterationBoundaryInterrupt:
+    """While active (main thread only), SIGINT sets :attr:`requested` instead of raising; the loop
+    stops at the next iteration boundary. The first SIGINT puts the previous handler back, so a
+    second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+
+    def __enter__(self) -> "IterationBoundaryInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def stop(self, dist_info: DistInfo) -> bool:
+        """Whether to stop now; under DDP, whether any rank was interrupted (all ranks agree)."""
+        if not dist_info.enabled:
+            return self.requested
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(self.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def _mean_across_ranks(terms: dict[str, float]) -> dict[str, float]:
@@ -192,7 +232,10 @@ def run_training(
             "rng": _rng_state(device),
         }
 
+    saved_at = [start_iter if resume else -1]  # the iteration last.pt holds
+
     def save_last(iteration: int) -> None:
+        saved_at[0] = iteration
         if dist_info.is_main:
             save_checkpoint(last_path, payload_at(iteration))
             if cfg.keep_checkpoints:
@@ -222,8 +265,12 @@ def run_training(
     iteration = start_iter
     core.train()
     tic, tic_iter = time.perf_counter(), start_iter
-    try:
+    with IterationBoundaryInterrupt() as interrupt:
         while iteration < cfg.max_iters:
+            if interrupt.stop(dist_info):  # Ctrl-C: leave at this boundary, with last.pt at it
+                if saved_at[0] != iteration:
+                    save_last(iteration)
+                raise KeyboardInterrupt
             lr = set_lr(optimizer, iteration, cfg)
             optimizer.zero_grad(set_to_none=True)
             loss_terms: dict[str, float] = {}
@@ -273,7 +320,4 @@ def run_training(
                 save_last(iteration)
             elif cfg.checkpoint_interval and iteration % cfg.checkpoint_interval == 0:
                 save_last(iteration)
-    except KeyboardInterrupt:
-        save_last(iteration)
-        raise
     return TrainResult(work_dir, last_path, best_path if best_path.exists() else None, best_miou, metrics, iteration)
