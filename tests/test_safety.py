@@ -76,14 +76,36 @@ def test_a_failed_resume_writes_nothing(setr_run, synth_root, tmp_path):
     run = _copy_run(setr_run, tmp_path)
     before = _snapshot(run)
     other = api.load_recipe(SETR, overrides_dict(synth_root, **{"model.decode_head.channels": 64}))
-    with pytest.raises(SegcliError, match="does not fit") as err:
+    with pytest.raises(SegcliError, match="differs at model.decode_head.channels") as err:
         api.train(other, work_dir=run, device="cpu", resume=True)
-    assert "omit --recipe" not in str(err.value) and "recipe.yaml" in str(err.value)
+    assert "recipe.yaml" in str(err.value)
     assert _snapshot(run) == before  # recipe.yaml was rewritten before the check
     empty = tmp_path / "empty"
     with pytest.raises(SegcliError, match="nothing to resume"):
         api.train(other, work_dir=empty, device="cpu", resume=True)
     assert not empty.exists()
+
+
+def test_resume_continues_the_runs_own_recipe(setr_run, synth_root, tmp_path):
+    """The bug: --resume trained with the command line's recipe and --set (another dataset, silently)
+    and rewrote the run's recipe.yaml. Now the run's recipe.yaml is the recipe; only the run's length
+    and logging may change, and anything else is refused by name."""
+    run = _copy_run(setr_run, tmp_path)
+    before = _snapshot(run)
+    other_data = shutil.copytree(synth_root, tmp_path / "other_data")
+    for change in ({"data.root": other_data}, {"train.optimizer.lr": 0.5}, {"data.type": "folder"}):
+        other = api.load_recipe(SETR, overrides_dict(synth_root, **change))
+        with pytest.raises(SegcliError, match=f"differs at {next(iter(change))}"):
+            api.train(other, work_dir=run, device="cpu", resume=True)
+        assert _snapshot(run) == before
+    with pytest.raises(SegcliError, match="--overwrite"):
+        api.train(SETR, work_dir=run, overrides=overrides_dict(synth_root), device="cpu", resume=True, overwrite=True)
+    assert _snapshot(run) == before
+    longer = api.load_recipe(SETR, overrides_dict(synth_root, **{"train.max_iters": 5, "train.log_interval": 5}))
+    result = api.train(longer, work_dir=run, device="cpu", resume=True)
+    assert result.iterations == 5
+    saved = api.load_recipe(run / "recipe.yaml")
+    assert saved.train.max_iters == 5 and saved.train.log_interval == 5  # the allowed changes are recorded
 
 
 def test_a_bad_validation_mask_is_found_before_training(synth_root, tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import yaml
 
 from ..build import as_recipe, build_datasets, build_model, dataset_meta, pick_device
 from ..data.loader import micro_batch_size
@@ -20,7 +21,7 @@ from ..engine.checkpoint import load_model_state, read_checkpoint
 from ..engine.distributed import DistInfo, barrier, cleanup, init_distributed
 from ..engine.trainer import Callback, TrainResult, run_training, snapshot_paths
 from ..errors import SegcliError
-from ..recipe import Recipe, dump_recipe
+from ..recipe import Recipe, apply_overrides, dump_recipe, recipe_from_dict
 from .experiment import ExperimentCheck, compare_to_published
 from .tensorboard import INSTALL_HINT, TensorBoardLogger, tensorboard_available, with_tensorboard
 
@@ -59,6 +60,58 @@ def resume_payload(work_dir: Path, model) -> dict:
                           "only last.pt and iter_N.pt written by segcli train resume; drop --resume to start anew")
     load_model_state(model, payload["model"], str(last), hint=RESUME_MISMATCH_HINT)
     return payload
+
+
+# What may change when a run is resumed: its length and how it is logged and checkpointed. Every
+# other setting is the experiment, which a resumed run keeps (from the run's own recipe.yaml).
+RESUMABLE_CHANGES = ("train.max_iters", "train.log_interval", "train.eval_interval", "train.checkpoint_interval",
+                     "train.keep_checkpoints", "train.tensorboard", "data.num_workers")
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def resumed_recipe(given: Recipe, work_dir: Path) -> Recipe:
+    """The recipe a resumed run continues with: the run's own ``recipe.yaml``, with the changes of
+    ``given`` (the command line's recipe and ``--set``) that :data:`RESUMABLE_CHANGES` allows.
+
+    Decision: the saved recipe wins, and a ``given`` that differs from it anywhere else is refused,
+    naming the keys, rather than ignored: a user who resumes with another dataset or learning rate
+    means something the run cannot do, and should hear so.
+    """
+    saved_path = work_dir / "recipe.yaml"
+    if not (work_dir / "last.pt").is_file():
+        raise SegcliError("nothing to resume: no last.pt", str(work_dir), "drop --resume to start a new run")
+    if not saved_path.is_file():
+        raise SegcliError("no recipe.yaml: not a run written by segcli train", str(work_dir),
+                          "drop --resume to start a new run")
+    try:
+        raw = yaml.safe_load(saved_path.read_text())
+    except yaml.YAMLError as err:
+        raise SegcliError(f"invalid YAML ({err.__class__.__name__})", str(saved_path)) from None
+    saved = recipe_from_dict(raw or {}, where=str(saved_path), name=given.name)
+    theirs, ours = _flat(saved.to_dict()), _flat(given.to_dict())
+    changed = sorted(key for key in theirs.keys() | ours.keys()
+                     if theirs.get(key) != ours.get(key) and key != "name" and not key.startswith("published."))
+    refused = [key for key in changed if key not in RESUMABLE_CHANGES]
+    if refused:
+        shown = ", ".join(f"{key} ({theirs.get(key)!r} -> {ours.get(key)!r})" for key in refused[:6])
+        more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
+        raise SegcliError(f"--resume continues the run of {saved_path}, but the recipe given differs at {shown}{more}",
+                          str(work_dir), "resume with that run's recipe (only " + ", ".join(RESUMABLE_CHANGES)
+                          + " may change), or train into another --work-dir")
+    allowed = {key: ours[key] for key in changed}
+    if not allowed:
+        return saved
+    return recipe_from_dict(apply_overrides(saved.to_dict(), [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+                                                            for key, value in allowed.items()]),
+                            where=str(saved_path))
 
 
 def check_val_masks(val_set) -> None:
@@ -147,8 +200,13 @@ def train(recipe: Recipe | str | Path, work_dir: str | Path | None = None, overr
     (:func:`start_run`). Events reach ``callback(event, info)`` (see :func:`start_run` and ``engine/trainer.py``);
     before the first iteration, ``"experiment"`` lists each way this run (its ``overrides``, processes,
     device) differs from the published experiment its recipe names (:func:`compare_to_published`)."""
+    if resume and overwrite:
+        raise SegcliError("--resume continues the run in the work dir and --overwrite replaces it", "--resume",
+                          "choose one of them")
     recipe = as_recipe(recipe, overrides)
     work_dir = Path(work_dir or Path("runs") / recipe.name)
+    if resume:
+        recipe = resumed_recipe(recipe, work_dir)
     with distributed_run(device) as (dev, dist_info):
         if not dist_info.is_main:  # rank 0 generates/caches data (e.g. the synthetic set) first
             barrier(dist_info)
