@@ -90,3 +90,42 @@ def test_every_shipped_recipe_loads(path):
         model = build_model(load_recipe(path, ["model.backbone.pretrained=null"]), num_classes=8).eval()
         with torch.no_grad():
             assert model(torch.randn(1, 3, 128, 128)).shape == (1, 8, 128, 128)
+
+
+def _complete(recipe, where: str) -> None:
+    """What a full run needs, present and sane, in a resolved recipe."""
+    data, train, test = recipe.data, recipe.train, recipe.test
+    assert data.root, f"{where}: data.root is not set"
+    assert len(data.crop_size) == 2 and min(data.crop_size) >= 32, f"{where}: crop {data.crop_size}"
+    assert data.batch_size >= 1 and data.num_workers >= 0, f"{where}: batch {data.batch_size}"
+    if data.type != "synthetic":
+        assert data.scale is not None and min(data.scale) >= min(data.crop_size) // 2, f"{where}: scale {data.scale}"
+        assert data.batch_size >= 8, f"{where}: batch {data.batch_size} (full-size recipes train a published batch)"
+        assert train.max_iters >= 1000, f"{where}: max_iters {train.max_iters}"
+    assert 0 < train.optimizer.lr < 1 and 0 <= train.optimizer.weight_decay < 1, f"{where}: optimizer {train.optimizer}"
+    assert 0 <= train.warmup_iters < train.max_iters and train.poly_power > 0, f"{where}: schedule"
+    if test.mode == "slide":
+        assert test.stride is not None and all(s > 0 for s in test.stride), f"{where}: slide stride"
+        crop = test.crop_size or data.crop_size
+        assert all(s <= c for s, c in zip(test.stride, crop)), f"{where}: stride {test.stride} > window {crop}"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(RECIPES)))
+def test_every_shipped_recipe_is_complete(path):
+    """Resolved, every shipped recipe has its data root, crop, batch, schedule and optimizer."""
+    _complete(load_recipe(path), str(path.relative_to(RECIPES)))
+
+
+@pytest.mark.parametrize("name", ["segvit_vit_l_pascal_context.yaml", "released/segvit_vit_l_pascal_context.yaml",
+                                  "released/segvit_shrunk_vit_l_pascal_context.yaml"])
+def test_pascal_context_59_recipes_keep_the_base_data(name):
+    """Issue 22 bug 1: _base_/datasets/pascal_context_59.yaml swaps data.type, and the old merge rule
+    dropped every other key of the data section with it: these three resolved with data.root null
+    (and the model recipe's crop, scale and batch came back only because they restate them)."""
+    recipe = load_recipe(RECIPES / name)
+    assert recipe.data.type == "pascal_context_59"
+    assert recipe.data.root == "data/VOCdevkit/VOC2010"
+    assert recipe.data.num_workers == 4  # set only by _base_/datasets/pascal_context.yaml
+    base = load_recipe(RECIPES / "segvit_vit_l_pascal_context_60.yaml")
+    assert (recipe.data.crop_size, recipe.data.scale, recipe.data.batch_size) == (
+        base.data.crop_size, base.data.scale, base.data.batch_size)

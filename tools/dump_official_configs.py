@@ -1,7 +1,8 @@
 """Dump what the *official* configs set, as JSON fixtures for the config-parity test (run by hand).
 
 Each official config that produced a published number (zbwxp/SegVit ``configs/``,
-zbwxp/Dynamic-Token-Pruning ``config/prune/``, MMSegmentation 0.24.1 ``configs/``) is loaded
+zbwxp/Dynamic-Token-Pruning ``config/prune/``, zbwxp/NRD_decoder ``configs/NRD/``, MMSegmentation
+0.24.1 ``configs/``) is loaded
 with its own framework's loader (``mmcv.Config`` for the mmcv-1.x configs, ``mmengine.Config``
 for DToP's), and one JSON per config is written to ``tests/fixtures/official/configs/``::
 
@@ -23,7 +24,7 @@ The two OpenMMLab worlds cannot share one interpreter: run the mmcv-1.x world in
 ``PYTHONPATH``::
 
     /tmp/ref/v1/bin/python tools/dump_official_configs.py v0 --segvit-repo /tmp/ref/SegVit \
-        --mmseg-configs /tmp/ref/v1/lib/python3.11/site-packages/mmseg/.mim/configs
+        --mmseg-configs /tmp/ref/v1/lib/python3.11/site-packages/mmseg/.mim/configs --nrd-repo /tmp/ref/NRD_decoder
     PYTHONPATH=/tmp/ref/mm1 /tmp/ref/v1/bin/python tools/dump_official_configs.py v1 \
         --dtop-repo /tmp/ref/Dynamic-Token-Pruning
 
@@ -79,6 +80,15 @@ MMSEG_CONFIGS = [
     "_base_/datasets/pascal_context.py",
     "_base_/datasets/pascal_context_59.py",
     "_base_/datasets/coco-stuff10k.py",
+]
+# the NRD authors' release (zbwxp/NRD_decoder, an MMSegmentation 0.x fork; README: "The batch size is
+# 16 in this work"): the configs of thesis ch. 3's numbers
+NRD_CONFIGS = [
+    "configs/NRD/city_abl/NRD_r50_512x1024_84k_cityscapes.py",
+    "configs/NRD/city_abl/NRD_r101_512x1024_84k_cityscapes.py",
+    "configs/NRD/ade20k/NRD_r101_512x512_164k_ade20k.py",
+    "configs/NRD/pascal_context/NRD_r101_480x480_84k_pascal_context.py",
+    "configs/NRD/pascal_context/NRD_r101_480x480_84k_pascal_context_59.py",
 ]
 DTOP_CONFIGS = [f"config/prune/{name}.py" for name in (
     "BASE_segvit_ade20k", "BASE_segvit_ade20k_large", "BASE_segvit_cocostuff10k", "BASE_segvit_pc",
@@ -204,6 +214,14 @@ def model_parity(model: dict, defaults: dict) -> dict:
         out["model.backbone.strides"] = list(backbone.get("strides", []))
     out["model.num_classes"] = head.get("num_classes")
     out["model.decode_head.type"] = head.get("type")
+    if "dilations" in head:  # DeepLabV3+'s ASPP (segcli: the NRD encoder's aspp_dilations)
+        out["model.aspp_dilations"] = list(head["dilations"])
+    if head.get("type") == "BilinearPADHead_fast":  # NRD (zbwxp/NRD_decoder decode_heads/bilinear_pad_head_fast.py)
+        # upsample_factor: the s x s patch each stride-32 location predicts; dyn_branch_ch: the width of
+        # the dynamic network g (DynHead `channels`); mask_head_ch: the guidance maps (DynHead `num_bases`)
+        out["model.decode_head.nrd"] = {"grid": head.get("upsample_factor"), "hidden_channels": head.get("dyn_branch_ch"),
+                                        "guidance_channels": head.get("mask_head_ch")}
+        head = {k: v for k, v in head.items() if k != "dropout_ratio"}  # its forward applies no dropout
     for src, dst in (("embed_dims", "embed_dim"), ("num_heads", "num_heads"), ("num_layers", "num_layers"),
                      ("use_stages", "use_stages"), ("img_size", "img_size"), ("channels", "channels"),
                      ("thresh", "thresh"), ("layers_per_decoder", "num_layers"), ("in_index", "in_index"),
@@ -227,6 +245,8 @@ def model_parity(model: dict, defaults: dict) -> dict:
     out["model.aux_heads"] = [
         {"type": a.get("type"), "in_index": jsonable(a.get("in_index")),
          "loss_weight": (a.get("loss_decode") or {}).get("loss_weight", 1.0)} for a in aux]
+    if any("thresh" in a for a in aux):  # DToP's grading heads: each one's exit threshold
+        out["model.aux_heads.thresh"] = [a.get("thresh") for a in aux]
     test_cfg = model.get("test_cfg") or {}
     out["test.mode"] = test_cfg.get("mode", "whole")
     out["test.crop"] = pair(test_cfg.get("crop_size")) if test_cfg.get("mode") == "slide" else None
@@ -278,6 +298,7 @@ def v0_parity(cfg: dict, defaults: dict) -> dict:
     out["test.min_size"] = test_resize.get("min_size")
     out["test.ratios"] = jsonable(aug.get("img_ratios")) or [1.0]
     out["test.flip"] = bool(aug.get("flip", False))
+    out["test.pad_size_divisor"] = (find_step(test_pipeline, "Pad") or {}).get("size_divisor")
     out["batch.per_gpu"] = data.get("samples_per_gpu")
     if "model" in cfg:
         out.update(model_parity(cfg["model"], defaults))
@@ -424,6 +445,10 @@ def run_v0(args) -> None:
         for key in SEGVIT_SHARED_BLOCK:
             cfg[key] = shared[key]
         dump("segvit", f"zbwxp/SegVit {SEGVIT_VIT_B_NAME}", SEGVIT_VIT_B_NAME, composed, segvit_commit, cfg=cfg)
+    if args.nrd_repo is not None:
+        for rel in NRD_CONFIGS:
+            dump("nrd", f"zbwxp/NRD_decoder {rel}", rel.replace("configs/NRD/", "", 1), args.nrd_repo / rel,
+                 git_commit(args.nrd_repo))
     for rel in MMSEG_CONFIGS:
         dump("mmseg", f"open-mmlab/mmsegmentation v0.24.1 configs/{rel}", rel, args.mmseg_configs / rel, None)
 
@@ -458,6 +483,7 @@ def main() -> None:
     v0 = sub.add_parser("v0", help="mmcv 1.x configs (zbwxp/SegVit, MMSegmentation 0.24.1)")
     v0.add_argument("--segvit-repo", type=Path, required=True)
     v0.add_argument("--mmseg-configs", type=Path, required=True, help="MMSegmentation 0.24.1 configs/ folder")
+    v0.add_argument("--nrd-repo", type=Path, default=None, help="a zbwxp/NRD_decoder checkout (configs/NRD)")
     v1 = sub.add_parser("v1", help="mmengine configs (zbwxp/Dynamic-Token-Pruning)")
     v1.add_argument("--dtop-repo", type=Path, required=True)
     for p in (v0, v1):
