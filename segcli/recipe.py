@@ -144,6 +144,10 @@ class TrainConfig:
     warmup_ratio: float = 1e-6
     poly_power: float = 1.0
     min_lr: float = 0.0
+    # how warmup and poly decay compose: "mmcv" (MMSegmentation 0.x PolyLrUpdaterHook: the SegViT and
+    # MMSegmentation configs) or "mmengine" (LinearLR then PolyLR: the DToP configs); engine/optim.py
+    lr_schedule: Literal["mmcv", "mmengine"] = "mmcv"
+    poly_end: int | None = None  # "mmengine": PolyLR's end (None = max_iters); DToP's base configs decay to 160k
     grad_clip: float | None = None
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, off on CPU
     accum_steps: int = 1

@@ -8,6 +8,7 @@ Fixture ``tests/fixtures/official/segvit-optim*`` (tools/make_parity_fixtures.py
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -250,6 +251,7 @@ def dtop_train(config: dict) -> TrainConfig:
     paramwise = ParamwiseConfig(**config["optim_wrapper"]["paramwise_cfg"])
     return TrainConfig(max_iters=config["max_iters"], warmup_iters=linear["end"], warmup_ratio=linear["start_factor"],
                        poly_power=poly["power"], min_lr=poly["eta_min"], grad_clip=config["clip_grad"],
+                       lr_schedule="mmengine", poly_end=poly["end"],
                        optimizer=OptimizerConfig(type=opt["type"].lower(), lr=opt["lr"], betas=tuple(opt["betas"]),
                                                  weight_decay=opt["weight_decay"], paramwise=paramwise))
 
@@ -276,5 +278,8 @@ def test_dtop_lr_schedule_matches_mmengine(config_name):
         for part, lr in lrs.items():
             ours = mmengine_group_lr(int(iteration), train, scales[part], poly_end=poly_end)
             assert math.isclose(ours, lr, rel_tol=1e-9, abs_tol=1e-18), (iteration, part)
+            # what training sets: train.lr_schedule: mmengine dispatches to the same rule
+            assert math.isclose(group_lr(int(iteration), train, scales[part]), lr, rel_tol=1e-9, abs_tol=1e-18)
     # the mmcv rule differs: poly counted from iteration 0 and warmup over the decayed lr
-    assert not math.isclose(group_lr(1500, train), config["lr_at"]["1500"]["backbone"], rel_tol=1e-4)
+    mmcv = dataclasses.replace(train, lr_schedule="mmcv")
+    assert not math.isclose(group_lr(1500, mmcv), config["lr_at"]["1500"]["backbone"], rel_tol=1e-4)

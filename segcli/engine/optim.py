@@ -137,8 +137,11 @@ def group_lr(iteration: int, train_cfg, lr_scale: float = 1.0) -> float:
 
     The regular lr is ``(initial - min_lr) · (1 - it / max_iters)^power + min_lr`` (``min_lr`` the
     same absolute floor for every group); during warmup that regular lr is multiplied by
-    ``1 - (1 - it / warmup_iters) · (1 - warmup_ratio)``.
+    ``1 - (1 - it / warmup_iters) · (1 - warmup_ratio)``. ``train.lr_schedule: mmengine`` gives
+    :func:`mmengine_group_lr` instead.
     """
+    if train_cfg.lr_schedule == "mmengine":
+        return mmengine_group_lr(iteration, train_cfg, lr_scale, train_cfg.poly_end)
     initial = train_cfg.optimizer.lr * lr_scale
     progress = min(iteration / train_cfg.max_iters, 1.0)
     lr = (initial - train_cfg.min_lr) * (1 - progress) ** train_cfg.poly_power + train_cfg.min_lr
