@@ -47,7 +47,7 @@ VOCABULARY = (
     "data.photometric", "data.mean", "data.std", "data.to_rgb",
     "test.mode", "test.crop", "test.stride", "test.scale", "test.min_size", "test.ratios", "test.flip",
     "optimizer.type", "optimizer.lr", "optimizer.betas", "optimizer.momentum", "optimizer.weight_decay",
-    "optimizer.paramwise", "schedule.policy", "schedule.power", "schedule.min_lr", "schedule.warmup",
+    "optimizer.paramwise", "schedule.rule", "schedule.policy", "schedule.power", "schedule.min_lr", "schedule.warmup",
     "schedule.warmup_iters", "schedule.warmup_ratio", "schedule.max_iters", "schedule.poly_begin",
     "schedule.poly_end", "batch.per_gpu", "grad_clip",
     "precision", "model.num_classes", "model.backbone.type", "model.backbone.embed_dim", "model.backbone.depth",
@@ -125,9 +125,11 @@ def recipe_parity(recipe) -> dict:
         "schedule.warmup": "linear" if train.warmup_iters else None, "schedule.warmup_iters": train.warmup_iters,
         "schedule.warmup_ratio": train.warmup_ratio if train.warmup_iters else None,
         "schedule.max_iters": train.max_iters,
-        # segcli's poly is mmcv 1.x's: over the whole run, the warmup multiplying it (mmengine's PolyLR
-        # has its own begin / end)
-        "schedule.poly_begin": 0, "schedule.poly_end": train.max_iters,
+        # lr_schedule "mmcv": mmcv 1.x's poly over the whole run, the warmup multiplying it; "mmengine":
+        # LinearLR for the warmup, then PolyLR from its end to poly_end (engine/optim.py)
+        "schedule.rule": train.lr_schedule,
+        "schedule.poly_begin": train.warmup_iters if train.lr_schedule == "mmengine" else 0,
+        "schedule.poly_end": (train.poly_end or train.max_iters) if train.lr_schedule == "mmengine" else train.max_iters,
         "batch.per_gpu": recipe.published.batch_per_gpu if recipe.published else None,
         "grad_clip": {"max_norm": train.grad_clip, "norm_type": 2} if train.grad_clip else None,
         "precision": AMP_PRECISION[train.amp],
@@ -278,6 +280,7 @@ def _segvit_l_ade20k(overrides=()):
     ("data.mean=[123.675,116.28,103.53]", "data.mean"),
     ("train.poly_power=0.9", "schedule.power"),
     ("train.warmup_iters=0", "schedule.warmup"),
+    ("train.lr_schedule=mmengine", "schedule.rule"),
     ("train.amp=bf16", "precision"),
     ("train.grad_clip=null", "grad_clip"),
     ("test.stride=[512,512]", "test.stride"),

@@ -313,6 +313,7 @@ def v0_parity(cfg: dict, defaults: dict) -> dict:
         clip = (cfg.get("optimizer_config") or {}).get("grad_clip")
         out["grad_clip"] = None if not clip else {"max_norm": clip.get("max_norm"), "norm_type": clip.get("norm_type", 2)}
         lr = cfg.get("lr_config") or {}
+        out["schedule.rule"] = "mmcv"  # mmcv 1.x LrUpdaterHook: warmup multiplies the poly of the whole run
         out["schedule.policy"] = lr.get("policy")
         out["schedule.power"] = lr.get("power", 1.0)
         out["schedule.min_lr"] = lr.get("min_lr", 0.0)
@@ -375,6 +376,7 @@ def v1_parity(cfg: dict, defaults: dict) -> dict:
     schedulers = [schedulers] if isinstance(schedulers, dict) else schedulers
     warm = next((s for s in schedulers if s.get("type") == "LinearLR"), None)
     poly = next((s for s in schedulers if s.get("type") == "PolyLR"), None) or {}
+    out["schedule.rule"] = "mmengine"  # LinearLR, then PolyLR over [begin, end)
     out["schedule.policy"] = "poly" if poly else None
     out["schedule.power"] = poly.get("power", 1.0)
     out["schedule.min_lr"] = poly.get("eta_min", 0.0)
