@@ -72,6 +72,24 @@ def test_pretrained_timm_checkpoint_loads(tmp_path):
     assert backbone.vit.pos_embed.shape == (1, 17, 192)
 
 
+def test_pretrained_position_table_resized_as_mmsegmentation_with_plain_bicubic(tmp_path):
+    """``pos_embed_resize: bicubic`` resizes the pretrained table at load as MMSegmentation's
+    VisionTransformer.init_weights does (plain bicubic, align_corners=False); it used to go
+    through timm's antialiased resampling whatever the setting."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(2)
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48)  # 3x3 grid
+    path = tmp_path / "vit.pth"
+    torch.save(source.state_dict(), path)
+    table = source.pos_embed[:, 1:].reshape(1, 3, 3, 192).permute(0, 3, 1, 2)  # [1, C, 3, 3]
+    plain = F.interpolate(table, size=(4, 4), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+    loaded = ViTBackbone(_cfg(img_size=64, pretrained=str(path), pos_embed_resize="bicubic")).vit.pos_embed
+    assert torch.allclose(loaded[:, -16:], plain, rtol=1e-5, atol=1e-6)
+    timm_way = ViTBackbone(_cfg(img_size=64, pretrained=str(path))).vit.pos_embed  # antialiased: another table
+    assert not torch.allclose(timm_way[:, -16:], plain, rtol=1e-3, atol=1e-4)
+
+
 def test_pretrained_from_a_segcli_checkpoint(tmp_path):
     """A segcli checkpoint as ``pretrained``: its encoder is loaded, its heads are skipped."""
     from segcli import build_model

@@ -375,8 +375,10 @@ class ViTBackbone(Backbone):
             state.pop("cls_token", None)
         state.pop("reg_token", None)
         module = __import__(type(self.vit).__module__, fromlist=["checkpoint_filter_fn"])
-        if hasattr(module, "checkpoint_filter_fn"):
-            state = module.checkpoint_filter_fn(state, self.vit)
+        if hasattr(module, "checkpoint_filter_fn"):  # position tables resized to img_size by pos_embed_resize
+            plain = {} if self.cfg.pos_embed_resize == "timm" else {"interpolation": self.cfg.pos_embed_resize,
+                                                                      "antialias": False}
+            state = module.checkpoint_filter_fn(state, self.vit, **plain)
         state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.", "norm.", "cls_token"))}
         own = self.vit.state_dict()
         shape_bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
