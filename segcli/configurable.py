@@ -6,6 +6,11 @@ component's options pass through :func:`from_dict`. Code below the recipe never 
 Supported field types: ``int``, ``float``, ``bool``, ``str``, ``X | None``, ``tuple[X, ...]``,
 ``tuple[X, Y]``, ``Literal[...]``, nested dataclasses and :class:`Component` (a registered
 component chosen by its ``type`` key; the registry is named in the field's metadata).
+
+Numbers carry their range in their type: ``Annotated[int, Range(1)]`` (spelt :data:`PositiveInt`
+and friends), checked when the value is read, with the key named. Every ``int`` and ``float`` field
+of a config declares one, unbounded (``Range()``) where any value means something
+(``tests/test_config_ranges.py`` walks them all).
 """
 from __future__ import annotations
 
@@ -13,9 +18,43 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from .errors import SegcliError, did_you_mean
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take: ``low <= value <= high`` (either bound may be None = open-ended;
+    ``low_open`` makes the lower bound strict: ``low < value``)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"<= {self.high:g}"
+        return "any number"
+
+    def check(self, value: float, where: str) -> None:
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and value > self.high
+        if too_low or too_high:
+            raise SegcliError(f"must be {self.describe()}, got {value!r}", where)
+
+
+PositiveInt = Annotated[int, Range(1)]
+NonNegativeInt = Annotated[int, Range(0)]
+AnyInt = Annotated[int, Range()]  # e.g. an index that may count from the end
+PositiveFloat = Annotated[float, Range(0, low_open=True)]
+NonNegativeFloat = Annotated[float, Range(0)]
+UnitFloat = Annotated[float, Range(0, 1)]  # a probability or a fraction
+AnyFloat = Annotated[float, Range()]  # e.g. a mean, a shift
 
 
 @dataclass(frozen=True)
@@ -46,6 +85,8 @@ def _registry(name: str):
 
 
 def _describe(tp) -> str:
+    if typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -54,6 +95,12 @@ def _convert(value: Any, tp: Any, where: str, registry: str | None = None) -> An
     args = typing.get_args(tp)
     if tp is Any:
         return value
+    if origin is Annotated:
+        converted = _convert(value, args[0], where, registry)
+        for rule in args[1:]:
+            if isinstance(rule, Range):
+                rule.check(converted, where)
+        return converted
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -148,7 +195,7 @@ def from_dict(cls: type, raw: Any, where: str) -> Any:
         raw = {}
     if not isinstance(raw, dict):
         raise SegcliError(f"expected a mapping, got {raw!r}", where)
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in raw:
         if key not in fields:

@@ -17,11 +17,12 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
-from .configurable import Component, component_field, from_dict, to_dict
+from .configurable import (AnyFloat, Component, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range,
+                           UnitFloat, component_field, from_dict, to_dict)
 from .errors import SegcliError
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -42,7 +43,7 @@ class ModelConfig:
     decode_head: Component = component_field("head")
     type: str = "encoder_decoder"
     aux_heads: tuple[Component, ...] = field(default=(), metadata={"registry": "head"})
-    num_classes: int | None = None
+    num_classes: PositiveInt | None = None
     options: Any = None  # the segmentor's typed options after recipe_from_dict
     sync_bn: bool = True  # BatchNorm -> SyncBatchNorm under DDP
 
@@ -59,29 +60,23 @@ class DataConfig:
     root: str | None = None
     classes: tuple[str, ...] | None = None  # override the dataset's class names (folder: classes.txt)
     reduce_zero_label: bool | None = None  # None = the dataset's convention
-    crop_size: tuple[int, int] = (512, 512)  # (H, W)
-    scale: tuple[int, int] | None = None  # (long, short) base scale; None = crop size
-    ratio_range: tuple[float, float] = (0.5, 2.0)
-    cat_max_ratio: float = 0.75
-    flip_prob: float = 0.5
+    crop_size: tuple[PositiveInt, PositiveInt] = (512, 512)  # (H, W)
+    scale: tuple[PositiveInt, PositiveInt] | None = None  # (long, short) base scale; None = crop size
+    ratio_range: tuple[PositiveFloat, PositiveFloat] = (0.5, 2.0)
+    cat_max_ratio: Annotated[float, Range(0, 1, low_open=True)] = 0.75
+    flip_prob: UnitFloat = 0.5
     photometric: bool = True
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    batch_size: int = 8  # global batch (split across DDP processes)
-    num_workers: int = 2
+    mean: tuple[AnyFloat, AnyFloat, AnyFloat] = IMAGENET_MEAN
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = IMAGENET_STD
+    batch_size: PositiveInt = 8  # global batch (split across DDP processes)
+    num_workers: NonNegativeInt = 2
     train_split: str = "train"
     val_split: str = "val"
     # synthetic only
-    synthetic_size: int = 128
-    synthetic_train: int = 96
-    synthetic_val: int = 24
-    synthetic_seed: int = 0  # another seed gives other scenes (same classes): e.g. a "pretraining" set
-
-    def __post_init__(self):
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        if not 0 < self.cat_max_ratio <= 1:
-            raise ValueError("cat_max_ratio must be in (0, 1]")
+    synthetic_size: Annotated[int, Range(32)] = 128
+    synthetic_train: PositiveInt = 96
+    synthetic_val: PositiveInt = 24
+    synthetic_seed: NonNegativeInt = 0  # another seed gives other scenes (same classes): e.g. a "pretraining" set
 
 
 @dataclass(frozen=True)
@@ -92,10 +87,10 @@ class ParamwiseConfig:
     :func:`segcli.engine.optim.paramwise_groups` for the rules."""
 
     custom_keys: dict[str, dict[str, float]] = field(default_factory=dict)  # KEY: {lr_mult, decay_mult}
-    norm_decay_mult: float | None = None
-    bias_lr_mult: float | None = None
-    bias_decay_mult: float | None = None
-    dwconv_decay_mult: float | None = None
+    norm_decay_mult: NonNegativeFloat | None = None
+    bias_lr_mult: NonNegativeFloat | None = None
+    bias_decay_mult: NonNegativeFloat | None = None
+    dwconv_decay_mult: NonNegativeFloat | None = None
     bypass_duplicate: bool = False
 
     def __post_init__(self):
@@ -113,12 +108,12 @@ class ParamwiseConfig:
 @dataclass(frozen=True)
 class OptimizerConfig:
     type: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    momentum: float = 0.9
-    betas: tuple[float, float] = (0.9, 0.999)
-    head_lr_mult: float = 10.0  # lr multiplier for everything but the backbone
-    layer_decay: float | None = None  # layer-wise lr decay for ViT backbones (BEiT fine-tuning)
+    lr: PositiveFloat = 2e-5
+    weight_decay: NonNegativeFloat = 0.01
+    momentum: UnitFloat = 0.9
+    betas: tuple[Annotated[float, Range(0, 0.9999999)], Annotated[float, Range(0, 0.9999999)]] = (0.9, 0.999)
+    head_lr_mult: NonNegativeFloat = 10.0  # lr multiplier for everything but the backbone
+    layer_decay: Annotated[float, Range(0, 1, low_open=True)] | None = None  # layer-wise lr decay for ViT backbones (BEiT fine-tuning)
     no_wd_norm: bool = True  # no weight decay on norms, biases, position embeddings, queries
     # weight decay on position embeddings and class queries after all (only norms are exempt):
     # the released SegViT configs' paramwise_cfg (custom_keys norm / ln: decay 0, head: lr x10)
@@ -138,34 +133,26 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    max_iters: int = 160000
+    max_iters: PositiveInt = 160000
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    warmup_iters: int = 1500
-    warmup_ratio: float = 1e-6
-    poly_power: float = 1.0
-    min_lr: float = 0.0
+    warmup_iters: NonNegativeInt = 1500
+    warmup_ratio: UnitFloat = 1e-6
+    poly_power: NonNegativeFloat = 1.0
+    min_lr: NonNegativeFloat = 0.0
     # how warmup and poly decay compose: "mmcv" (MMSegmentation 0.x PolyLrUpdaterHook: the SegViT and
     # MMSegmentation configs) or "mmengine" (LinearLR then PolyLR: the DToP configs); engine/optim.py
     lr_schedule: Literal["mmcv", "mmengine"] = "mmcv"
-    poly_end: int | None = None  # "mmengine": PolyLR's end (None = max_iters); DToP's base configs decay to 160k
-    grad_clip: float | None = None
+    poly_end: PositiveInt | None = None  # "mmengine": PolyLR's end (None = max_iters); DToP's base configs decay to 160k
+    grad_clip: PositiveFloat | None = None  # max gradient norm; null = no clipping
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, off on CPU
-    accum_steps: int = 1
-    eval_interval: int = 16000
-    log_interval: int = 50
-    checkpoint_interval: int = 0  # 0 = only at eval and at the end
-    keep_checkpoints: int = 0  # keep iter_{N}.pt beside last.pt at each save: the N most recent (0 = none)
-    seed: int = 0
+    accum_steps: PositiveInt = 1
+    eval_interval: PositiveInt = 16000
+    log_interval: PositiveInt = 50
+    checkpoint_interval: NonNegativeInt = 0  # 0 = only at eval and at the end
+    keep_checkpoints: NonNegativeInt = 0  # keep iter_{N}.pt beside last.pt at each save: the N most recent (0 = none)
+    seed: NonNegativeInt = 0
     init_from: str | None = None  # a checkpoint whose weights start this run (e.g. DToP finetune)
     tensorboard: bool = True  # event files in WORK_DIR/tensorboard when the tensorboard package is installed
-
-    def __post_init__(self):
-        if self.max_iters < 1:
-            raise ValueError("max_iters must be >= 1")
-        if self.accum_steps < 1:
-            raise ValueError("accum_steps must be >= 1")
-        if self.keep_checkpoints < 0:
-            raise ValueError("keep_checkpoints must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -182,13 +169,13 @@ class TestConfig:
     """
 
     mode: Literal["whole", "slide"] = "whole"
-    crop_size: tuple[int, int] | None = None  # slide window (H, W); None = data.crop_size
-    stride: tuple[int, int] | None = None  # slide stride; None = 2/3 of the crop
-    scale: tuple[int, int] | None = None  # resize to fit (long, short) before inference; None = as is
-    scales: tuple[float, ...] = (1.0,)  # multi-scale TTA ratios of `scale`
+    crop_size: tuple[PositiveInt, PositiveInt] | None = None  # slide window (H, W); None = data.crop_size
+    stride: tuple[PositiveInt, PositiveInt] | None = None  # slide stride; None = 2/3 of the crop
+    scale: tuple[PositiveInt, PositiveInt] | None = None  # resize to fit (long, short) before inference; None = as is
+    scales: tuple[PositiveFloat, ...] = (1.0,)  # multi-scale TTA ratios of `scale`
     flip: bool = False
-    batch_size: int = 1
-    min_size: int | None = None  # short side at least this (mmseg Resize min_size); None = fit `scale`
+    batch_size: PositiveInt = 1
+    min_size: PositiveInt | None = None  # short side at least this (mmseg Resize min_size); None = fit `scale`
 
     def __post_init__(self):
         if self.min_size is not None and self.min_size < 1:
@@ -201,11 +188,7 @@ class CLConfig:
 
     protocol: str = "100-50"
     setting: Literal["overlapped", "disjoint"] = "overlapped"
-    step_iters: int | None = None  # iterations of every task after the first; None = train.max_iters
-
-    def __post_init__(self):
-        if self.step_iters is not None and self.step_iters < 1:
-            raise ValueError("step_iters must be >= 1")
+    step_iters: PositiveInt | None = None  # iterations of every task after the first; None = train.max_iters
 
 
 @dataclass(frozen=True)
@@ -225,8 +208,8 @@ class PublishedConfig:
     numbers: dict[str, float]
     source: str
     official_config: str | None
-    gpus: int
-    batch_per_gpu: int
+    gpus: PositiveInt
+    batch_per_gpu: PositiveInt
     precision: Literal["fp32", "fp16", "bf16"]
     pretrained: str | None
     differences: dict[str, str] = field(default_factory=dict)
@@ -244,10 +227,6 @@ class PublishedConfig:
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"differences.{key}: expected the reason as a string, got {value!r}")
         object.__setattr__(self, "differences", {str(k): v for k, v in self.differences.items()})
-        if self.gpus < 1:
-            raise ValueError("gpus must be >= 1")
-        if self.batch_per_gpu < 1:
-            raise ValueError("batch_per_gpu must be >= 1")
 
     @property
     def global_batch(self) -> int:

@@ -65,7 +65,8 @@ def test_bad_inputs_exit_2_without_traceback(cli, synth_root, tmp_path):
     res = cli("eval", tmp_path / "none.pt")
     assert res.exit_code == 2 and "none.pt" in res.output
     (tmp_path / "foreign.pt").write_bytes(b"\x00\x01junk")
-    res = cli("predict", "x.jpg", "--checkpoint", tmp_path / "foreign.pt")
+    image = synth_root / "images" / "val" / "00000.png"  # the images are checked first (cheap), then the model
+    res = cli("predict", image, "--checkpoint", tmp_path / "foreign.pt")
     assert res.exit_code == 2 and "foreign.pt" in res.output
     res = cli("predict", "x.jpg", "--model", "segvitt")
     assert res.exit_code == 2 and "did you mean 'segvit'" in res.output

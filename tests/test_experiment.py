@@ -58,8 +58,8 @@ def test_published_section_is_typed(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("published.gpu=8", "did you mean 'gpus'"),
-    ("published.gpus=0", "gpus must be >= 1"),
-    ("published.batch_per_gpu=0", "batch_per_gpu must be >= 1"),
+    ("published.gpus=0", "gpus: must be >= 1"),
+    ("published.batch_per_gpu=0", "batch_per_gpu: must be >= 1"),
     ("published.precision=fp64", "choose one of"),
     ("published.numbers={mIoU: high}", "numbers.mIoU: expected a number"),
     ("published.numbers={}", "at least one"),

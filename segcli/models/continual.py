@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..configurable import PositiveInt
 from ..errors import SegcliError
 from ..registry import SEGMENTORS
 from .base import Backbone, FrozenPartsMixin, HeadContext
@@ -65,7 +66,7 @@ class ContinualOptions:
     class of the dataset (the Oracle / plain SegViT).
     """
 
-    task_classes: tuple[int, ...] = ()
+    task_classes: tuple[PositiveInt, ...] = ()
 
     def __post_init__(self):
         if any(n < 1 for n in self.task_classes):

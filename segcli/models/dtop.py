@@ -81,13 +81,14 @@ Decisions (the thesis is silent, or the released code, zbwxp/Dynamic-Token-Pruni
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..configurable import NonNegativeInt, Range
 from ..errors import SegcliError
 from ..registry import SEGMENTORS
 from .base import DecodeHead, FrozenPartsMixin, resize
@@ -108,9 +109,9 @@ class DToPOptions:
     block before the decode head's, in order.
     """
 
-    p0: float = 0.95  # confidence threshold; 1.0 = no pruning (the baseline)
-    k: int = 5  # most confident exiting tokens per present class that stay for context
-    exit_layers: tuple[int, ...] | None = None  # grading blocks (0-based); None = all aux heads before the decode
+    p0: Annotated[float, Range(0, 1, low_open=True)] = 0.95  # confidence threshold; 1.0 = no pruning (the baseline)
+    k: NonNegativeInt = 5  # most confident exiting tokens per present class that stay for context
+    exit_layers: tuple[NonNegativeInt, ...] | None = None  # grading blocks (0-based); None = all aux heads before the decode
     strict: bool = False  # exit if score > p0 (released code) instead of >= p0 (thesis)
     freeze_backbone: bool = False  # train the heads only (thesis 5.3.3.1's wording); released: everything
     # how exited tokens enter the output map. "thesis": each keeps the per-class scores of the head

@@ -77,6 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..configurable import NonNegativeFloat, NonNegativeInt, PositiveInt, UnitFloat
 from ..errors import SegcliError
 from ..registry import SEGMENTORS
 from .heads.atm import ATMHead
@@ -92,18 +93,18 @@ HEAD_DIM = 32  # QU attention heads of 32 channels, as the ATM decoder's
 class ShrunkOptions:
     """``model.options`` of ``type: shrunk`` (see the module docstring)."""
 
-    qd_index: int = 8  # the block that does QD (0 = the first block)
+    qd_index: NonNegativeInt = 8  # the block that does QD (0 = the first block)
     qu: Literal["inherit", "learned", "none"] = "inherit"
-    qu_layers: int = 3
+    qu_layers: PositiveInt = 3
     qu_self_attn: bool = True
-    qu_dim: int | None = None  # None = C/2
-    qu_heads: int | None = None  # None = qu_dim / 32
-    qu_dropout: float = 0.1
+    qu_dim: PositiveInt | None = None  # None = C/2
+    qu_heads: PositiveInt | None = None  # None = qu_dim / 32
+    qu_dropout: UnitFloat = 0.1
     qu_skip: bool = False  # add the shrunk tokens, nearest-upsampled, to the QU output (not in the thesis)
     edge: bool = False  # EQD
-    edge_threshold: float = 0.7
-    edge_hidden: tuple[int, ...] | None = None  # None = (C, C/2): three linear layers
-    edge_loss_weight: float = 1.0
+    edge_threshold: UnitFloat = 0.7
+    edge_hidden: tuple[PositiveInt, ...] | None = None  # None = (C, C/2): three linear layers
+    edge_loss_weight: NonNegativeFloat = 1.0
     edge_keep_train: Literal["predicted", "target"] = "predicted"
     head_mode: Literal["thesis", "released"] = "thesis"
     # the released TPN head (zbwxp/SegVit decode_heads/tpn_atm_head.py) keeps its learnt query grid

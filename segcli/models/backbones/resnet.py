@@ -45,6 +45,7 @@ import torch
 from timm.models import get_arch_name
 from torch import nn
 
+from ...configurable import NonNegativeInt, PositiveInt
 from ...errors import SegcliError, did_you_mean
 from ...registry import BACKBONES
 from ..layers import ConvBNReLU, SeparableConvBNReLU, fold_batchnorm, foldable_batchnorm
@@ -60,12 +61,12 @@ class ResNetConfig:
     deep_stem: bool = True  # MMSegmentation "V1c" stem (timm stem_type="deep", stem_width=32)
     pretrained: str | None = None  # local timm-format weights; never downloaded
     output_stride: Literal[8, 16, 32] = 32
-    out_indices: tuple[int, ...] = (1, 4)  # timm feature levels (1 = stride 4, 4 = last stage)
+    out_indices: tuple[NonNegativeInt, ...] = (1, 4)  # timm feature levels (1 = stride 4, 4 = last stage)
     aspp: bool = False  # attach DeepLabV3+'s ASPP to the last level (NRD's encoder)
-    aspp_channels: int = 512
-    aspp_dilations: tuple[int, ...] = (1, 12, 24, 36)
-    stem_width: int = 32  # deep stem widths (w, w, 2w): MMSegmentation's stem_channels = 2w
-    channels: tuple[int, int, int, int] | None = None  # stage widths; None = the timm model's (64, 128, 256, 512)
+    aspp_channels: PositiveInt = 512
+    aspp_dilations: tuple[PositiveInt, ...] = (1, 12, 24, 36)
+    stem_width: PositiveInt = 32  # deep stem widths (w, w, 2w): MMSegmentation's stem_channels = 2w
+    channels: tuple[PositiveInt, PositiveInt, PositiveInt, PositiveInt] | None = None  # stage widths; None = the timm model's (64, 128, 256, 512)
 
     def __post_init__(self):
         if not self.out_indices or list(self.out_indices) != sorted(set(self.out_indices)):

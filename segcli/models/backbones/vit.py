@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from ...configurable import NonNegativeInt, PositiveInt, UnitFloat
 from ...errors import SegcliError
 from ...registry import BACKBONES
 from ..base import Backbone
@@ -39,14 +40,14 @@ from .weights import load_state_dict_file, mmseg_vit_to_timm
 @dataclass(frozen=True)
 class ViTConfig:
     name: str = "vit_base_patch16_384"  # any timm ViT / DeiT3 / BEiT name
-    out_indices: tuple[int, ...] = (5, 7, 11)  # 0-based blocks whose outputs are returned
-    img_size: int = 512  # the size the position embeddings / rel-pos tables are built for
+    out_indices: tuple[NonNegativeInt, ...] = (5, 7, 11)  # 0-based blocks whose outputs are returned
+    img_size: PositiveInt = 512  # the size the position embeddings / rel-pos tables are built for
     pretrained: str | None = None  # local timm-format weights (.pth/.pt/.bin/.safetensors/.npz) or a segcli checkpoint
-    drop_path_rate: float = 0.1
-    patch_size: int | None = None  # None = the timm model's; another value only for training from scratch
-    depth: int | None = None  # None = the timm model's; fewer blocks only for training from scratch
-    embed_dim: int | None = None  # None = the timm model's (other widths: small test models, converted ones)
-    num_heads: int | None = None  # None = the timm model's
+    drop_path_rate: UnitFloat = 0.1
+    patch_size: PositiveInt | None = None  # None = the timm model's; another value only for training from scratch
+    depth: PositiveInt | None = None  # None = the timm model's; fewer blocks only for training from scratch
+    embed_dim: PositiveInt | None = None  # None = the timm model's (other widths: small test models, converted ones)
+    num_heads: PositiveInt | None = None  # None = the timm model's
     # how absolute position embeddings are resized to another grid: "timm" = timm's
     # resample_abs_pos_embed (antialiased bicubic), "bicubic" = plain bicubic, align_corners=False,
     # as MMSegmentation's VisionTransformer does (models trained there need it)

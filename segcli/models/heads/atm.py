@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...configurable import AnyInt, NonNegativeFloat, PositiveInt, UnitFloat
 from ...errors import SegcliError
 from ...registry import HEADS
 from ..atm_criterion import ATMCriterion
@@ -74,19 +75,19 @@ HEAD_DIM = 32  # thesis' ViT-B (384/12) and ViT-L (512/16) heads
 class ATMConfig:
     """``decode_head: {type: atm, ...}``; defaults are the thesis' ViT-B setting."""
 
-    in_index: tuple[int, ...] = (2, 1, 0)  # backbone outputs in stage order, deepest first
-    use_stages: int | None = None  # keep the first n entries of in_index; None = all
-    embed_dim: int | None = None  # D; None = C/2 of the first stage's input (384 ViT-B, 512 ViT-L)
-    num_heads: int | None = None  # None = D / 32 (12 for ViT-B, 16 for ViT-L)
-    num_layers: int = 3  # decoder layers per stage
+    in_index: tuple[AnyInt, ...] = (2, 1, 0)  # backbone outputs in stage order, deepest first
+    use_stages: PositiveInt | None = None  # keep the first n entries of in_index; None = all
+    embed_dim: PositiveInt | None = None  # D; None = C/2 of the first stage's input (384 ViT-B, 512 ViT-L)
+    num_heads: PositiveInt | None = None  # None = D / 32 (12 for ViT-B, 16 for ViT-L)
+    num_layers: PositiveInt = 3  # decoder layers per stage
     self_attn: bool = False  # query self-attention (thesis: off; released v1: on)
-    ffn_ratio: int = 4
-    dropout: float = 0.1
+    ffn_ratio: PositiveInt = 4
+    dropout: UnitFloat = 0.1
     mask_resolution: Literal["low", "full"] = "low"  # where the class scores are formed (see docstring)
     # "full" only: the released head upsamples masks to its own square img_size, forms the scores
     # there and the segmentor resizes them to the input (zbwxp/SegVit decode_heads/atm_head.py);
     # None = straight to the output size. Equal whenever the window is img_size (slide testing).
-    mask_size: int | None = None
+    mask_size: PositiveInt | None = None
     # "classes": one Linear(D, K+1) classifies every query over the K classes + "no object" (thesis
     # eq. 4.4); "binary": Linear(D, 2) only says whether query k's class is present, as the released
     # DToP PruneHead (zbwxp/Dynamic-Token-Pruning decode_heads/prune_head.py) does
@@ -94,13 +95,13 @@ class ATMConfig:
     # false: a stage reads its tokens as they are (already embed_dim wide), with no Linear + LayerNorm
     # (the released Shrunk's ATMSingleHead(use_proj=False) after the TPN queries)
     input_proj: bool = True
-    loss_weight: float = 1.0
-    ce_weight: float = 1.0
-    focal_weight: float = 20.0
-    dice_weight: float = 1.0
-    eos_coef: float = 0.1  # CE weight of the "no object" target
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
+    loss_weight: NonNegativeFloat = 1.0
+    ce_weight: NonNegativeFloat = 1.0
+    focal_weight: NonNegativeFloat = 20.0
+    dice_weight: NonNegativeFloat = 1.0
+    eos_coef: NonNegativeFloat = 0.1  # CE weight of the "no object" target
+    focal_alpha: UnitFloat = 0.25
+    focal_gamma: NonNegativeFloat = 2.0
     mask_loss_ignore: Literal["exclude", "negative"] = "negative"  # released code; see atm_criterion.py
     deep_supervision: bool = True  # every stage's (class, cumulative mask) gets the loss
 

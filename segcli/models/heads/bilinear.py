@@ -17,15 +17,16 @@ from dataclasses import dataclass
 
 import torch
 
+from ...configurable import AnyInt, NonNegativeFloat, UnitFloat
 from ...registry import HEADS
 from ..base import HeadContext, LogitHead, check_in_index
 
 
 @dataclass(frozen=True)
 class BilinearConfig:
-    in_index: int = -1  # the encoder output F (ASPP)
-    dropout: float = 0.1
-    loss_weight: float = 1.0
+    in_index: AnyInt = -1  # the encoder output F (ASPP)
+    dropout: UnitFloat = 0.1
+    loss_weight: NonNegativeFloat = 1.0
 
 
 class BilinearHead(LogitHead):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...configurable import AnyInt, NonNegativeFloat, PositiveInt, UnitFloat
 from ...registry import HEADS
 from ..layers import ConvBNReLU, SeparableConvBNReLU
 from ..base import HeadContext, LogitHead, check_in_index, upsample_to_input
@@ -25,11 +26,11 @@ from ..base import HeadContext, LogitHead, check_in_index, upsample_to_input
 
 @dataclass(frozen=True)
 class DeepLabV3PlusConfig:
-    in_index: tuple[int, int] = (0, -1)  # (low-level features, encoder output F)
-    c1_channels: int = 48
-    channels: int = 512
-    dropout: float = 0.1
-    loss_weight: float = 1.0
+    in_index: tuple[AnyInt, AnyInt] = (0, -1)  # (low-level features, encoder output F)
+    c1_channels: PositiveInt = 48
+    channels: PositiveInt = 512
+    dropout: UnitFloat = 0.1
+    loss_weight: NonNegativeFloat = 1.0
 
 
 class DeepLabV3PlusHead(LogitHead):

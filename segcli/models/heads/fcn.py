@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...configurable import AnyInt, NonNegativeFloat, NonNegativeInt, PositiveInt, UnitFloat
 from ...registry import HEADS
 from ..layers import ConvBNReLU
 from ..base import HeadContext, LogitHead, check_in_index
@@ -23,14 +24,14 @@ from ..base import HeadContext, LogitHead, check_in_index
 
 @dataclass(frozen=True)
 class FCNConfig:
-    in_index: int = -1
-    channels: int = 256
-    num_convs: int = 1
-    kernel_size: int = 3
-    dilation: int = 1
+    in_index: AnyInt = -1
+    channels: PositiveInt = 256
+    num_convs: NonNegativeInt = 1
+    kernel_size: PositiveInt = 3
+    dilation: PositiveInt = 1
     concat_input: bool = False
-    dropout: float = 0.1
-    loss_weight: float = 1.0
+    dropout: UnitFloat = 0.1
+    loss_weight: NonNegativeFloat = 1.0
 
     def __post_init__(self):
         if self.num_convs < 0:

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...configurable import AnyInt, NonNegativeFloat, PositiveInt
 from ...errors import SegcliError
 from ...registry import HEADS
 from ..layers import ConvBNReLU
@@ -61,17 +62,17 @@ from ..base import HeadContext, LogitHead, check_in_index
 
 @dataclass(frozen=True)
 class NRDConfig:
-    in_index: tuple[int, int] = (0, -1)  # (low-level stride-4 features, encoder output F)
-    guidance_channels: int = 16  # C_m
-    guidance_hidden: int = 48  # width of the guidance map's 3×3 conv
-    hidden_channels: int = 16  # C_r, hidden width of g_θ
-    controller_channels: int = 512  # the controller's 3×3 conv
-    grid_size: int | None = None  # s; None = stride(F) / stride(low-level) = 8
+    in_index: tuple[AnyInt, AnyInt] = (0, -1)  # (low-level stride-4 features, encoder output F)
+    guidance_channels: PositiveInt = 16  # C_m
+    guidance_hidden: PositiveInt = 48  # width of the guidance map's 3×3 conv
+    hidden_channels: PositiveInt = 16  # C_r, hidden width of g_θ
+    controller_channels: PositiveInt = 512  # the controller's 3×3 conv
+    grid_size: PositiveInt | None = None  # s; None = stride(F) / stride(low-level) = 8
     use_coords: bool = True
     use_guidance: bool = True
     input_norm: bool = True  # BatchNorm over [coordinates, guidance] (released code)
     impl: Literal["einsum", "grouped_conv"] = "einsum"
-    loss_weight: float = 1.0
+    loss_weight: NonNegativeFloat = 1.0
 
     def __post_init__(self):
         if not (self.use_coords or self.use_guidance):

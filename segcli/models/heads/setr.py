@@ -13,19 +13,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...configurable import AnyInt, NonNegativeFloat, NonNegativeInt, PositiveInt, UnitFloat
 from ...registry import HEADS
 from ..base import HeadContext, LogitHead, check_in_index
 
 
 @dataclass(frozen=True)
 class SETRConfig:
-    in_index: int = -1
-    channels: int = 256
-    num_convs: int = 1
-    up_scale: int = 4
-    kernel_size: int = 1
-    dropout: float = 0.0
-    loss_weight: float = 1.0
+    in_index: AnyInt = -1
+    channels: PositiveInt = 256
+    num_convs: NonNegativeInt = 1
+    up_scale: PositiveInt = 4
+    kernel_size: PositiveInt = 1
+    dropout: UnitFloat = 0.0
+    loss_weight: NonNegativeFloat = 1.0
 
 
 class SETRHead(LogitHead):
