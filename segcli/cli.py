@@ -111,7 +111,9 @@ def _summary_line(metrics: dict) -> str:
 
 
 class _TrainReporter:
-    """Rich progress on a terminal; plain log lines otherwise (CI, pipes)."""
+    """Rich progress on a terminal; plain log lines otherwise (CI, pipes). Every line it shows also
+    goes, as plain text, to ``WORK_DIR/train.log`` (with the log steps that a terminal shows only in
+    its progress bar), from the moment the run has created its work dir."""
 
     def __init__(self, console: Console, log_every: int):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -124,23 +126,39 @@ class _TrainReporter:
                                  disable=not self.interactive)
         self.task = None
         self.saved: dict | None = None  # the last "checkpoint" event: what an interruption leaves
+        self.log_path: Path | None = None
+        self.unwritten: list[str] = []  # lines shown before the work dir existed
+
+    def _log(self, markup: str) -> None:
+        from rich.text import Text
+
+        self.unwritten.append(Text.from_markup(markup).plain)
+        if self.log_path is not None and self.log_path.parent.is_dir():
+            with self.log_path.open("a") as handle:
+                handle.write("".join(line + "\n" for line in self.unwritten))
+            self.unwritten.clear()
+
+    def _show(self, markup: str, console: Console | None = None, **style) -> None:
+        (console or self.console).print(markup, **style)
+        self._log(markup)
 
     def __call__(self, event: str, info: dict) -> None:
         if event == "start":
+            self.log_path = Path(info["work_dir"]) / "train.log"
             start = f", resuming at iteration {info['start_iter']}" if info["start_iter"] else ""
-            self.console.print(f"[bold]{escape(str(info['recipe']))}[/]: " + escape(
+            self._show(f"[bold]{escape(str(info['recipe']))}[/]: " + escape(
                 f"{info['model']}, {info['params_m']:.2f} M parameters; {info['dataset']} "
                 f"({info['data_root'] or 'default root'}): {info['train_images']} train / {info['val_images']} val "
                 f"images; {info['max_iters']} iterations{start} on {info['device']} -> {info['work_dir']}/"))
         elif event == "experiment":
             if info["matches"]:
-                self.console.print(f"[bold green]this run is the published experiment:[/] {escape(info['published'])}")
+                self._show(f"[bold green]this run is the published experiment:[/] {escape(info['published'])}")
             else:
-                self.console.print(f"published experiment: {escape(info['published'])}")
+                self._show(f"published experiment: {escape(info['published'])}")
                 for line in info["differences"]:
-                    self.console.print(f"  [bold yellow]differs:[/] {escape(line)}")
+                    self._show(f"  [bold yellow]differs:[/] {escape(line)}")
         elif event == "warning":
-            self.progress.console.print(f"[bold yellow]warning:[/] {escape(info['message'])}")
+            self._show(f"[bold yellow]warning:[/] {escape(info['message'])}", self.progress.console)
         elif event == "checkpoint":
             self.saved = info
         elif event == "step":
@@ -149,10 +167,14 @@ class _TrainReporter:
                 self.progress.start()
             text = f"loss {info['loss']:.4f}  lr {info['lr']:.2e}"
             self.progress.update(self.task, completed=info["iter"], info=text)
-            if not self.interactive and (info["iter"] % self.log_every == 0 or info["iter"] == info["max_iters"]):
-                self.console.print(f"iter {info['iter']}/{info['max_iters']}  {text}")
+            if info["iter"] % self.log_every == 0 or info["iter"] == info["max_iters"]:
+                line = f"iter {info['iter']}/{info['max_iters']}  {text}"
+                if self.interactive:  # the bar shows it; the log keeps it
+                    self._log(line)
+                else:
+                    self._show(line)
         elif event == "eval":
-            self.progress.console.print(f"[bold]eval @ {info['iter']}[/]  {_summary_line(info)}")
+            self._show(f"[bold]eval @ {info['iter']}[/]  {_summary_line(info)}", self.progress.console)
 
     def close(self) -> None:
         self.progress.stop()
@@ -160,10 +182,15 @@ class _TrainReporter:
     def interrupted(self, resume_command: str) -> None:
         """Ctrl-C: say what was saved and how to continue (the trainer saves last.pt before leaving)."""
         if self.saved:
-            self.console.print(f"interrupted: saved {self.saved['path']} at iteration {self.saved['iter']}; "
-                               f"resume with: {resume_command}", style="bold")
+            self._show(escape(f"interrupted: saved {self.saved['path']} at iteration {self.saved['iter']}; "
+                              f"resume with: {resume_command}"), style="bold")
         else:
-            self.console.print("interrupted before anything was saved", style="bold")
+            self._show("interrupted before anything was saved", style="bold")
+
+    def finished(self, lines: list[str]) -> None:
+        """The closing lines (metrics, files written) into the log too."""
+        for line in lines:
+            self._log(escape(line))
 
 
 def _command(*parts, sets=(), device: str | None = None) -> str:
@@ -210,6 +237,9 @@ def train(
         finally:
             if reporter:
                 reporter.close()
+        if reporter:
+            reporter.finished(([f"final @ {result.iterations}: {_summary_line(result.metrics)}"] if result.metrics else [])
+                              + [f"wrote {result.last}" + (f" and {result.best}" if result.best else "")])
         return rec, result
 
     rec, result = _guard(ctx, run)

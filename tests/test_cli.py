@@ -22,6 +22,20 @@ def test_train_prints_what_to_do_next(cli, synth_root, tmp_path):
     assert (work / "last.pt").is_file() and "segcli predict" in res.output and "mean" in res.output
 
 
+def test_train_keeps_a_text_log_of_what_it_showed(cli, synth_root, tmp_path):
+    work = tmp_path / "run"
+    args = ["train", SETR, "--work-dir", work, *tiny_overrides(synth_root, **{"train.max_iters": 2,
+                                                                               "train.eval_interval": 2})]
+    res = cli(*args)
+    assert res.exit_code == 0, res.output
+    log = (work / "train.log").read_text()
+    assert "setr:" in log and "iter 2/2" in log and "eval @ 2" in log and f"wrote {work / 'last.pt'}" in log
+    assert "[bold" not in log  # plain text
+    res = cli(*args, "--overwrite")  # a new run replaces the old log instead of appending to it
+    assert res.exit_code == 0, res.output
+    assert (work / "train.log").read_text().count("eval @ 2") == 1
+
+
 def test_eval_json_is_one_object_on_stdout(cli, setr_run):
     work, _ = setr_run
     res = cli("eval", work / "best.pt", "--json", "--limit", "1")

@@ -37,7 +37,8 @@ def distributed_run(device: str | None) -> Iterator[tuple[torch.device, DistInfo
         cleanup(dist_info)
 
 
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # what a run writes that a new run would replace
+# what a run writes that a new run would replace (train.log: the CLI's text log of the run)
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "train.log")
 
 RESUME_MISMATCH_HINT = ("resume with the recipe and --set options of that run (its recipe.yaml), "
                         "or train into another --work-dir")
