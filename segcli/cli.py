@@ -115,11 +115,11 @@ class _TrainReporter:
     goes, as plain text, to ``WORK_DIR/train.log`` (with the log steps that a terminal shows only in
     its progress bar), from the moment the run has created its work dir."""
 
-    def __init__(self, console: Console, log_every: int):
+    def __init__(self, console: Console):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.console = console
-        self.log_every = max(1, log_every)
+        self.log_every = 1  # train.log_interval, from the "start" event
         self.interactive = console.is_terminal
         self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
@@ -145,6 +145,7 @@ class _TrainReporter:
     def __call__(self, event: str, info: dict) -> None:
         if event == "start":
             self.log_path = Path(info["work_dir"]) / "train.log"
+            self.log_every = info["log_interval"]
             start = f", resuming at iteration {info['start_iter']}" if info["start_iter"] else ""
             self._show(f"[bold]{escape(str(info['recipe']))}[/]: " + escape(
                 f"{info['model']}, {info['params_m']:.2f} M parameters; {info['dataset']} "
@@ -224,7 +225,7 @@ def train(
 
     def run():
         rec = api.load_recipe(recipe, set_ or [])
-        reporter = _TrainReporter(console, rec.train.log_interval) if main else None
+        reporter = _TrainReporter(console) if main else None
         try:
             result = api.train(recipe, work_dir=work_dir, overrides=set_ or [], resume=resume, device=device,
                                callback=reporter, overwrite=overwrite)
@@ -466,7 +467,7 @@ def cl_step(
     main = _is_main_process()
 
     def run():
-        reporter = _TrainReporter(console, 50) if main else None
+        reporter = _TrainReporter(console) if main else None
         try:
             return api.cl_step(recipe, task, work_dir=work_dir, overrides=set_ or [], device=device, resume=resume,
                                callback=reporter, overwrite=overwrite)

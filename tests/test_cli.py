@@ -159,3 +159,24 @@ def test_messages_keep_their_square_brackets(cli, synth_root, tmp_path, monkeypa
     assert "segcli[tensorboard]" in res.output and "run[1]" in res.output
     res = cli("eval", tmp_path / "missing[2].pt")
     assert res.exit_code == 2 and "missing[2].pt" in res.output
+
+
+def test_the_train_reporter_logs_at_the_runs_log_interval(tmp_path):
+    """cl-step's reporter logged every 50 iterations whatever train.log_interval said: the interval
+    now comes with the run's start event, for train and cl-step alike."""
+    import io
+
+    from rich.console import Console
+
+    from segcli.cli import _TrainReporter
+
+    out = io.StringIO()
+    reporter = _TrainReporter(Console(file=out, force_terminal=False, width=200))
+    reporter("start", {"recipe": "r", "model": "m", "params_m": 1.0, "dataset": "d", "data_root": None,
+                       "train_images": 1, "val_images": 1, "max_iters": 6, "log_interval": 3, "start_iter": 0,
+                       "device": "cpu", "work_dir": str(tmp_path)})
+    for it in range(1, 7):
+        reporter("step", {"iter": it, "max_iters": 6, "lr": 0.1, "loss": 1.0})
+    reporter.close()
+    assert [line.split()[1] for line in out.getvalue().splitlines() if line.startswith("iter")] == ["3/6", "6/6"]
+    assert "iter 3/6" in (tmp_path / "train.log").read_text()

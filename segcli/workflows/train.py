@@ -131,7 +131,8 @@ def run_banner(recipe: Recipe, model, train_set, val_set, work_dir: Path, device
             + (f" ({backbone_name})" if backbone_name else "") + f" + {recipe.model.decode_head.type}",
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "dataset": recipe.data.type,
             "data_root": recipe.data.root, "train_images": len(train_set), "val_images": len(val_set),
-            "max_iters": recipe.train.max_iters, "start_iter": start_iter, "device": str(device),
+            "max_iters": recipe.train.max_iters, "log_interval": recipe.train.log_interval,
+            "start_iter": start_iter, "device": str(device),
             "work_dir": str(work_dir)}
 
 
