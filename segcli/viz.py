@@ -27,23 +27,28 @@ def with_legend(image: np.ndarray, labels: np.ndarray, classes: list[str], palet
     every class present in ``labels``, most frequent first (at most ``max_entries``).
 
     Decision: only the classes in the picture are listed (ADE20K has 150), and the panel is added
-    beside the image rather than drawn over it, so no pixel of the overlay is hidden.
+    beside the image rather than drawn over it, so no pixel of the overlay is hidden. The text
+    scales with the image (an entry is about 1/40 of its longer side, so a 4000-px photograph
+    viewed whole still shows a readable key) but never below 14 px (on a 32-px image the panel is
+    taller than the image, and the canvas grows to hold it).
     """
     counts = np.bincount(labels.ravel(), minlength=len(classes))[: len(classes)]
     present = [int(c) for c in np.argsort(-counts, kind="stable") if counts[c] > 0][:max_entries]
     height = image.shape[0]
-    row = max(14, min(24, height // max(1, len(present))))  # px per entry: fit the image's height if possible
+    readable = int(np.clip(round(max(image.shape[:2]) / 40), 14, 120))  # px per entry at this image's size
+    row = max(14, min(readable, height // max(1, len(present))))  # and fit the image's height if possible
     scale = row / 30.0
+    thickness = max(1, row // 28)
     names = [classes[c] for c in present]
-    text_width = max((cv2.getTextSize(n, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] for n in names), default=0)
+    text_width = max((cv2.getTextSize(n, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)[0][0] for n in names), default=0)
     width = row + 12 + text_width
     panel = np.full((max(height, row * len(present) + 8), width, 3), 255, np.uint8)
     for i, (c, name) in enumerate(zip(present, names)):
         top = 4 + i * row
         panel[top + 2: top + row - 2, 4: 4 + row - 4] = palette[c] if c < len(palette) else 0
-        cv2.rectangle(panel, (4, top + 2), (row - 1, top + row - 3), (128, 128, 128), 1)  # light colours stay visible
-        cv2.putText(panel, name, (row + 6, top + int(row * 0.75)), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1,
-                    cv2.LINE_AA)
+        cv2.rectangle(panel, (4, top + 2), (row - 1, top + row - 3), (128, 128, 128), thickness)  # light colours stay visible
+        cv2.putText(panel, name, (row + 6, top + int(row * 0.75)), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0),
+                    thickness, cv2.LINE_AA)
     canvas = np.full((panel.shape[0], image.shape[1] + width, 3), 255, np.uint8)
     canvas[:height, : image.shape[1]] = image
     canvas[:, image.shape[1]:] = panel
