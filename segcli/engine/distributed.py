@@ -47,3 +47,12 @@ def barrier(info: DistInfo) -> None:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_reduce_numbers(values: list[float], op: str = "sum") -> list[float]:
+    """A few Python numbers reduced (``"sum"`` or ``"max"``) across the ranks, every rank getting the
+    result; the tensor lives where the backend needs it (nccl reduces CUDA tensors only)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return tensor.tolist()

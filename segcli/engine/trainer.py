@@ -36,7 +36,7 @@ from torch import nn
 from ..version import __version__
 from ..errors import SegcliError
 from .checkpoint import load_model_state, read_checkpoint, save_checkpoint
-from .distributed import DistInfo
+from .distributed import DistInfo, all_reduce_numbers
 from .evaluate import evaluate_model
 from .optim import build_optimizer, set_lr
 
@@ -136,20 +136,19 @@ class IterationBoundaryInterrupt:
         """Whether to stop now; under DDP, whether any rank was interrupted (all ranks agree)."""
         if not dist_info.enabled:
             return self.requested
-        import torch.distributed as dist
-
-        flag = torch.tensor([float(self.requested)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return all_reduce_numbers([float(self.requested)], op="max")[0] > 0
 
 
-def _mean_across_ranks(terms: dict[str, float]) -> dict[str, float]:
-    import torch.distributed as dist
+def _finite_on_every_rank(loss: float, dist_info: DistInfo) -> bool:
+    """Whether the loss is finite on every process. A check that stops one rank is reduced first:
+    a rank that raised alone would leave the others blocked in the next all-reduce forever."""
+    if not dist_info.enabled:
+        return math.isfinite(loss)
+    return all_reduce_numbers([0.0 if math.isfinite(loss) else 1.0], op="max")[0] == 0.0
 
-    values = torch.tensor(list(terms.values()), dtype=torch.float64)
-    dist.all_reduce(values)
-    values /= dist.get_world_size()
-    return dict(zip(terms, values.tolist()))
+
+def _mean_across_ranks(terms: dict[str, float], dist_info: DistInfo) -> dict[str, float]:
+    return {key: value / dist_info.world_size for key, value in zip(terms, all_reduce_numbers(list(terms.values())))}
 
 
 def run_training(
@@ -287,9 +286,9 @@ def run_training(
                 for key, value in losses.items():
                     loss_terms[key] = loss_terms.get(key, 0.0) + float(value.detach()) / cfg.accum_steps
             total = sum(loss_terms.values())
-            if not math.isfinite(total):
-                raise SegcliError(f"the loss became {total} at iteration {iteration + 1}", "train.optimizer.lr",
-                                  "lower the learning rate or enable grad_clip")
+            if not _finite_on_every_rank(total, dist_info):  # decided together: no rank waits for one that left
+                raise SegcliError(f"the loss became non-finite (nan or inf) at iteration {iteration + 1}",
+                                  "train.optimizer.lr", "lower the learning rate or enable grad_clip")
             if cfg.grad_clip:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(core.parameters(), cfg.grad_clip)
@@ -298,7 +297,7 @@ def run_training(
             iteration += 1
             if iteration % cfg.log_interval == 0 or iteration == cfg.max_iters:
                 if dist_info.enabled:  # log the global batch's loss, not rank 0's share
-                    loss_terms = _mean_across_ranks(loss_terms)
+                    loss_terms = _mean_across_ranks(loss_terms, dist_info)
                     total = sum(loss_terms.values())
                 elapsed = time.perf_counter() - tic
                 speed = (iteration - tic_iter) / elapsed if elapsed > 0 else 0.0
