@@ -16,6 +16,10 @@ The two worlds cannot share one interpreter, so ``dtop`` runs in a child process
 ``PYTHONPATH`` starts with ``--mmseg1-path`` (a ``pip install --target`` folder holding
 mmcv-lite 2.x, mmengine and mmsegmentation 1.x).
 
+``train-pipeline`` (MMSegmentation 0.24 world, no checkpoint) writes ``train-pipeline.npz`` and
+``train-pipeline.json``: every random draw of the official train transforms on synthetic
+images and labels, and each transform's output (see ``make_train_pipeline``).
+
 ``segvit-optim`` (MMSegmentation 0.24 world, after ``segvit-v1`` and ``segvit-v1-shrunk``, whose
 reduced models and weights it reuses) writes ``segvit-optim.json`` and ``segvit-optim_io.pt``: per
 official SegViT config the lr and weight decay of every parameter from mmcv's ``build_optimizer``
@@ -82,6 +86,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import official_env  # noqa: E402
 
 V0_FORMATS = ["segvit-v1", "segvit-v1-shrunk", "mmseg-vit", "mmseg-setr", "mmseg-deeplabv3plus",
+              "train-pipeline",
               "segvit-optim"]
 V1_FORMATS = ["dtop"]
 FIXED_TIME = "Thu Jan  1 00:00:00 2026"  # replaces the wall-clock time the savers write
@@ -1173,6 +1178,332 @@ def make_segvit_optim(out_dir: Path, segvit_repo: Path) -> None:
         handle.write("\n")
 
 
+# ----------------------------------------------------------------------------- train pipeline (mmseg 0.24.1)
+
+TRAIN_PIPELINE_SEEDS = range(6)
+
+
+def _train_pipeline_cases() -> list[dict]:
+    """Scaled-down copies of the official train pipelines (SegViT ``configs/_base_/datasets``).
+
+    ``ade``: ADE20K's ``Resize(img_scale=(2048, 512), ratio_range=(0.5, 2.0))`` at 3/32 with a
+    48x48 crop, ``reduce_zero_label``, jax normalisation; ``pc``: Pascal Context's square scale on
+    a portrait image, no label reduction, ImageNet normalisation; ``dominant``: one class covers
+    most of the label, so ``cat_max_ratio`` retries (and sometimes exhausts them).
+    """
+    def pipeline(scale, crop, reduce_zero_label, norm):
+        return [dict(type="LoadImageFromFile"),
+                dict(type="LoadAnnotations", reduce_zero_label=reduce_zero_label),
+                dict(type="Resize", img_scale=scale, ratio_range=(0.5, 2.0)),
+                dict(type="RandomCrop", crop_size=crop, cat_max_ratio=0.75),
+                dict(type="RandomFlip", prob=0.5),
+                dict(type="PhotoMetricDistortion"),
+                dict(type="Normalize", **norm),
+                dict(type="Pad", size=crop, pad_val=0, seg_pad_val=255)]
+
+    return [dict(name="ade", size=(48, 72), classes=6, pipeline=pipeline((192, 48), (48, 48), True, JAX_NORM)),
+            dict(name="pc", size=(64, 48), classes=5, pipeline=pipeline((56, 56), (48, 48), False, IMAGENET_NORM)),
+            dict(name="dominant", size=(48, 72), classes=3,
+                 pipeline=pipeline((72, 48), (40, 40), True, IMAGENET_NORM))]
+
+
+def _train_pipeline_label(case: dict, seed: int) -> np.ndarray:
+    """A uint8 label of 8x8 blocks (ids ``0..classes-1``) with an ignored (255) stripe."""
+    height, width = case["size"]
+    gen = np.random.RandomState(seed + 1000)
+    if case["name"] == "dominant":
+        label = np.ones((height, width), np.uint8)  # class 1 (0 after reduce_zero_label) dominates
+        label[8:24, 44:64] = 2
+    else:
+        blocks = gen.randint(0, case["classes"], size=(height // 8 + 1, width // 8 + 1)).astype(np.uint8)
+        label = np.kron(blocks, np.ones((8, 8), np.uint8))[:height, :width]
+    label[:, 5:9] = 255
+    return label
+
+
+def _record_photometric_substeps(transform, substeps: list) -> None:
+    """Wrap one ``PhotoMetricDistortion``'s steps to append ``(name, RGB output)`` of each applied one."""
+    for name in ("brightness", "contrast", "saturation", "hue"):
+        def call(img, _method=getattr(transform, name), _name=name):
+            out = _method(img)
+            if out is not img:  # a skipped step returns its input
+                substeps.append((_name, np.ascontiguousarray(out[..., ::-1])))
+            return out
+        setattr(transform, name, call)
+
+
+def make_train_pipeline(out_dir: Path) -> None:
+    """Run MMSegmentation 0.24.1's train transforms one by one and record every random draw.
+
+    The module-level ``numpy.random`` functions the transforms call (``random_sample``,
+    ``randint``, ``rand``, ``uniform``) are wrapped to log ``(function, args, value)``; the
+    image (as RGB; mmseg holds BGR until ``Normalize(to_rgb=True)``) and label after each step
+    are stored, so a test can feed the same draws to segcli step by step; so is the output of
+    each photometric step that applied (brightness, contrast, saturation, hue), in call order.
+    """
+    import tempfile
+
+    import cv2
+    from mmseg.datasets.pipelines import Compose
+
+    names = ["random_sample", "randint", "rand", "uniform"]
+    originals = {name: getattr(np.random, name) for name in names}
+    log: list = []
+
+    def logged(name):
+        def call(*args):
+            value = originals[name](*args)
+            log.append({"fn": name, "args": [jsonable(a) for a in args], "value": jsonable(value)})
+            return value
+        return call
+
+    arrays, samples = {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            setattr(np.random, name, logged(name))
+        try:
+            for case_index, case in enumerate(_train_pipeline_cases()):
+                transforms = Compose(copy.deepcopy(case["pipeline"])).transforms
+                substeps: list = []
+                _record_photometric_substeps(transforms[[c["type"] for c in case["pipeline"]].index(
+                    "PhotoMetricDistortion")], substeps)
+                for index in TRAIN_PIPELINE_SEEDS:
+                    key, seed = f"{case['name']}{index}", SEED + 10 * case_index + index
+                    image = synthetic_image(*case["size"], seed=seed)
+                    raw_label = _train_pipeline_label(case, seed)
+                    image_path, label_path = Path(tmp) / f"{key}.png", Path(tmp) / f"{key}_label.png"
+                    cv2.imwrite(str(image_path), image[..., ::-1])  # files hold BGR
+                    cv2.imwrite(str(label_path), raw_label)
+                    arrays[f"{key}/input/img"], arrays[f"{key}/input/label"] = image, raw_label
+                    results = dict(img_info=dict(filename=str(image_path)), ann_info=dict(seg_map=str(label_path)),
+                                   img_prefix=None, seg_prefix=None, seg_fields=[])
+                    np.random.seed(seed)
+                    steps = []
+                    substeps.clear()
+                    for cfg, transform in zip(case["pipeline"], transforms):
+                        log.clear()
+                        results = transform(results)
+                        step = cfg["type"]
+                        img = results["img"]
+                        if img.dtype == np.uint8:
+                            img = img[..., ::-1]  # BGR -> RGB for comparison with segcli
+                        if step not in ("LoadImageFromFile", "LoadAnnotations", "Normalize"):
+                            # (the loaded image is the input; Normalize's output is Pad's top-left)
+                            arrays[f"{key}/{step}/img"] = np.ascontiguousarray(img)
+                        if "gt_semantic_seg" in results:  # from LoadAnnotations on
+                            arrays[f"{key}/{step}/label"] = results["gt_semantic_seg"]
+                        steps.append({"type": step, "draws": copy.deepcopy(log),
+                                      "scale": jsonable(results.get("scale")) if step == "Resize" else None})
+                    for position, (name, img) in enumerate(substeps[:-1]):  # the last one is the step's output
+                        arrays[f"{key}/PhotoMetricDistortion/{position}-{name}/img"] = img
+                    samples.append({"key": key, "case": case["name"], "seed": seed, "steps": steps,
+                                    "photometric_substeps": [name for name, _ in substeps]})
+        finally:
+            for name, fn in originals.items():
+                setattr(np.random, name, fn)
+    np.savez_compressed(out_dir / "train-pipeline.npz", **arrays)
+    meta = {"versions": {**versions(), "opencv": cv2.__version__},
+            "source": "mmseg/datasets/pipelines/{loading,transforms}.py (mmseg 0.24.1)",
+            "cases": [{k: jsonable(v) for k, v in case.items()} for case in _train_pipeline_cases()],
+            "samples": samples}
+    (out_dir / "train-pipeline.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+# ----------------------------------------------------------------------------- optimizer, schedule, one step
+
+OPTIM_CONFIGS = {  # official config -> the reduced model it is applied to (the fixture of that name)
+    "configs/segvit/segvit_vit-l_jax_640x640_160k_ade20k.py": "segvit-v1",
+    "configs/segvit/segvit_vit-l_jax_480x480_80k_pc.py": "segvit-v1",
+    "configs/segvit/segvit_vit-l_jax_512x512_80k_cocostuff10k.py": "segvit-v1",
+    "configs/segvit/shrink/segvit_vit-l_jax_shrink8_tpnatm.py": "segvit-v1-shrunk",
+}
+OPTIM_STEP_ITER = 1000  # the step's iteration: inside the warmup, so the warmup rule is in the update
+
+
+class _FakeRunner:
+    """What mmcv's LrUpdaterHook / OptimizerHook read from an ``IterBasedRunner``."""
+
+    def __init__(self, model, optimizer, max_iters: int):
+        self.model, self.optimizer, self.max_iters = model, optimizer, max_iters
+        self.iter, self.epoch, self.outputs = 0, 0, {}
+        self.logged: dict = {}
+        self.log_buffer = type("LogBuffer", (), {"update": lambda _, values, count=1: self.logged.update(values)})()
+
+
+def _official_fixture_model(out_dir: Path, name: str, drop: bool = True):
+    """The reduced official model of fixture ``name`` (its json config) with that fixture's weights;
+    ``drop=False`` turns drop-path and every dropout off (deterministic training step)."""
+    from mmcv.runner import load_checkpoint
+
+    model_cfg = json.loads((out_dir / f"{name}.json").read_text())["config"]
+    if not drop:
+        model_cfg["backbone"]["drop_path_rate"] = 0.0
+    model = v0_build(model_cfg, SEED)
+    load_checkpoint(model, str(out_dir / f"{name}.pth"), map_location="cpu", strict=True)
+    if not drop:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+                module.p = 0.0
+            if isinstance(module, torch.nn.MultiheadAttention):
+                module.dropout = 0.0
+    return model, model_cfg
+
+
+def _official_optimizer(cfg, model):
+    from mmcv.runner import build_optimizer
+
+    return build_optimizer(model, copy.deepcopy(dict(cfg.optimizer)))
+
+
+def _lr_hook(cfg):
+    from mmcv.runner.hooks.lr_updater import PolyLrUpdaterHook
+
+    lr_cfg = {k: v for k, v in dict(cfg.lr_config).items() if k != "policy"}
+    assert cfg.lr_config["policy"] == "poly"
+    return PolyLrUpdaterHook(**lr_cfg)
+
+
+def _atm_criterion_case(num_classes: int, seed: int) -> dict:
+    """Random ATM outputs (3 stages) and labels with ignore pixels for the official ATMLoss."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, size, grid = 2, 32, 8
+    labels = torch.randint(0, num_classes, (batch, size, size), generator=gen)
+    labels[0, :, :5] = 255  # an ignored stripe (crop padding)
+    labels[1, 20:, :] = 255
+    labels[1][labels[1] == 2] = 3  # class 2 absent from image 1
+    labels[0, :, 5:][labels[0, :, 5:] == 4] = 255  # class 4 only ignored in image 0
+    return {
+        "labels": labels,
+        "pred_logits": torch.randn(3, batch, num_classes, num_classes + 1, generator=gen) * 2,
+        "pred_masks": torch.randn(3, batch, num_classes, grid, grid, generator=gen) * 3,
+    }
+
+
+def make_segvit_optim(out_dir: Path, segvit_repo: Path) -> None:
+    """``segvit-optim.json`` + ``segvit-optim_io.pt``: the official optimizer groups, lr schedule,
+    ATM loss and one training step (mmcv 1.7 ``build_optimizer`` / ``PolyLrUpdaterHook`` /
+    ``OptimizerHook``, mmseg 0.24.1 ``EncoderDecoder.train_step``) on the reduced models of the
+    ``segvit-v1`` / ``segvit-v1-shrunk`` fixtures (run those formats first)."""
+    from mmcv.runner.hooks.optimizer import OptimizerHook
+    from mmcv.utils import Config
+
+    from segvit_official.losses.atm_loss import ATMLoss
+
+    name = "segvit-optim"
+    fx = Fixture(name, out_dir)
+    configs = {}
+    for config_path, model_name in OPTIM_CONFIGS.items():
+        cfg = Config.fromfile(str(segvit_repo / config_path))
+        model, _ = _official_fixture_model(out_dir, model_name)
+        optimizer = _official_optimizer(cfg, model)
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = {}
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                groups[names[id(param)]] = [group["lr"], group["weight_decay"]]
+        max_iters = cfg.runner["max_iters"]
+        runner = _FakeRunner(model, optimizer, max_iters)
+        hook = _lr_hook(cfg)
+        hook.before_run(runner)
+        probes = {"backbone": "backbone.layers.0.attn.attn.in_proj_weight", "head": "decode_head.q.weight"}
+        index = {key: next(i for i, g in enumerate(optimizer.param_groups)
+                            if any(names[id(p)] == probe for p in g["params"])) for key, probe in probes.items()}
+        schedule = {}
+        for it in (0, 1, 1499, 1500, max_iters // 2, max_iters - 1):
+            runner.iter = it
+            hook.before_train_iter(runner)
+            schedule[str(it)] = {key: optimizer.param_groups[i]["lr"] for key, i in index.items()}
+        configs[config_path] = dict(
+            model=model_name, optimizer=dict(cfg.optimizer), optimizer_config=dict(cfg.optimizer_config),
+            lr_config=dict(cfg.lr_config), max_iters=max_iters, samples_per_gpu=cfg.data["samples_per_gpu"],
+            params=groups, lr_probes=probes, lr_at=schedule)
+
+    # ATM loss on fixed random outputs (ignore pixels present; a class only ignored; one absent)
+    num_classes = 6
+    case = _atm_criterion_case(num_classes, SEED + 40)
+    criterion = ATMLoss(num_classes=num_classes, dec_layers=3, loss_weight=1.0)
+    outputs = {"pred_logits": case["pred_logits"][-1], "pred_masks": case["pred_masks"][-1],
+               "aux_outputs": [{"pred_logits": case["pred_logits"][i], "pred_masks": case["pred_masks"][i]}
+                               for i in range(2)]}
+    with torch.no_grad():
+        atm_losses = {k: float(v) for k, v in criterion(outputs, case["labels"], ignore_index=255).items()}
+    for key in ("labels", "pred_logits", "pred_masks"):
+        fx.add(f"atm.{key}", case[key], f"ATM loss input {key} (stacked over the 3 stages, last = final)")
+
+    # one training step of the ADE20K config on the reduced SegViT (dropout / drop-path off)
+    step_config = "configs/segvit/segvit_vit-l_jax_640x640_160k_ade20k.py"
+    cfg = Config.fromfile(str(segvit_repo / step_config))
+    model, model_cfg = _official_fixture_model(out_dir, "segvit-v1", drop=False)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    height = width = 64
+    images = torch.cat([v0_normalize(synthetic_image(height, width, SEED + 41 + i), JAX_NORM) for i in range(2)])
+    gen = torch.Generator().manual_seed(SEED + 43)
+    labels = torch.randint(0, num_classes, (2, height // 8, width // 8), generator=gen)
+    labels = labels.repeat_interleave(8, 1).repeat_interleave(8, 2)
+    labels[0, :, 56:] = 255  # padding-like ignored border
+    labels[1, :3] = 255
+    metas = v0_metas(height, width) * 2
+    optimizer = _official_optimizer(cfg, model)
+    runner = _FakeRunner(model, optimizer, cfg.runner["max_iters"])
+    lr_hook = _lr_hook(cfg)
+    lr_hook.before_run(runner)
+    runner.iter = OPTIM_STEP_ITER
+    lr_hook.before_train_iter(runner)
+    model.train()
+    outputs = model.train_step(dict(img=images, img_metas=metas, gt_semantic_seg=labels[:, None]), optimizer)
+    runner.outputs = outputs
+    grads: dict = {}
+
+    def capture(opt, _args, _kwargs):
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                grads[n] = p.grad.detach().clone()
+
+    handle = optimizer.register_step_pre_hook(capture)
+    OptimizerHook(grad_clip=dict(cfg.optimizer_config["grad_clip"])).after_train_iter(runner)
+    handle.remove()
+    after = dict(model.named_parameters())
+    fx.add("step.images", images, "normalised input batch [2, 3, 64, 64] (jax mean/std 127.5)")
+    fx.add("step.labels", labels, "labels [2, 64, 64] (8x8 blocks, 255 = ignore)")
+    for n in before:
+        fx.add(f"step.update.{n}", after[n].detach() - before[n], "parameter after the step minus before")
+    grad_stats = {n: [float(g.norm()), float(g.sum())] for n, g in grads.items()}
+
+    # clipping exercised: the same gradients through OptimizerHook with max_norm = half their norm
+    total = float(torch.norm(torch.stack([g.norm() for g in grads.values()])))
+    clip_norm = total / 2
+    for n, p in model.named_parameters():
+        p.grad = grads[n].clone() if n in grads else None
+    OptimizerHook(grad_clip=dict(max_norm=clip_norm, norm_type=2)).clip_grads(model.parameters())
+    clipped_stats = {n: [float(p.grad.norm()), float(p.grad.sum())] for n, p in model.named_parameters()
+                     if p.grad is not None}
+
+    info = dict(
+        format=name,
+        official_repo={"name": "zbwxp/SegVit", "commit": git_commit(segvit_repo)},
+        official_modules=["mmcv 1.7.2 runner/optimizer/default_constructor.py DefaultOptimizerConstructor",
+                          "mmcv 1.7.2 runner/hooks/lr_updater.py PolyLrUpdaterHook",
+                          "mmcv 1.7.2 runner/hooks/optimizer.py OptimizerHook",
+                          "mmseg 0.24.1 EncoderDecoder.train_step", "SegVit losses/atm_loss.py ATMLoss"],
+        configs=configs,
+        atm_loss=dict(num_classes=num_classes, ignore_index=255, losses=atm_losses),
+        step=dict(config=step_config, model="segvit-v1", iteration=OPTIM_STEP_ITER,
+                  deterministic="backbone drop_path_rate 0; every nn.Dropout p = 0 and nn.MultiheadAttention "
+                                "dropout 0 (head's TransformerDecoderLayer default 0.1)",
+                  log_vars={k: float(v) for k, v in outputs["log_vars"].items()},
+                  grad_norm=runner.logged.get("grad_norm"), grad_stats=grad_stats,
+                  clip_test=dict(max_norm=clip_norm, total_norm=total, clipped_stats=clipped_stats)),
+        seed=SEED,
+    )
+    torch.save(fx.tensors, out_dir / f"{name}_io.pt")
+    info["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""),
+                           "description": fx.descriptions[k]} for k, v in fx.tensors.items()}
+    info["versions"] = versions()
+    with open(out_dir / f"{name}.json", "w") as handle:
+        json.dump(jsonable(info), handle, indent=1)
+        handle.write("\n")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--segvit-repo", type=Path, help="checkout of zbwxp/SegVit")
@@ -1202,6 +1533,7 @@ def main(argv=None) -> None:
                   "mmseg-vit": lambda: make_mmseg_vit(args.out, args.segvit_repo),
                   "mmseg-setr": lambda: make_mmseg_setr(args.out),
                   "mmseg-deeplabv3plus": lambda: make_mmseg_deeplabv3plus(args.out),
+                  "train-pipeline": lambda: make_train_pipeline(args.out),
                   "segvit-optim": lambda: make_segvit_optim(args.out, args.segvit_repo)}
         for fmt in v0:
             makers[fmt]()

@@ -6,24 +6,34 @@ Normalize -> Pad``. Images stay RGB uint8 ``[H, W, 3]`` until normalisation; lab
 ``[H, W]`` with 255 = ignore.
 
 Every random choice is drawn from an explicit ``np.random.Generator`` handed in by the caller
-(the dataset derives it from (seed, iteration, slot, index), see ``loader.py``), in a fixed
-order, so a sample's augmentation does not depend on worker processes or global RNG state.
+(the dataset derives it from (seed, iteration, slot, index), see ``loader.py``), in the order and
+with the distributions of mmseg 0.24.1's pipeline, so a sample's augmentation does not depend on
+worker processes or global RNG state. Given the same draws, every step gives the image and label
+that mmseg 0.24.1 (``mmseg/datasets/pipelines/transforms.py``, on mmcv 1.7.2) gives
+(tests/test_train_pipeline_parity.py replays the official draws): bit for bit, except that
+saturation and hue agree to one level, because OpenCV's uint8 HSV -> RGB conversion has a
+vectorised and a scalar path that round differently, and which pixels take which depends on the
+OpenCV build, the CPU and the image width (so mmseg's own output is defined only to that level).
+This includes where the official behaviour is not the obvious one:
 
-Decisions where MMSegmentation leaves room:
-
-* Labels are resized with ``cv2.INTER_NEAREST_EXACT`` (pixel-centre aligned, like the bilinear
-  image resize) instead of ``INTER_NEAREST``, whose sampling is shifted by half a source
-  pixel; the label then lines up with the image it annotates.
-* Photometric distortion converts to HSV once for saturation and hue together (MMSegmentation
-  round-trips through HSV for each); the only difference is one fewer uint8 rounding.
+* Labels are resized with ``cv2.INTER_NEAREST`` (mmcv's ``'nearest'``), whose sampling sits half
+  a source pixel off the bilinear image resize's, so label edges can shift by up to one source
+  pixel against the image, as in every published run.
+* Saturation and hue each round-trip through uint8 HSV (one more rounding than a single trip).
 * Padding happens after normalisation, so padded image pixels are 0 in normalised space (as
   MMSegmentation's ``Pad`` after ``Normalize`` and its data preprocessor do); labels pad with 255.
 """
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 import torch
+
+from .resize import imresize, rescale_size
 
 IGNORE_INDEX = 255
 CAT_MAX_RATIO_TRIES = 10  # MMSegmentation's RandomCrop retries
@@ -48,84 +58,177 @@ def resize_image(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
 
 
 def resize_label(label: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour (pixel-centre aligned) resize of a label map to ``(h, w)``."""
+    """Nearest-neighbour resize of a label map to ``(h, w)`` (``cv2.INTER_NEAREST``, mmcv's 'nearest')."""
     if label.shape[:2] == tuple(size_hw):
         return label
-    return cv2.resize(label, (size_hw[1], size_hw[0]), interpolation=cv2.INTER_NEAREST_EXACT)
+    return cv2.resize(label, (size_hw[1], size_hw[0]), interpolation=cv2.INTER_NEAREST)
+
+
+# Each random step is a ``draw_*`` function (the generator in, the parameters out, with
+# MMSegmentation's distributions and bounds) and a deterministic function of those parameters,
+# so a test can replay the draws the official pipeline made.
+
+
+def draw_resize_ratio(rng: np.random.Generator, ratio_range: tuple[float, float]) -> float:
+    """The scale ratio ~ U(ratio_range) (mmseg 0.24.1 ``Resize.random_sample_ratio``)."""
+    return float(rng.uniform(ratio_range[0], ratio_range[1]))
+
+
+def rescale_pair(image: np.ndarray, label: np.ndarray, scale: tuple[int, int], ratio: float):
+    """Rescale image (bilinear) and label (nearest) to fit ``scale * ratio``, aspect ratio kept.
+
+    The scale is truncated to integers before fitting, as mmseg 0.24.1 ``Resize.random_sample_ratio``
+    does; size and image resize are ``mmcv.imrescale``'s (``resize.py``).
+    """
+    target = (int(scale[0] * ratio), int(scale[1] * ratio))
+    size_hw = rescale_size(image.shape[0], image.shape[1], target)
+    return imresize(image, size_hw), resize_label(label, size_hw)
 
 
 def random_resize(image, label, scale, ratio_range, rng: np.random.Generator):
-    """MMSegmentation's ``RandomResize``: fit ``scale * ratio``, ratio ~ U(ratio_range)."""
-    ratio = rng.uniform(ratio_range[0], ratio_range[1])
-    target = (int(scale[0] * ratio), int(scale[1] * ratio))
-    size_hw = fit_scale(image.shape[0], image.shape[1], target)
-    return resize_image(image, size_hw), resize_label(label, size_hw)
+    """MMSegmentation's ``Resize(img_scale=scale, ratio_range=ratio_range)`` with keep_ratio."""
+    return rescale_pair(image, label, scale, draw_resize_ratio(rng, ratio_range))
 
 
-def _random_box(height, width, crop_hw, rng) -> tuple[int, int, int, int]:
-    margin_h, margin_w = max(height - crop_hw[0], 0), max(width - crop_hw[1], 0)
+def draw_crop_offset(rng: np.random.Generator, shape_hw, crop_hw) -> tuple[int, int]:
+    """``(top, left)``, each uniform over its margin, bounds inclusive (``RandomCrop.get_crop_bbox``)."""
+    margin_h, margin_w = max(shape_hw[0] - crop_hw[0], 0), max(shape_hw[1] - crop_hw[1], 0)
     top = int(rng.integers(0, margin_h + 1))
     left = int(rng.integers(0, margin_w + 1))
-    return top, left, min(crop_hw[0], height), min(crop_hw[1], width)
+    return top, left
 
 
-def random_crop_box(label: np.ndarray, crop_hw, cat_max_ratio: float, rng: np.random.Generator,
+def _box(offset, shape_hw, crop_hw) -> tuple[int, int, int, int]:
+    top, left = offset
+    return top, left, min(crop_hw[0], shape_hw[0] - top), min(crop_hw[1], shape_hw[1] - left)
+
+
+def _class_share_ok(crop: np.ndarray, cat_max_ratio: float, ignore_index: int) -> bool:
+    counts = np.bincount(crop.ravel(), minlength=256)
+    counts = np.delete(counts, ignore_index)  # ignore pixels do not count
+    present = counts[counts > 0]
+    return len(present) > 1 and present.max() / present.sum() < cat_max_ratio
+
+
+def choose_crop_box(label: np.ndarray, crop_hw, cat_max_ratio: float, offsets: Iterator[tuple[int, int]],
                     ignore_index: int = IGNORE_INDEX) -> tuple[int, int, int, int]:
-    """A random crop ``(top, left, height, width)``; images smaller than the crop keep their size.
+    """The crop ``(top, left, height, width)`` that ``RandomCrop(cat_max_ratio)`` keeps.
 
-    With ``cat_max_ratio < 1`` the box is redrawn up to 10 times until the crop holds at least
-    two classes and no class covers ``cat_max_ratio`` or more of its non-ignored pixels
-    (MMSegmentation's RandomCrop); the last draw is kept if none qualifies.
+    ``offsets`` yields the successive candidate offsets (see :func:`draw_crop_offset`). With
+    ``cat_max_ratio < 1`` a candidate is accepted when the crop holds at least two classes and
+    none covers ``cat_max_ratio`` or more of its non-ignored pixels; after 10 rejections the
+    next (11th) candidate is kept unchecked (mmseg 0.24.1 ``RandomCrop.__call__``). Crops are
+    clipped to the image (a smaller image keeps its size; ``Pad`` restores the crop size).
     """
-    box = _random_box(label.shape[0], label.shape[1], crop_hw, rng)
+    box = _box(next(offsets), label.shape, crop_hw)
     if cat_max_ratio >= 1.0:
         return box
     for _ in range(CAT_MAX_RATIO_TRIES):
         top, left, height, width = box
-        counts = np.bincount(label[top:top + height, left:left + width].ravel(), minlength=256)
-        counts = np.delete(counts, ignore_index)  # ignore pixels do not count
-        present = counts[counts > 0]
-        if len(present) > 1 and present.max() / present.sum() < cat_max_ratio:
+        if _class_share_ok(label[top:top + height, left:left + width], cat_max_ratio, ignore_index):
             break
-        box = _random_box(label.shape[0], label.shape[1], crop_hw, rng)
+        box = _box(next(offsets), label.shape, crop_hw)
     return box
 
 
+def random_crop_box(label: np.ndarray, crop_hw, cat_max_ratio: float, rng: np.random.Generator,
+                    ignore_index: int = IGNORE_INDEX) -> tuple[int, int, int, int]:
+    """A random crop ``(top, left, height, width)`` with MMSegmentation's ``cat_max_ratio`` retries."""
+    offsets = (draw_crop_offset(rng, label.shape, crop_hw) for _ in itertools.count())  # drawn when needed
+    return choose_crop_box(label, crop_hw, cat_max_ratio, offsets, ignore_index)
+
+
+def draw_flip(rng: np.random.Generator, prob: float) -> bool:
+    """Flip when U(0, 1) < prob (``RandomFlip``)."""
+    return bool(rng.random() < prob)
+
+
+@dataclass(frozen=True)
+class PhotometricDraw:
+    """The draws of one ``PhotoMetricDistortion``; ``None`` = that step is skipped.
+
+    ``brightness`` is the added offset, ``contrast`` and ``saturation`` the factors, ``hue`` the
+    integer shift on OpenCV's 0..179 hue; ``contrast_first`` puts contrast before the HSV steps.
+    """
+
+    brightness: float | None = None
+    contrast: float | None = None
+    contrast_first: bool = True
+    saturation: float | None = None
+    hue: int | None = None
+
+
+def draw_photometric(rng: np.random.Generator, brightness_delta: int = 32, contrast_range=(0.5, 1.5),
+                     saturation_range=(0.5, 1.5), hue_delta: int = 18) -> PhotometricDraw:
+    """Draws in mmseg 0.24.1 ``PhotoMetricDistortion.__call__``'s order and distributions.
+
+    Each step applies when ``integers(2)`` gives 1; brightness ~ U(-delta, delta); then the
+    contrast position (1 = first); contrast and saturation ~ U(range); hue an integer in
+    ``[-hue_delta, hue_delta)`` (upper bound exclusive, as ``numpy.random.randint``).
+    """
+    def maybe(draw):
+        return draw() if rng.integers(2) else None
+
+    brightness = maybe(lambda: float(rng.uniform(-brightness_delta, brightness_delta)))
+    contrast_first = bool(rng.integers(2) == 1)
+    contrast = maybe(lambda: float(rng.uniform(*contrast_range))) if contrast_first else None
+    saturation = maybe(lambda: float(rng.uniform(*saturation_range)))
+    hue = maybe(lambda: int(rng.integers(-hue_delta, hue_delta)))
+    if not contrast_first:
+        contrast = maybe(lambda: float(rng.uniform(*contrast_range)))
+    return PhotometricDraw(brightness, contrast, contrast_first, saturation, hue)
+
+
 def _convert(values: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
-    return np.clip(values.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+    """``values * alpha + beta`` in float32, clipped to 0..255 and truncated to uint8
+    (``PhotoMetricDistortion.convert``; the factors are float32 like numpy's scalar casting there)."""
+    scaled = values.astype(np.float32) * np.float32(alpha) + np.float32(beta)
+    return np.clip(scaled, 0, 255).astype(np.uint8)
+
+
+def _saturation(image: np.ndarray, factor: float) -> np.ndarray:
+    hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)  # [H, W, 3] uint8, hue 0..179
+    hsv[..., 1] = _convert(hsv[..., 1], alpha=factor)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+
+def _hue(image: np.ndarray, shift: int) -> np.ndarray:
+    hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+    hsv[..., 0] = (hsv[..., 0].astype(np.int32) + shift) % 180
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+
+def photometric_steps(draw: PhotometricDraw) -> list[tuple[str, Callable[[np.ndarray], np.ndarray]]]:
+    """The steps a draw applies, in ``PhotoMetricDistortion``'s order, as ``(name, image -> image)``.
+
+    Brightness and contrast are ``PhotoMetricDistortion.convert`` (float32, clip, truncate).
+    Saturation and hue each round-trip through uint8 HSV (OpenCV, hue 0..179), as mmseg does
+    with ``mmcv.bgr2hsv``/``hsv2bgr``. mmseg holds BGR images here; RGB2HSV of the RGB image is
+    BGR2HSV of the BGR one, and brightness/contrast act per channel, so the result is the same
+    image in the other channel order.
+    """
+    contrast = [("contrast", lambda img: _convert(img, alpha=draw.contrast))] if draw.contrast is not None else []
+    steps = [("brightness", lambda img: _convert(img, beta=draw.brightness))] if draw.brightness is not None else []
+    steps += contrast if draw.contrast_first else []
+    steps += [("saturation", lambda img: _saturation(img, draw.saturation))] if draw.saturation is not None else []
+    steps += [("hue", lambda img: _hue(img, draw.hue))] if draw.hue is not None else []
+    steps += [] if draw.contrast_first else contrast
+    return steps
+
+
+def apply_photometric(image: np.ndarray, draw: PhotometricDraw) -> np.ndarray:
+    """``PhotoMetricDistortion`` with fixed draws on an RGB uint8 image (see :func:`photometric_steps`)."""
+    for _, step in photometric_steps(draw):
+        image = step(image)
+    return image
 
 
 def photometric_distortion(image: np.ndarray, rng: np.random.Generator, brightness_delta: int = 32,
                            contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5),
                            hue_delta: int = 18) -> np.ndarray:
-    """MMSegmentation's ``PhotoMetricDistortion`` on an RGB uint8 image.
-
-    Each step applies with probability 0.5: brightness (+U(-32, 32)), contrast (x U(0.5, 1.5)),
-    saturation (x U(0.5, 1.5) on HSV's S) and hue (+ an integer in [-18, 18) on OpenCV's
-    0..179 hue, wrapping). Contrast comes first or last with probability 0.5 each.
-    """
-    def contrast(img):
-        if rng.integers(2):
-            return _convert(img, alpha=rng.uniform(*contrast_range))
-        return img
-
-    if rng.integers(2):
-        image = _convert(image, beta=rng.uniform(-brightness_delta, brightness_delta))
-    contrast_first = bool(rng.integers(2))
-    if contrast_first:
-        image = contrast(image)
-    saturation = rng.uniform(*saturation_range) if rng.integers(2) else None
-    hue_shift = int(rng.integers(-hue_delta, hue_delta)) if rng.integers(2) else None
-    if saturation is not None or hue_shift is not None:
-        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)  # [H, W, 3] uint8, hue in 0..179
-        if saturation is not None:
-            hsv[..., 1] = _convert(hsv[..., 1], alpha=saturation)
-        if hue_shift is not None:
-            hsv[..., 0] = ((hsv[..., 0].astype(np.int32) + hue_shift) % 180).astype(np.uint8)
-        image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
-    if not contrast_first:
-        image = contrast(image)
-    return image
+    """MMSegmentation's ``PhotoMetricDistortion`` on an RGB uint8 image (draw, then apply)."""
+    draw = draw_photometric(rng, brightness_delta, contrast_range, saturation_range, hue_delta)
+    return apply_photometric(image, draw)
 
 
 def normalize(image: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -175,14 +278,15 @@ class TrainTransform:
         self.std = np.asarray(data_cfg.std, dtype=np.float32)
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
+        # the draws are made in the official pipeline's order (a test replays mmseg's draws)
         image, label = random_resize(image, label, self.scale, self.ratio_range, rng)
         top, left, height, width = random_crop_box(label, self.crop_hw, self.cat_max_ratio, rng)
         image = image[top:top + height, left:left + width]
         label = label[top:top + height, left:left + width]
-        if rng.random() < self.flip_prob:
+        if draw_flip(rng, self.flip_prob):
             image, label = image[:, ::-1], label[:, ::-1]
         if self.photometric:
-            image = photometric_distortion(np.ascontiguousarray(image), rng)
+            image = apply_photometric(np.ascontiguousarray(image), draw_photometric(rng))
         image = normalize(image, self.mean, self.std)
         image, label = pad_to(image, label, self.crop_hw)
         return to_tensors(image, label)
