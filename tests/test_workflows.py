@@ -178,3 +178,22 @@ def test_without_tensorboard_one_warning_says_how_to_get_it(synth_root, tmp_path
     warnings = [info["message"] for event, info in seen if event == "warning"]
     assert len(warnings) == 1 and "segcli[tensorboard]" in warnings[0]
     assert not (tmp_path / "run" / "tensorboard").exists()
+
+
+def test_init_from_says_what_it_left_out(setr_run, synth_root, tmp_path):
+    """The bug: train.init_from loaded what fitted and said nothing of the rest."""
+    work, _ = setr_run
+    recipe = api.load_recipe(SETR, overrides_dict(synth_root, **{
+        "train.init_from": work / "last.pt", "model.decode_head.channels": 64, "train.max_iters": 1,
+        "train.eval_interval": 1}))
+    events = []
+    api.train(recipe, work_dir=tmp_path / "run", device="cpu", callback=lambda e, i: events.append((e, i)))
+    warnings = [i["message"] for e, i in events if e == "warning" and "init_from" in i["message"]]
+    assert len(warnings) == 1 and "another shape" in warnings[0] and "decode_head" in warnings[0]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["message"] for r in records if r.get("event") == "warning"] == warnings
+    resnet_overrides = [o for o in overrides_dict(synth_root, **{"train.init_from": work / "last.pt"})
+                        if not o.startswith("model.backbone.")]
+    nrd = api.load_recipe(REPO / "recipes" / "tiny" / "nrd.yaml", resnet_overrides)
+    with pytest.raises(SegcliError, match="no weights of this checkpoint fit"):
+        api.train(nrd, work_dir=tmp_path / "nrd", device="cpu")

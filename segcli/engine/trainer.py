@@ -139,6 +139,44 @@ class IterationBoundaryInterrupt:
         return all_reduce_numbers([float(self.requested)], op="max")[0] > 0
 
 
+def init_weights_from(model: nn.Module, path: str) -> list[str]:
+    """Load the weights of checkpoint ``path`` that fit ``model`` (``train.init_from``); returns one
+    line for each kind of tensor left out (missing from the file, not in the model, another shape),
+    which the caller reports as warnings. Refuses a checkpoint of which nothing fits.
+
+    Decision: a partial start is allowed (a DToP fine-tune adds heads; a new class count reshapes
+    the classifier) but never silent: a base model of another head layout would otherwise start its
+    fine-tune with random heads and say nothing.
+    """
+    payload = read_checkpoint(path)
+    own, theirs = model.state_dict(), payload["model"]
+    state = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
+    if not state:
+        raise SegcliError("no weights of this checkpoint fit the model", "train.init_from",
+                          "give a checkpoint of this architecture (train.init_from)")
+    model.load_state_dict(state, strict=False)
+
+    def listed(keys: list[str]) -> str:
+        return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+    missing = sorted(k for k in own if k not in theirs)
+    unexpected = sorted(k for k in theirs if k not in own)
+    reshaped = sorted(k for k in theirs if k in own and own[k].shape != theirs[k].shape)
+    lines = []
+    if missing:
+        lines.append(f"train.init_from {path}: {len(missing)} tensors of the model are not in it and keep their "
+                     f"initial values: {listed(missing)}")
+    if unexpected:
+        lines.append(f"train.init_from {path}: {len(unexpected)} of its tensors are not in the model and were "
+                     f"left out: {listed(unexpected)}")
+    if reshaped:
+        lines.append(f"train.init_from {path}: {len(reshaped)} of its tensors have another shape in the model and "
+                     f"were left out: " + ", ".join(f"{k} {tuple(theirs[k].shape)} -> {tuple(own[k].shape)}"
+                                                   for k in reshaped[:4]) + (f" and {len(reshaped) - 4} more"
+                                                                               if len(reshaped) > 4 else ""))
+    return lines
+
+
 def _finite_on_every_rank(loss: float, dist_info: DistInfo) -> bool:
     """Whether the loss is finite on every process. A check that stops one rank is reduced first:
     a rank that raised alone would leave the others blocked in the next all-reduce forever."""
@@ -176,13 +214,7 @@ def run_training(
     torch.manual_seed(cfg.seed)
 
     core = model.to(device)
-    if cfg.init_from and not resume:
-        payload = read_checkpoint(cfg.init_from)
-        own = core.state_dict()
-        state = {k: v for k, v in payload["model"].items() if k in own and own[k].shape == v.shape}
-        if not state:
-            raise SegcliError("no weights of this checkpoint fit the model", "train.init_from")
-        core.load_state_dict(state, strict=False)
+    init_warnings = init_weights_from(core, cfg.init_from) if cfg.init_from and not resume else []
     if dist_info.enabled:
         if device.type == "cuda" and recipe.model.sync_bn:
             core = nn.SyncBatchNorm.convert_sync_batchnorm(core)
@@ -256,6 +288,9 @@ def run_training(
     loader = build_train_loader(train_set, recipe.data.batch_size, recipe.data.num_workers, cfg.seed,
                                 dist_info.rank, dist_info.world_size, start_iter=start_iter,
                                 accum_steps=cfg.accum_steps)
+    for message in init_warnings:
+        callback("warning", {"message": message})
+    records = tuple(records) + tuple({"event": "warning", "message": message} for message in init_warnings)
     if dist_info.is_main:
         for record in records:
             _append_jsonl(metrics_path, {"iter": start_iter, **record})
