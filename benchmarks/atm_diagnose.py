@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from segcli.api import build_datasets, load_checkpoint  # noqa: E402
+from segcli.data.transforms import eval_view  # noqa: E402
 from segcli.engine.evaluator import SegEvaluator  # noqa: E402
 
 
@@ -49,7 +50,9 @@ def main() -> None:
     with torch.inference_mode():
         for i in range(len(val)):
             sample = val[i]
-            image, label = sample["image"][None], sample["label"].numpy()
+            label = sample["label"].numpy()
+            data = loaded.recipe.data  # the val split yields uint8 images; normalise at their own size
+            image = eval_view(sample["image"][None], tuple(sample["image"].shape[-2:]), data.mean, data.std)
             outputs = model.decode_head(model.backbone(image))
             size = tuple(label.shape)
             standard = model.decode_head.seg_logits(outputs, size)[0].argmax(0)

@@ -48,7 +48,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from timing import timed  # noqa: E402
 
 
-WHOLE = SimpleNamespace(mode="whole", crop_size=None, stride=None, scale=None, scales=(1.0,), flip=False)
+WHOLE = SimpleNamespace(mode="whole", crop_size=None, stride=None, scale=None, scales=(1.0,), flip=False,
+                        min_size=None)
 
 
 def labels(model, images: torch.Tensor) -> torch.Tensor:

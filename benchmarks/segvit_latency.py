@@ -82,7 +82,8 @@ def main() -> None:
     backbone = timm.create_model("vit_base_patch16_384", pretrained=False, num_classes=0, img_size=size,
                                  class_token=False, global_pool="avg").eval()
     images = torch.randn(1, 3, size, size)
-    whole = SimpleNamespace(mode="whole", crop_size=None, stride=None, scale=None, scales=(1.0,), flip=False)
+    whole = SimpleNamespace(mode="whole", crop_size=None, stride=None, scale=None, scales=(1.0,), flip=False,
+                            min_size=None)
     with torch.inference_mode():
         features = low.backbone(images)
         outputs = low.decode_head(features)

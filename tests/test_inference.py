@@ -44,11 +44,11 @@ MODELS = {
                   "decode_head": {**ATM, "in_index": [2]}},
 }
 MODES = {
-    "whole": SimpleNamespace(mode="whole", crop_size=None, stride=None, scale=None, scales=(1.0,), flip=False),
-    "slide": SimpleNamespace(mode="slide", crop_size=(32, 48), stride=(19, 21), scale=None, scales=(1.0,), flip=False),
-    "tta": SimpleNamespace(mode="whole", crop_size=None, stride=None, scale=None, scales=(0.75, 1.25), flip=True),
+    "whole": SimpleNamespace(mode="whole", crop_size=None, stride=None, scale=None, scales=(1.0,), flip=False, min_size=None),
+    "slide": SimpleNamespace(mode="slide", crop_size=(32, 48), stride=(19, 21), scale=None, scales=(1.0,), flip=False, min_size=None),
+    "tta": SimpleNamespace(mode="whole", crop_size=None, stride=None, scale=None, scales=(0.75, 1.25), flip=True, min_size=None),
     "slide_tta": SimpleNamespace(mode="slide", crop_size=(32, 48), stride=(24, 24), scale=None, scales=(0.75, 1.25),
-                                 flip=True),
+                                 flip=True, min_size=None),
 }
 
 

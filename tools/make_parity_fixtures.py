@@ -88,6 +88,7 @@ import official_env  # noqa: E402
 V0_FORMATS = ["segvit-v1", "segvit-v1-shrunk", "mmseg-vit", "mmseg-setr", "mmseg-deeplabv3plus",
               "train-pipeline",
               "segvit-optim"]
+TEST_FORMATS = ["test-parity"]  # MMSegmentation 0.24 world, after segvit-v1
 V1_FORMATS = ["dtop"]
 FIXED_TIME = "Thu Jan  1 00:00:00 2026"  # replaces the wall-clock time the savers write
 SEED = 20240601
@@ -574,6 +575,136 @@ def make_segvit_v1_shrunk(out_dir: Path, segvit_repo: Path) -> None:
         ],
     )
     fx.write(info, torch.load(fx.ckpt_path, map_location="cpu", weights_only=False)["state_dict"])
+
+# ----------------------------------------------------------------------------- test-time parity (mmseg 0.24.1)
+
+# (name, official config under the SegVit checkout, where its test_cfg comes from when the config file
+# has none of its own). Each config's test pipeline and test_cfg are read from the files and scaled
+# so that the slide window is the 64 px of the segvit-v1 fixture model.
+TEST_PARITY_CONFIGS = [
+    ("pc", "configs/segvit/segvit_vit-l_jax_480x480_80k_pc.py", None),
+    ("ade20k-512", "configs/_base_/datasets/ade20k.py", "configs/_base_/models/seg_vit-b16.py"),
+    ("ade20k-640", "configs/segvit/segvit_vit-l_jax_640x640_160k_ade20k.py", None),
+    ("coco-stuff10k", "configs/segvit/segvit_vit-l_jax_512x512_80k_cocostuff10k.py", None),
+]
+TEST_PARITY_IMAGES = [(75, 100), (100, 75), (150, 200), (60, 200)]  # (h, w): 4:3, 3:4, downscaled, 1:3.33
+TEST_PARITY_AUG = ("pc", [0.75, 1.25])  # the config also run with img_ratios + flip (aug_test)
+TEST_PARITY_TIE = 1e-4  # official top-2 probability margin below which a pixel counts as a near-tie
+
+
+def _scaled_test_setup(cfg_path: Path, test_cfg_path: Path | None, window: int, ratios=None) -> tuple:
+    """(pipeline, test_cfg, description) of an official config, sizes scaled so the crop is ``window``."""
+    from mmcv.utils import Config
+
+    cfg = Config.fromfile(str(cfg_path))
+    test_cfg = copy.deepcopy(dict(Config.fromfile(str(test_cfg_path)).model.test_cfg if test_cfg_path
+                                  else cfg.model.test_cfg))
+    pipeline = copy.deepcopy([dict(step) for step in cfg.data.test.pipeline])
+    official = {"test_cfg": copy.deepcopy(test_cfg), "pipeline": copy.deepcopy(pipeline)}
+    factor = window / test_cfg["crop_size"][0]
+    aug = next(step for step in pipeline if step["type"] == "MultiScaleFlipAug")
+    aug["img_scale"] = tuple(int(round(side * factor)) for side in aug["img_scale"])
+    aug["transforms"] = [dict(step) for step in aug["transforms"]]
+    resize = next(step for step in aug["transforms"] if step["type"] == "Resize")
+    if resize.get("min_size") is not None:
+        resize["min_size"] = int(round(resize["min_size"] * factor))
+    if ratios is not None:
+        aug["img_ratios"], aug["flip"] = list(ratios), True
+    test_cfg["crop_size"] = (window, window)
+    test_cfg["stride"] = tuple(int(round(s * factor)) for s in test_cfg["stride"])
+    scaled = dict(mode=test_cfg["mode"], crop_size=list(test_cfg["crop_size"]), stride=list(test_cfg["stride"]),
+                  scale=list(aug["img_scale"]), min_size=resize.get("min_size"),
+                  scales=list(aug.get("img_ratios") or [1.0]), flip=bool(aug.get("flip", False)))
+    norm = next(step for step in aug["transforms"] if step["type"] == "Normalize")
+    return pipeline, test_cfg, dict(official=official, factor=factor, test=scaled,
+                                    img_norm_cfg={k: norm[k] for k in ("mean", "std", "to_rgb")})
+
+
+def _official_test(model, pipeline: list, image_path: Path):
+    """The official test path on one image file: its pipeline, then ``simple_test`` or ``aug_test``
+    (through ``forward_test``, as ``mmseg.apis.single_gpu_test`` calls it), plus the averaged
+    probabilities of ``EncoderDecoder.inference`` for the near-tie mask."""
+    from mmcv.parallel import collate
+    from mmseg.datasets.pipelines import Compose
+
+    data = Compose(pipeline)(dict(img_info=dict(filename=str(image_path)), img_prefix=None))
+    data = collate([data], samples_per_gpu=1)
+    imgs = data["img"]
+    metas = [m.data[0] for m in data["img_metas"]]
+    with torch.no_grad():
+        labels = model(return_loss=False, rescale=True, img=imgs, img_metas=metas)[0]
+        probs = sum(model.inference(img, meta, rescale=True) for img, meta in zip(imgs, metas)) / len(imgs)
+    assert np.array_equal(labels, probs.argmax(1)[0].numpy())
+    top2 = probs.topk(2, dim=1).values[0]  # [2, H, W]
+    near_tie = ((top2[0] - top2[1]) < TEST_PARITY_TIE).numpy()
+    sizes = [list(meta[0]["img_shape"][:2]) for meta in metas]
+    return labels.astype(np.uint8), near_tie, sizes
+
+
+def make_test_parity(out_dir: Path, segvit_repo: Path) -> None:
+    """Official test-time labels of the segvit-v1 fixture model under each dataset's test pipeline.
+
+    The model is ``segvit-v1.pth`` (made first by the ``segvit-v1`` format) loaded into the
+    official ``EncoderDecoder`` + ``ATMHead``. For each config of ``TEST_PARITY_CONFIGS`` the test
+    pipeline (``LoadImageFromFile -> MultiScaleFlipAug(Resize(keep_ratio, min_size), RandomFlip,
+    Normalize, ImageToTensor)``) and ``test_cfg`` are read from the official config files; sizes
+    (``img_scale``, ``min_size``, slide crop and stride) are scaled by ``64 / crop`` so that the
+    windows are the model's 64 px (the official ATM head needs square windows of its img_size).
+    The resize rule, mmcv's rounding and the slide grid are exercised unchanged. Images are PNG
+    files read by the pipeline itself; labels (and a near-tie mask: official top-2 probability
+    margin < ``TEST_PARITY_TIE``) go to one compressed npz; settings to ``test-parity.json``.
+    """
+    from mmcv.runner import load_checkpoint
+    import cv2
+
+    ckpt = out_dir / "segvit-v1.pth"
+    if not ckpt.is_file():
+        raise SystemExit(f"{ckpt} is missing: make the segvit-v1 format first")
+    base = json.loads((out_dir / "segvit-v1.json").read_text())
+    model = v0_build(base["config"], SEED)
+    load_checkpoint(model, str(ckpt), map_location="cpu")
+    model.eval()
+    folder = out_dir / "test-parity"
+    folder.mkdir(exist_ok=True)
+    images = {}
+    for i, (height, width) in enumerate(TEST_PARITY_IMAGES):
+        name = f"img{i}_{height}x{width}.png"
+        rgb = synthetic_image(height, width, SEED + 10 + i)
+        cv2.imwrite(str(folder / name), np.ascontiguousarray(rgb[..., ::-1]))  # PNG holds RGB; cv2 writes BGR
+        images[name] = (height, width)
+    window = base["config"]["backbone"]["img_size"][0]
+    arrays, runs = {}, []
+    cases = [(n, c, t, None) for n, c, t in TEST_PARITY_CONFIGS]
+    aug_name, aug_ratios = TEST_PARITY_AUG
+    cases += [(f"{n}-aug", c, t, aug_ratios) for n, c, t in TEST_PARITY_CONFIGS if n == aug_name]
+    for name, cfg_file, test_cfg_file, ratios in cases:
+        pipeline, test_cfg, info = _scaled_test_setup(segvit_repo / cfg_file, test_cfg_file and segvit_repo / test_cfg_file,
+                                                      window, ratios)
+        model.test_cfg = type(model.test_cfg)(test_cfg)
+        run = dict(name=name, config=cfg_file, test_cfg_from=test_cfg_file or cfg_file, **info, images={})
+        for image_name in images:
+            try:
+                labels, near_tie, sizes = _official_test(model, pipeline, folder / image_name)
+            except RuntimeError as err:  # a resized short side below the window: non-square windows
+                run["images"][image_name] = {"skipped": f"official code fails: {str(err).splitlines()[0][:160]}"}
+                continue
+            key = f"{name}/{image_name}"
+            arrays[f"{key}/labels"], arrays[f"{key}/near_tie"] = labels, near_tie
+            run["images"][image_name] = {"resized": sizes, "near_tie_pixels": int(near_tie.sum()),
+                                         "pixels": int(labels.size)}
+        runs.append(run)
+    np.savez_compressed(folder / "labels.npz", **arrays)
+    info = dict(
+        format="test-parity", model_checkpoint="segvit-v1.pth", model_config=base["config"],
+        official_repo={"name": "zbwxp/SegVit", "commit": git_commit(segvit_repo)},
+        official_modules=["mmseg 0.24.1 datasets/pipelines (LoadImageFromFile, MultiScaleFlipAug, Resize, RandomFlip, "
+                          "Normalize, ImageToTensor, Collect)", "mmseg 0.24.1 EncoderDecoder.forward_test "
+                          "(simple_test / aug_test)", "SegVit decode_heads/atm_head.py: ATMHead"],
+        images={k: list(v) for k, v in images.items()}, near_tie_margin=TEST_PARITY_TIE, runs=runs,
+        arrays="labels.npz: '<run>/<image>/labels' uint8 [H, W] (simple_test or aug_test), "
+               "'<run>/<image>/near_tie' bool [H, W]", seed=SEED, versions=versions(),
+    )
+    (folder / "test-parity.json").write_text(json.dumps(jsonable(info), indent=1) + "\n")
 
 
 def make_mmseg_vit(out_dir: Path, segvit_repo: Path | None) -> None:
@@ -1315,12 +1446,12 @@ def main(argv=None) -> None:
     parser.add_argument("--dtop-repo", type=Path, help="checkout of zbwxp/Dynamic-Token-Pruning")
     parser.add_argument("--mmseg1-path", type=Path, help="folder with mmcv-lite 2.x, mmengine, mmsegmentation 1.x "
                         "(put first on PYTHONPATH for the dtop child process)")
-    parser.add_argument("--formats", default=",".join(V0_FORMATS + V1_FORMATS))
+    parser.add_argument("--formats", default=",".join(V0_FORMATS + TEST_FORMATS + V1_FORMATS))
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests/fixtures/official")
     parser.add_argument("--in-mmseg1", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    unknown = sorted(set(formats) - set(V0_FORMATS + V1_FORMATS))
+    unknown = sorted(set(formats) - set(V0_FORMATS + TEST_FORMATS + V1_FORMATS))
     if unknown:
         parser.error(f"unknown formats {unknown}")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -1328,12 +1459,13 @@ def main(argv=None) -> None:
     if args.in_mmseg1:
         make_dtop(args.out, args.dtop_repo)
         return
-    v0 = [f for f in formats if f in V0_FORMATS]
+    v0 = [f for f in formats if f in V0_FORMATS + TEST_FORMATS]
     if v0:
-        if any(f.startswith("segvit") for f in v0) and args.segvit_repo is None:
+        if any(f.startswith("segvit") or f in TEST_FORMATS for f in v0) and args.segvit_repo is None:
             parser.error("segvit formats need --segvit-repo")
         v0_setup(args.segvit_repo)
-        makers = {"segvit-v1": lambda: make_segvit_v1(args.out, args.segvit_repo),
+        makers = {"test-parity": lambda: make_test_parity(args.out, args.segvit_repo),
+                  "segvit-v1": lambda: make_segvit_v1(args.out, args.segvit_repo),
                   "segvit-v1-shrunk": lambda: make_segvit_v1_shrunk(args.out, args.segvit_repo),
                   "mmseg-vit": lambda: make_mmseg_vit(args.out, args.segvit_repo),
                   "mmseg-setr": lambda: make_mmseg_setr(args.out),

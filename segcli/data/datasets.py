@@ -315,7 +315,7 @@ def make_dataset(data_cfg, split: str, samples, default_classes: tuple[str, ...]
         raise SegcliError("class names must be unique", "data.classes")
     palette = known.palette_for(class_names, default_classes, default_palette)
     reduce = default_reduce_zero_label if data_cfg.reduce_zero_label is None else data_cfg.reduce_zero_label
-    transform = TrainTransform(data_cfg) if split == "train" else EvalTransform(data_cfg.mean, data_cfg.std)
+    transform = TrainTransform(data_cfg) if split == "train" else EvalTransform()  # uint8: the engine normalises
     return SegDataset(samples, class_names, palette, reduce_zero_label_lut() if reduce else None,
                       transform, name=f"{name}:{split}")
 

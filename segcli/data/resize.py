@@ -13,7 +13,7 @@ so segcli computes sizes with the same float expressions and the same rounding:
   ``max(min(scale), min_size)`` and the long side follows the aspect ratio, uncapped (the
   long edge of ``scale`` is ignored). So a 500x375 image under ``scale=(520, 520)``,
   ``min_size=480`` becomes 693x520, not 520x390.
-* :func:`test_sizes` is mmseg 0.24.1 ``mmseg/datasets/pipelines/test_time_aug.py``
+* :func:`tta_sizes` is mmseg 0.24.1 ``mmseg/datasets/pipelines/test_time_aug.py``
   ``MultiScaleFlipAug``: each ratio scales the *scale pair* with ``int()`` (not the resized
   image), or, with no scale, the image's own ``(w, h)``; then the resize rule above applies.
 * :func:`imresize` is mmcv's ``imresize`` with its default backend: ``cv2.resize``
@@ -57,7 +57,7 @@ def keep_ratio_size(height: int, width: int, scale: tuple, min_size: int | None 
     return rescale_size(height, width, scale)
 
 
-def test_sizes(height: int, width: int, scale: tuple[int, int] | None, ratios, min_size: int | None = None):
+def tta_sizes(height: int, width: int, scale: tuple[int, int] | None, ratios, min_size: int | None = None):
     """The resized ``(h, w)`` of every test-time ratio (MultiScaleFlipAug, then Resize)."""
     sizes = []
     for ratio in ratios:

@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 import torch
 
-from .resize import imresize, rescale_size
+from .resize import imresize, keep_ratio_size, rescale_size
 
 IGNORE_INDEX = 255
 CAT_MAX_RATIO_TRIES = 10  # MMSegmentation's RandomCrop retries
@@ -297,21 +297,54 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """Evaluation preprocessing: optional keep-ratio resize to fit ``scale`` (long, short), normalise.
+    """Evaluation input: the RGB uint8 image as a ``[3, H, W]`` uint8 tensor, the label as is.
 
-    The label is returned at its original resolution (metrics are computed there; predictions
-    are resized back to it). ``rng`` is accepted for signature compatibility and unused.
+    MMSegmentation's test pipeline resizes the uint8 image and normalises it once per
+    test-time scale (``MultiScaleFlipAug`` wraps ``Resize`` and ``Normalize``), so resizing and
+    normalising belong to the test-time computation (``engine/inference.py`` with
+    :func:`eval_view`), not to the dataset. With ``mean``/``std`` given, the transform instead
+    returns that single view itself: resized to ``scale`` (keep ratio, ``min_size``; mmcv's
+    rules, ``data/resize.py``) and normalised, float32 ``[3, h, w]``.
+
+    The label keeps its original resolution (metrics are computed there; predictions are
+    resized back to it, as mmseg's ``rescale=True``). ``rng`` is accepted for signature
+    compatibility and unused.
     """
 
-    def __init__(self, mean, std, scale: tuple[int, int] | None = None):
-        self.mean = np.asarray(mean, dtype=np.float32)
-        self.std = np.asarray(std, dtype=np.float32)
+    def __init__(self, mean=None, std=None, scale: tuple[int, int] | None = None, min_size: int | None = None):
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std, or neither")
+        self.mean = None if mean is None else np.asarray(mean, dtype=np.float32)
+        self.std = None if std is None else np.asarray(std, dtype=np.float32)
         self.scale = tuple(scale) if scale is not None else None
+        self.min_size = min_size
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator | None = None):
         if self.scale is not None:
-            image = resize_image(image, fit_scale(image.shape[0], image.shape[1], self.scale))
+            image = imresize(image, keep_ratio_size(image.shape[0], image.shape[1], self.scale, self.min_size))
+        if self.mean is None:
+            return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), torch.from_numpy(
+                label.astype(np.int64))  # [3, H, W] uint8, [H, W] int64
         return to_tensors(normalize(image, self.mean, self.std), label)
 
     def __repr__(self) -> str:
-        return f"EvalTransform(scale={self.scale})"
+        view = "" if self.mean is None else ", normalised"
+        return f"EvalTransform(scale={self.scale}, min_size={self.min_size}{view})"
+
+
+def image_tensor(image: np.ndarray) -> torch.Tensor:
+    """An RGB uint8 ``[H, W, 3]`` image as the uint8 batch of one the test-time computation takes:
+    ``[1, 3, H, W]`` (it resizes and normalises per view, :func:`eval_view`)."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]  # [1, 3, H, W] uint8
+
+
+def eval_view(images: torch.Tensor, size_hw: tuple[int, int], mean, std) -> torch.Tensor:
+    """One test-time view of uint8 RGB images ``[B, 3, H, W]``: each resized to ``size_hw`` on the
+    uint8 pixels with cv2 bilinear (mmcv ``imresize``), then normalised: float32 ``[B, 3, h, w]``
+    on the images' device (mmseg 0.24.1 ``Resize`` then ``Normalize``)."""
+    mean = np.asarray(mean, dtype=np.float32)
+    std = np.asarray(std, dtype=np.float32)
+    views = []
+    for image in images.permute(0, 2, 3, 1).cpu().numpy():  # [H, W, 3] uint8 each
+        views.append(normalize(imresize(image, size_hw), mean, std).transpose(2, 0, 1))  # [3, h, w]
+    return torch.from_numpy(np.ascontiguousarray(np.stack(views))).to(images.device)  # [B, 3, h, w]

@@ -22,14 +22,15 @@ from .inference import infer, infer_labels
 class TestTimeModel(nn.Module):
     """``forward(images)`` = the recipe's full test-time inference (for FLOPs tracing)."""
 
-    def __init__(self, model: nn.Module, test_cfg, default_crop):
+    def __init__(self, model: nn.Module, test_cfg, default_crop, mean=None, std=None):
         super().__init__()
         self.model = model
         self.test_cfg = test_cfg
         self.default_crop = default_crop
+        self.mean, self.std = mean, std
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return infer(self.model, images, self.test_cfg, self.default_crop)
+        return infer(self.model, images, self.test_cfg, self.default_crop, self.mean, self.std)
 
 
 def evaluate_model(
@@ -59,13 +60,16 @@ def evaluate_model(
     total = len(loader)
     with torch.no_grad():
         for step, batch in enumerate(loader):
-            images = batch["image"].to(device, non_blocking=True)
+            images = batch["image"].to(device, non_blocking=True)  # [1, 3, H, W] uint8 (EvalTransform)
             labels = batch["label"].to(device, non_blocking=True)
-            evaluator.process(infer_labels(core, images, recipe.test, recipe.data.crop_size), labels)  # [1, H, W]
+            mean, std = recipe.data.mean, recipe.data.std
+            evaluator.process(infer_labels(core, images, recipe.test, recipe.data.crop_size, mean=mean, std=std),
+                              labels)  # [1, H, W]
             for key, value in getattr(core, "last_stats", {}).items():
                 stats.setdefault(key, []).append(value)
             if count_gflops:
-                everything, aux = count_flops_split(TestTimeModel(core, recipe.test, recipe.data.crop_size), images)
+                everything, aux = count_flops_split(TestTimeModel(core, recipe.test, recipe.data.crop_size, mean, std),
+                                                    images)
                 gflops.append((everything, everything - aux))
             if progress is not None:
                 progress(step + 1, total)

@@ -2,9 +2,25 @@
 
 The model is any ``nn.Module`` whose ``forward(images)`` returns per-class scores at the input
 size. Inputs are padded to the backbone's ``size_divisor`` (16 for ViTs, 32 for ResNets) and the
-scores cropped back, so any image size works. ``slide`` follows MMSegmentation: windows of
+scores cropped back, so any image size works; a ViT's scores of the padded input are instead
+resized to the input, padding included, as mmseg's ViT (which pads inside its patch embedding)
+and ``EncoderDecoder.encode_decode`` do. ``slide`` follows MMSegmentation: windows of
 ``crop`` every ``stride``, the last window flush with the border, overlapping scores averaged.
-TTA averages the scores of every (scale, flip) after resizing them to the original size.
+
+The test-time computation is MMSegmentation 0.24.1's, step for step (its pipeline
+``MultiScaleFlipAug(Resize, RandomFlip, Normalize)`` and ``EncoderDecoder.inference`` /
+``simple_test`` / ``aug_test``), because a released model's number was measured that way:
+
+* Images come in as RGB uint8 ``[B, 3, H, W]`` (with the recipe's ``mean``/``std``). Each view's
+  size is mmseg's (``data/resize.py``: the keep-ratio rule, ``min_size``, ``img_ratios`` of the
+  scale pair, mmcv's rounding); the uint8 image is resized with cv2 bilinear and only then
+  normalised (``data/transforms.py`` ``eval_view``). A float tensor is taken as already
+  normalised and resized bilinearly as floats (benchmarks and synthetic inputs, whose pixels
+  no released number depends on).
+* Each view's scores (whole, or the average of its slide windows) are resized bilinearly
+  (``align_corners=False``, as every head here and in the released configs) to the original
+  image, *then* reduced: one view -> its scores (arg-max = ``simple_test``); several views (scales,
+  flips) -> the mean of each view's softmax probabilities, flipped back (``aug_test``).
 
 Two entry points compute the same thing:
 
@@ -19,7 +35,6 @@ Two entry points compute the same thing:
 """
 from __future__ import annotations
 
-import math
 import shutil
 from contextlib import contextmanager
 
@@ -27,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.resize import tta_sizes
+from ..data.transforms import eval_view
 from ..errors import SegcliError
 from ..models.base import resize
 from ..models.layers import fold_batchnorms
@@ -104,20 +121,32 @@ def _pad(model, images: torch.Tensor) -> torch.Tensor:
     return F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
 
 
+def _resizes_padding(model) -> bool:
+    """Whether the padded input's scores are resized to the input (not cropped): a backbone declares
+    it where the official one pads inside (mmseg's ViT; ``resize_padded_scores``)."""
+    core = getattr(model, "module", model)
+    return bool(getattr(getattr(core, "backbone", None), "resize_padded_scores", False))
+
+
 def forward_padded(model, images: torch.Tensor) -> torch.Tensor:
-    """Scores [B, K, H, W] for images of any size (zero-padded to the size divisor)."""
+    """Scores [B, K, H, W] for images of any size (zero-padded to the size divisor, then cropped,
+    or resized where the backbone says so)."""
     height, width = images.shape[-2:]
     scores = model(_pad(model, images))
+    if tuple(scores.shape[-2:]) != (height, width) and _resizes_padding(model):
+        return resize(scores, (int(height), int(width)))
     return scores[..., :height, :width]
 
 
 def scores_padded(model, images: torch.Tensor) -> ScoreMap:
     """:func:`forward_padded` unformed: the model's ``forward_scores`` if it has one, else its scores."""
-    height, width = images.shape[-2:]
+    height, width = (int(n) for n in images.shape[-2:])
     padded = _pad(model, images)
     forward_scores = getattr(model, "forward_scores", None)
     scores = forward_scores(padded) if forward_scores is not None else DenseScores(model(padded))
-    return scores.crop(int(height), int(width))
+    if tuple(scores.size) != (height, width) and _resizes_padding(model):
+        return ResizedScores(scores, (height, width))
+    return scores.crop(height, width)
 
 
 def _windows(size: int, crop: int, stride: int) -> list[tuple[int, int]]:
@@ -146,56 +175,73 @@ def slide_inference(model, images: torch.Tensor, crop: tuple[int, int], stride: 
 
 def _settings(images: torch.Tensor, test_cfg, default_crop) -> tuple:
     """(crop, stride, [(size, flip)...]) of the recipe's test-time computation for ``images``."""
-    height, width = images.shape[-2:]
+    height, width = (int(n) for n in images.shape[-2:])
     crop = tuple(test_cfg.crop_size or default_crop)
     stride = tuple(test_cfg.stride or (max(1, crop[0] * 2 // 3), max(1, crop[1] * 2 // 3)))
-    base_h, base_w = height, width
-    if test_cfg.scale is not None:  # fit (long, short) keeping the aspect ratio
-        long_side, short_side = max(test_cfg.scale), min(test_cfg.scale)
-        ratio = min(long_side / max(height, width), short_side / min(height, width))
-        base_h, base_w = int(height * ratio + 0.5), int(width * ratio + 0.5)
     runs = []
-    for scale in test_cfg.scales:
-        size = (max(1, math.floor(base_h * scale + 0.5)), max(1, math.floor(base_w * scale + 0.5)))
+    for size in tta_sizes(height, width, test_cfg.scale, test_cfg.scales, test_cfg.min_size):
+        size = (max(1, size[0]), max(1, size[1]))
         runs += [(size, flip) for flip in ((False, True) if test_cfg.flip else (False,))]
     return crop, stride, runs
 
 
-def infer(model, images: torch.Tensor, test_cfg, default_crop: tuple[int, int]) -> torch.Tensor:
-    """Scores [B, K, H, W] at the size of ``images`` under ``test_cfg`` (mode, scales, flip)."""
+def _view(images: torch.Tensor, size: tuple[int, int], flip: bool, mean, std) -> torch.Tensor:
+    """The normalised model input of one view (module doc: uint8 images are resized, then normalised)."""
+    if images.dtype == torch.uint8:
+        if mean is None or std is None:
+            raise ValueError("uint8 images need the recipe's mean and std")
+        x = eval_view(images, size, mean, std)  # [B, 3, h, w] float32
+    else:
+        x = resize(images, size)
+    return x.flip(-1) if flip else x
+
+
+def infer(model, images: torch.Tensor, test_cfg, default_crop: tuple[int, int], mean=None, std=None) -> torch.Tensor:
+    """Scores [B, K, H, W] at the size of ``images`` under ``test_cfg`` (mode, scales, flip): one
+    view's scores, or for several views the mean of their softmax probabilities (module doc)."""
     height, width = images.shape[-2:]
     crop, stride, runs = _settings(images, test_cfg, default_crop)
     merged = None
     for size, flip in runs:
-        x = resize(images, size)
-        x = x.flip(-1) if flip else x
+        x = _view(images, size, flip, mean, std)
         if test_cfg.mode == "slide":
             scores = slide_inference(model, x, crop, stride)
         else:
             scores = forward_padded(model, x)
+        scores = resize(scores.float(), (height, width))
+        if len(runs) > 1:
+            scores = scores.softmax(dim=1)
         if flip:
             scores = scores.flip(-1)
-        scores = resize(scores.float(), (height, width))
         merged = scores if merged is None else merged + scores
     return merged / len(runs)
+
+
+def infer_probabilities(model, images: torch.Tensor, test_cfg, default_crop: tuple[int, int], mean=None,
+                        std=None) -> torch.Tensor:
+    """Class probabilities [B, K, H, W]: what mmseg's ``inference`` / ``aug_test`` average."""
+    scores = infer(model, images, test_cfg, default_crop, mean, std)
+    return scores if len(_settings(images, test_cfg, default_crop)[2]) > 1 else scores.softmax(dim=1)
 
 
 # --------------------------------------------------------------------------- labels, band by band
 
 
-def tta_scores(model, images: torch.Tensor, test_cfg, default_crop: tuple[int, int]) -> ScoreMap:
+def tta_scores(model, images: torch.Tensor, test_cfg, default_crop: tuple[int, int], mean=None,
+               std=None) -> ScoreMap:
     """:func:`infer`'s scores as a :class:`ScoreMap` (formed by rows when asked; see the module doc)."""
     height, width = (int(n) for n in images.shape[-2:])
     crop, stride, runs = _settings(images, test_cfg, default_crop)
     parts = []
     for size, flip in runs:
-        x = resize(images, size)
-        x = x.flip(-1) if flip else x
+        x = _view(images, size, flip, mean, std)
         part = SlideScores(model, x, crop, stride) if test_cfg.mode == "slide" else scores_padded(model, x)
-        if flip:
-            part = FlippedScores(part)
         if tuple(part.size) != (height, width):
             part = ResizedScores(part, (height, width), dtype=torch.float32)
+        if len(runs) > 1:
+            part = SoftmaxScores(part)
+        if flip:
+            part = FlippedScores(part)
         parts.append(part)
     return parts[0] if len(parts) == 1 else MeanScores(parts)
 
@@ -214,9 +260,19 @@ def labels_of(scores: ScoreMap, band_bytes: int = BAND_BYTES) -> torch.Tensor:
 
 
 def infer_labels(model, images: torch.Tensor, test_cfg, default_crop: tuple[int, int],
-                 band_bytes: int = BAND_BYTES) -> torch.Tensor:
+                 band_bytes: int = BAND_BYTES, mean=None, std=None) -> torch.Tensor:
     """Labels ``[B, H, W]`` (long) = ``infer(...).argmax(1)`` without the full ``[B, K, H, W]`` scores."""
-    return labels_of(tta_scores(model, images, test_cfg, default_crop), band_bytes)
+    return labels_of(tta_scores(model, images, test_cfg, default_crop, mean, std), band_bytes)
+
+
+class SoftmaxScores(ScoreMap):
+    """Softmax over the classes of a map (float32): a view's probabilities in ``aug_test``."""
+
+    def __init__(self, inner: ScoreMap):
+        self.inner, self.batch, self.channels, self.size = inner, inner.batch, inner.channels, tuple(inner.size)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.inner.rows(start, stop).float().softmax(dim=1)
 
 
 class FlippedScores(ScoreMap):

@@ -15,7 +15,7 @@ import torch
 
 from ..build import load_checkpoint, pick_device
 from ..data import read_image
-from ..data.transforms import image_batch
+from ..data.transforms import image_tensor
 from ..engine.inference import compile_failures_reported, compile_for_inference, infer_labels, prepare_for_inference
 from ..errors import SegcliError
 from ..outputs import check_outputs as check_writes
@@ -145,10 +145,12 @@ def predict(inputs: list[str], checkpoint: str | Path, out_dir: str | Path = "pr
         except SegcliError as err:
             result.failed.append((str(path), err.message))
             continue
-        tensor = image_batch(image, loaded.recipe.data.mean, loaded.recipe.data.std)  # [1, 3, H, W]
+        tensor = image_tensor(image)  # [1, 3, H, W] uint8: resized and normalised per test view
+        data = loaded.recipe.data
         with torch.no_grad():
             with compile_failures_reported(compile):  # a compile failure surfaces on the first image
-                labels = infer_labels(loaded.model, tensor.to(dev), loaded.recipe.test, loaded.recipe.data.crop_size)
+                labels = infer_labels(loaded.model, tensor.to(dev), loaded.recipe.test, data.crop_size,
+                                      mean=data.mean, std=data.std)
         pred = labels[0].cpu().numpy()
         label_dtype = np.uint8 if loaded.meta["num_classes"] <= 255 else np.uint16
         save_png(out / f"{stem}.png", pred.astype(label_dtype))

@@ -10,7 +10,8 @@ Decisions:
   score tensor (``engine/inference.py``).
 * ``probabilities=True`` returns ``[K, H, W]`` float32 class probabilities: the softmax over
   classes of the model's scores, which is what MMSegmentation's inference reports for every head
-  (for an ATM head the scores of eq. 4.4 are not normalised, so they are normalised this way too).
+  (for an ATM head the scores of eq. 4.4 are not normalised, so they are normalised this way too);
+  with several test views, the mean of their probabilities (mmseg's ``aug_test``).
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ import torch
 
 from ..build import LoadedModel, load_checkpoint, pick_device
 from ..data import read_image
-from ..data.transforms import image_batch
-from ..engine.inference import infer, infer_labels, prepare_for_inference
+from ..data.transforms import image_tensor
+from ..engine.inference import infer_labels, infer_probabilities, prepare_for_inference
 from ..errors import SegcliError
 
 Image = np.ndarray | str | Path
@@ -51,17 +52,17 @@ class Segmenter:
             shape = getattr(image, "shape", None)
             raise SegcliError(f"expected an RGB uint8 array [H, W, 3] or an image path, got {type(image).__name__} "
                               f"{shape}", "image", "e.g. segcli.data.read_image(path)")
-        data = self.loaded.recipe.data
-        return image_batch(image, data.mean, data.std).to(self.device)  # [1, 3, H, W]
+        return image_tensor(image).to(self.device)  # [1, 3, H, W] uint8: resized and normalised per test view
 
     @torch.no_grad()
     def _one(self, image: Image, probabilities: bool) -> np.ndarray:
         tensor = self._tensor(image)
         model, recipe = self.loaded.model, self.loaded.recipe
+        data = recipe.data
         if probabilities:
-            scores = infer(model, tensor, recipe.test, recipe.data.crop_size)  # [1, K, H, W]
-            return scores.float().softmax(dim=1)[0].cpu().numpy()  # [K, H, W]
-        labels = infer_labels(model, tensor, recipe.test, recipe.data.crop_size)[0]  # [H, W]
+            probs = infer_probabilities(model, tensor, recipe.test, data.crop_size, data.mean, data.std)  # [1, K, H, W]
+            return probs.float()[0].cpu().numpy()  # [K, H, W]
+        labels = infer_labels(model, tensor, recipe.test, data.crop_size, mean=data.mean, std=data.std)[0]  # [H, W]
         dtype = np.uint8 if len(self.classes) <= 256 else np.int32
         return labels.cpu().numpy().astype(dtype)
 

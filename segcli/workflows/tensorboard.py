@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..data.transforms import image_batch
+from ..data.transforms import image_tensor
 from ..engine.inference import infer_labels
 from ..viz import colorize, overlay_image
 
@@ -79,8 +79,10 @@ class TensorBoardLogger:
         try:
             for index in range(min(self.num_images, len(self.val_set))):
                 image, label = self.val_set.read(index)
-                tensor = image_batch(image, self.recipe.data.mean, self.recipe.data.std).to(self.device)
-                pred = infer_labels(self.model, tensor, self.recipe.test, self.recipe.data.crop_size)[0].cpu().numpy()
+                data = self.recipe.data
+                tensor = image_tensor(image).to(self.device)  # [1, 3, H, W] uint8
+                pred = infer_labels(self.model, tensor, self.recipe.test, data.crop_size, mean=data.mean,
+                                    std=data.std)[0].cpu().numpy()
                 truth = np.where(label == 255, 0, label)
                 panels.append(np.concatenate([image, overlay_image(image, colorize(pred, self.palette)),
                                               overlay_image(image, colorize(truth, self.palette))], axis=1))

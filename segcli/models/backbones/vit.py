@@ -270,6 +270,9 @@ class ViTBackbone(Backbone):
         self.out_channels = tuple(self.embed_dim for _ in self.out_indices)
         self.out_strides = tuple(self.patch_size for _ in self.out_indices)
         self.size_divisor = self.patch_size
+        # mmseg's ViT pads inside its patch embedding (AdaptivePadding, 'corner') and EncoderDecoder
+        # resizes the padded grid's scores, padding included, to the input size: the engine does too
+        self.resize_padded_scores = True
         if cfg.pretrained:
             self.load_pretrained(cfg.pretrained)
 
