@@ -16,6 +16,10 @@ The two worlds cannot share one interpreter, so ``dtop`` runs in a child process
 ``PYTHONPATH`` starts with ``--mmseg1-path`` (a ``pip install --target`` folder holding
 mmcv-lite 2.x, mmengine and mmsegmentation 1.x).
 
+``test-parity`` (MMSegmentation 0.24 world, after ``segvit-v1``, whose checkpoint it reuses) writes
+``test-parity/``: PNG images, the official test-time labels of each dataset config's test
+pipeline (``labels.npz``) and the settings (``test-parity.json``); see ``make_test_parity``.
+
 ``train-pipeline`` (MMSegmentation 0.24 world, no checkpoint) writes ``train-pipeline.npz`` and
 ``train-pipeline.json``: every random draw of the official train transforms on synthetic
 images and labels, and each transform's output (see ``make_train_pipeline``).
@@ -576,6 +580,7 @@ def make_segvit_v1_shrunk(out_dir: Path, segvit_repo: Path) -> None:
     )
     fx.write(info, torch.load(fx.ckpt_path, map_location="cpu", weights_only=False)["state_dict"])
 
+
 # ----------------------------------------------------------------------------- test-time parity (mmseg 0.24.1)
 
 # (name, official config under the SegVit checkout, where its test_cfg comes from when the config file
@@ -705,7 +710,6 @@ def make_test_parity(out_dir: Path, segvit_repo: Path) -> None:
                "'<run>/<image>/near_tie' bool [H, W]", seed=SEED, versions=versions(),
     )
     (folder / "test-parity.json").write_text(json.dumps(jsonable(info), indent=1) + "\n")
-
 
 def make_mmseg_vit(out_dir: Path, segvit_repo: Path | None) -> None:
     """A timm ViT converted by the official ``vit2mmseg.convert_vit``; features from mmseg's VisionTransformer."""

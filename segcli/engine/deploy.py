@@ -7,8 +7,8 @@ labels or class scores out. Decisions:
   with one cast). The recipe's mean/std are constants inside the graph, so a caller needs to know
   nothing about the training normalisation.
 * **Padding inside**: the normalised image is zero-padded to the backbone's size divisor and the
-  scores cropped back (as :func:`segcli.engine.inference.forward_padded`), so a dynamic graph
-  takes any H, W.
+  scores cropped back, or resized back for a ViT (as :func:`segcli.engine.inference.forward_padded`),
+  so a dynamic graph takes any H, W.
 * **Output**: ``labels`` int64 ``[B, H, W]`` (argmax) or ``scores`` float32 ``[B, K, H, W]``.
 
 :class:`OnnxSegmentor` runs an exported file with onnxruntime behind the interface the inference
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SegcliError
+from .inference import resizes_padded_scores
 
 META_PREFIX = "segcli."
 META_KEYS = ("format", "recipe", "meta", "output", "input", "dynamic", "shape", "batch", "version")
@@ -58,7 +59,11 @@ class DeployGraph(nn.Module):
         div = self.size_divisor
         pad_h, pad_w = (div - height % div) % div, (div - width % div) % div
         x = F.pad(x, (0, pad_w, 0, pad_h))  # [B, 3, H', W'], zeros after normalisation as in predict
-        scores = self.model(x)[:, :, :height, :width]  # [B, K, H, W]
+        scores = self.model(x)  # [B, K, H', W']
+        if resizes_padded_scores(self.model):  # mmseg's ViT: the padded grid's scores resized to the image
+            scores = F.interpolate(scores, size=(height, width), mode="bilinear", align_corners=False)
+        else:
+            scores = scores[:, :, :height, :width]  # [B, K, H, W]
         if self.output == "labels":
             return scores.argmax(1)  # [B, H, W] int64
         return scores.float()

@@ -121,7 +121,7 @@ def _pad(model, images: torch.Tensor) -> torch.Tensor:
     return F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
 
 
-def _resizes_padding(model) -> bool:
+def resizes_padded_scores(model) -> bool:
     """Whether the padded input's scores are resized to the input (not cropped): a backbone declares
     it where the official one pads inside (mmseg's ViT; ``resize_padded_scores``)."""
     core = getattr(model, "module", model)
@@ -133,7 +133,7 @@ def forward_padded(model, images: torch.Tensor) -> torch.Tensor:
     or resized where the backbone says so)."""
     height, width = images.shape[-2:]
     scores = model(_pad(model, images))
-    if tuple(scores.shape[-2:]) != (height, width) and _resizes_padding(model):
+    if tuple(scores.shape[-2:]) != (height, width) and resizes_padded_scores(model):
         return resize(scores, (int(height), int(width)))
     return scores[..., :height, :width]
 
@@ -144,7 +144,7 @@ def scores_padded(model, images: torch.Tensor) -> ScoreMap:
     padded = _pad(model, images)
     forward_scores = getattr(model, "forward_scores", None)
     scores = forward_scores(padded) if forward_scores is not None else DenseScores(model(padded))
-    if tuple(scores.size) != (height, width) and _resizes_padding(model):
+    if tuple(scores.size) != (height, width) and resizes_padded_scores(model):
         return ResizedScores(scores, (height, width))
     return scores.crop(height, width)
 

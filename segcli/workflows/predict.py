@@ -15,7 +15,7 @@ import torch
 
 from ..build import load_checkpoint, pick_device
 from ..data import read_image
-from ..data.transforms import image_tensor
+from ..data.transforms import eval_view, image_tensor
 from ..engine.inference import compile_failures_reported, compile_for_inference, infer_labels, prepare_for_inference
 from ..errors import SegcliError
 from ..outputs import check_outputs as check_writes
@@ -163,7 +163,8 @@ def predict(inputs: list[str], checkpoint: str | Path, out_dir: str | Path = "pr
             save_png(out / f"{stem}_overlay.png", blended[..., ::-1])
             result.written.append(out / f"{stem}_overlay.png")
         if show_pruning and hasattr(loaded.model, "exit_maps"):
-            for stage, exit_map in enumerate(loaded.model.exit_maps(tensor.to(dev))):
+            normalised = eval_view(tensor, tuple(tensor.shape[-2:]), data.mean, data.std)  # [1, 3, H, W] float32
+            for stage, exit_map in enumerate(loaded.model.exit_maps(normalised.to(dev))):
                 save_png(out / f"{stem}_exit{stage}.png", exit_map)
                 result.written.append(out / f"{stem}_exit{stage}.png")
         if progress is not None:
