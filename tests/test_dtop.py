@@ -10,6 +10,7 @@ import copy
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -455,6 +456,9 @@ def test_prune_writes_a_checkpoint_that_evaluates(synth_root, tmp_path):
     assert 0 < metrics["gflops_avg_without_aux"] < metrics["gflops_avg"]  # p0 = 0.5 grades: aux heads ran
     result = api.predict([str(synth_root / "images" / "val")], out, tmp_path / "pred", device="cpu", show_pruning=True)
     assert any(p.name.endswith("_exit1.png") for p in result.written)
+    keyed = cv2.imread(str(next(p for p in result.written if p.name.endswith("_exit1.png"))))
+    image = cv2.imread(str(next((synth_root / "images" / "val").iterdir())))
+    assert keyed.shape[1] > image.shape[1]  # the map with its key beside it ("exited at stage 2", ...)
     # pruning again replaces the options; default output name
     again = prune_checkpoint(out, p0=0.9)
     assert again.name == "pruned_dtop.pt"

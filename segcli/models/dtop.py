@@ -522,6 +522,12 @@ class DToPSegmentor(FrozenPartsMixin, nn.Module):
 
     # ------------------------------------------------------------------ visualisation (thesis fig. 5.4)
     @torch.no_grad()
+    def exit_map_keys(self) -> list[dict[int, str]]:
+        """What the grey levels of each of :meth:`exit_maps`' maps mean (the key ``predict
+        --show-pruning`` draws beside them)."""
+        return [{0: "still in play", 128: "exited at an earlier stage",
+                 255: f"exited at stage {m + 1} (block {block + 1})"} for m, block in enumerate(self.exit_layers)]
+
     def exit_maps(self, images: torch.Tensor) -> list[np.ndarray]:
         """One uint8 map [H, W] per exit stage for one image [1, 3, H, W]: 255 = exited at this
         stage, 128 = exited earlier, 0 = still in play (the bright/dark maps of thesis fig. 5.4)."""

@@ -365,6 +365,11 @@ class ShrunkSegmentor(EncoderDecoder):
         return losses
 
     @torch.no_grad()
+    def exit_map_keys(self) -> list[dict[int, str]]:
+        """What the grey levels of :meth:`exit_maps`' one map mean (the key beside it in ``predict
+        --show-pruning``)."""
+        return [{0: "query dropped by QD", 255: f"query kept by QD (block {self.options.qd_index + 1})"}]
+
     def exit_maps(self, images: torch.Tensor) -> list[np.ndarray]:
         """One uint8 image per input (first of the batch): 255 = query kept by QD, 0 = dropped; at image size."""
         was_training = self.training

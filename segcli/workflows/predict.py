@@ -133,7 +133,7 @@ def predict(inputs: list[str], checkpoint: str | Path, out_dir: str | Path = "pr
     if show_pruning and not hasattr(loaded.model, "exit_maps"):
         raise SegcliError("this model prunes no tokens: --show-pruning has nothing to show", str(checkpoint),
                           "give a DToP checkpoint, e.g. one written by `segcli prune`")
-    exit_stages = len(loaded.model.exit_layers) if show_pruning else 0
+    exit_stages = len(loaded.model.exit_map_keys()) if show_pruning else 0
     stems = output_stems(files, names)
     check_outputs(files, [path for stem in stems for path in planned_outputs(stem, out, overlay, exit_stages)],
                   overwrite)
@@ -164,8 +164,13 @@ def predict(inputs: list[str], checkpoint: str | Path, out_dir: str | Path = "pr
             result.written.append(out / f"{stem}_overlay.png")
         if show_pruning and hasattr(loaded.model, "exit_maps"):
             normalised = eval_view(tensor, tuple(tensor.shape[-2:]), data.mean, data.std)  # [1, 3, H, W] float32
-            for stage, exit_map in enumerate(loaded.model.exit_maps(normalised.to(dev))):
-                save_png(out / f"{stem}_exit{stage}.png", exit_map)
+            keys = loaded.model.exit_map_keys()  # per map: {grey level: what it means}
+            for stage, (exit_map, key) in enumerate(zip(loaded.model.exit_maps(normalised.to(dev)), keys)):
+                levels = sorted(key)
+                shown = np.searchsorted(levels, exit_map)  # [H, W] index of each pixel's level in the key
+                grey = np.array([[level] * 3 for level in levels], np.uint8)
+                keyed = with_legend(np.repeat(exit_map[..., None], 3, axis=2), shown, [key[v] for v in levels], grey)
+                save_png(out / f"{stem}_exit{stage}.png", keyed[..., ::-1])
                 result.written.append(out / f"{stem}_exit{stage}.png")
         if progress is not None:
             progress(i + 1, len(files))
