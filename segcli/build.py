@@ -22,7 +22,7 @@ from .errors import SegcliError
 from .models import build_segmentor
 from .recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
 
-__all__ = ["pick_device", "as_recipe", "build_datasets", "dataset_meta", "num_classes_of", "without_pretrained",
+__all__ = ["AUG_TEST_RATIOS", "with_aug_test", "pick_device", "as_recipe", "build_datasets", "dataset_meta", "num_classes_of", "without_pretrained",
            "build_model", "LoadedModel", "load_checkpoint", "model_from_payload"]
 
 
@@ -63,6 +63,15 @@ def dataset_meta(dataset) -> dict:
         "num_classes": int(dataset.num_classes),
         "ignore_index": int(dataset.ignore_index),
     }
+
+
+# MMSegmentation's tools/test.py --aug-test: these ratios of the test scale, each also flipped
+AUG_TEST_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+
+def with_aug_test(recipe: Recipe) -> Recipe:
+    """``recipe`` with MMSegmentation's ``--aug-test``: multi-scale (:data:`AUG_TEST_RATIOS`) and flip."""
+    return recipe.replace(test=dataclasses.replace(recipe.test, scales=AUG_TEST_RATIOS, flip=True))
 
 
 def num_classes_of(data_cfg) -> int:

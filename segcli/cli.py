@@ -30,6 +30,7 @@ app.add_typer(data_app, name="data")
 SetOpt = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help="Override a recipe key: --set train.max_iters=100 (repeatable).")
 DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda if available)."
 COMPILE_HELP = "torch.compile the backbone and head first (the first image pays the compilation; pays off over many images of one size)."
+AUG_TEST_HELP = "Multi-scale (0.5-1.75 of the test scale) and flip test, as MMSegmentation's --aug-test."
 
 
 def _console(stderr: bool = False) -> Console:
@@ -284,18 +285,28 @@ def eval_(
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate the first N images only."),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     compile_: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
+    aug_test: bool = typer.Option(False, "--aug-test", help=AUG_TEST_HELP),
+    show_dir: Optional[Path] = typer.Option(None, "--show-dir", help="Write <stem>.png per image: the prediction over the image, with a key."),
+    confusion: Optional[Path] = typer.Option(None, "--confusion", help="Write the row-normalised confusion matrix as a PNG."),
+    opacity: float = typer.Option(0.5, "--opacity", help="Colour weight of --show-dir images: 0 = image, 1 = colours."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --show-dir / --confusion files of an earlier run."),
 ):
     """Evaluate a checkpoint on its dataset's validation split."""
     from . import api
 
     console = _console(stderr=json_out)
     metrics = _guard(ctx, api.evaluate, checkpoint, recipe=recipe, overrides=set_ or [], device=device,
-                     trimap=trimap, flops=flops, limit=limit, compile=compile_)
+                     trimap=trimap, flops=flops, limit=limit, compile=compile_, aug_test=aug_test,
+                     show_dir=show_dir, confusion=confusion, opacity=opacity, overwrite=overwrite)
     if json_out:
         typer.echo(json.dumps(metrics))
         return
     console.print(_metrics_table(metrics, str(checkpoint)))
     console.print(_summary_line(metrics))
+    if "show_dir" in metrics:
+        console.print(f"wrote {metrics['num_images']} image(s) to {metrics['show_dir']}/")
+    if "confusion_png" in metrics:
+        console.print(f"wrote {metrics['confusion_png']}")
 
 
 # --------------------------------------------------------------------------- predict
@@ -315,6 +326,7 @@ def predict(
     json_out: bool = typer.Option(False, "--json", help="Print {\"written\", \"failed\"} as JSON on stdout."),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     compile_: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
+    aug_test: bool = typer.Option(False, "--aug-test", help=AUG_TEST_HELP),
 ):
     """Segment images; writes <stem>.png (class ids) and <stem>_color.png to --out."""
     from . import api, zoo
@@ -324,7 +336,7 @@ def predict(
             raise SegcliError("give exactly one of --checkpoint or --model", "predict")
         path = checkpoint if checkpoint is not None else zoo.resolve(model)
         return api.predict(list(inputs), path, out_dir=out, overlay=overlay, device=device, show_pruning=show_pruning,
-                           overwrite=overwrite, opacity=opacity, compile=compile_)
+                           overwrite=overwrite, opacity=opacity, compile=compile_, aug_test=aug_test)
 
     result = _guard(ctx, run)
     if json_out:

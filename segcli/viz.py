@@ -55,6 +55,42 @@ def with_legend(image: np.ndarray, labels: np.ndarray, classes: list[str], palet
     return canvas
 
 
+def confusion_image(confusion: np.ndarray, classes: list[str] | tuple[str, ...]) -> np.ndarray:
+    """A confusion matrix ``[K, K]`` (rows: ground truth, columns: prediction, pixel counts) as an
+    RGB picture: each row normalised by its ground-truth pixels (so a cell is the share of class
+    r's pixels predicted as c; the diagonal is each class's recall), white 0 to dark blue 1, class
+    names along both axes, rows of classes absent from the ground truth left grey.
+
+    Decision: row-normalised, as MMSegmentation's confusion_matrix.py tool draws it, since raw
+    counts let the largest classes hide every other; cells grow to 36 px for a few classes and
+    shrink to 6 px for hundreds, so the picture stays between about 300 and 1200 px.
+    """
+    confusion = np.asarray(confusion, dtype=np.float64)
+    k = confusion.shape[0]
+    cell = int(np.clip(1000 // max(k, 1), 6, 36))
+    totals = confusion.sum(axis=1, keepdims=True)
+    shares = np.divide(confusion, totals, out=np.zeros_like(confusion), where=totals > 0)  # [K, K]
+    blue = np.array([20, 60, 160], np.float64)
+    cells = (255 - shares[..., None] * (255 - blue)).astype(np.uint8)  # [K, K, 3]
+    cells[totals[:, 0] == 0] = 200
+    grid = np.repeat(np.repeat(cells, cell, axis=0), cell, axis=1)  # [K*cell, K*cell, 3]
+    scale = max(cell, 12) / 30.0
+    label_width = max(cv2.getTextSize(str(n), cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] for n in classes) + 8
+    size = k * cell
+    canvas = np.full((label_width + size + 4, label_width + size + 4, 3), 255, np.uint8)
+    canvas[label_width:label_width + size, label_width:label_width + size] = grid
+    for i, name in enumerate(classes):  # row labels on the left, column labels rotated on top
+        y = label_width + i * cell + int(cell * 0.75)
+        cv2.putText(canvas, str(name), (4, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    top = np.full((size + 4 + label_width, label_width, 3), 255, np.uint8)
+    for i, name in enumerate(classes):
+        y = label_width + i * cell + int(cell * 0.75)
+        cv2.putText(top, str(name), (4, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    rotated = np.rot90(top)  # [label_width, size + 4 + label_width, 3]: names read bottom to top
+    canvas[:label_width, :] = rotated[:, : canvas.shape[1]]
+    return canvas
+
+
 def save_png(path: str | Path, array: np.ndarray) -> None:
     """Write a PNG (grayscale, or BGR for 3 channels), raising a clear error on failure."""
     if not cv2.imwrite(str(path), np.ascontiguousarray(array)):

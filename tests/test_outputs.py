@@ -19,10 +19,10 @@ from segcli.cli import app
 from segcli.errors import SegcliError
 from segcli.outputs import check_outputs
 
-READ_ONLY = {"eval", "flops", "benchmark", "data check", "recipe show"}
+READ_ONLY = {"flops", "benchmark", "data check", "recipe show"}
 # what a refusal by the rule says (the command must stop because of the rule, not for another reason)
 REFUSALS = ("would be overwritten", "earlier run", "inside the dataset folder", "must end in", "not a folder")
-WRITES = ["predict", "prune", "export", "convert", "plot", "data show", "data synth", "train", "cl-step"]
+WRITES = ["predict", "eval", "prune", "export", "convert", "plot", "data show", "data synth", "train", "cl-step"]
 
 
 def _commands(typer_app, prefix: str = "") -> set[str]:
@@ -67,6 +67,10 @@ def _cases(run: Path, dataset: Path, tmp_path: Path) -> dict[str, list[tuple[lis
     shutil.copytree(run, cl_work / "task1")
     return {
         "predict": [(["predict", image, "--checkpoint", checkpoint, "--out", image.parent, "--overwrite"], image)],
+        "eval": [(["eval", checkpoint, "--set", f"data.root={dataset}", "--limit", "1", "--show-dir", image.parent,
+                   "--overwrite"], image),
+                 (["eval", checkpoint, "--limit", "1", "--confusion", checkpoint, "--overwrite"], checkpoint),
+                 (["eval", checkpoint, "--limit", "1", "--confusion", existing_png], existing_png)],
         "prune": [(["prune", checkpoint, "--out", checkpoint, "--overwrite"], checkpoint),
                   (["prune", checkpoint, "--out", existing], existing)],
         "export": [(["export", checkpoint, "--out", checkpoint, "--overwrite"], checkpoint),

@@ -217,3 +217,33 @@ def test_predict_without_images_and_show_pruning_without_pruning_are_refused(set
     with pytest.raises(SegcliError, match="prunes no tokens"):
         api.predict([str(image)], work / "best.pt", out_dir=tmp_path / "out", device="cpu", show_pruning=True)
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+# --------------------------------------------------------------------------- eval: what MMSegmentation users keep
+
+
+def test_eval_show_dir_confusion_and_aug_test(setr_run, synth_root, tmp_path):
+    work, _ = setr_run
+    plain = api.evaluate(work / "best.pt", device="cpu", limit=2)
+    result = api.evaluate(work / "best.pt", device="cpu", limit=2, show_dir=tmp_path / "show",
+                          confusion=tmp_path / "confusion.png")
+    assert result["mIoU"] == plain["mIoU"] and "confusion" not in result
+    shown = sorted((tmp_path / "show").iterdir())
+    image = cv2.imread(str(synth_root / "images" / "val" / "00000.png"))
+    assert [p.name for p in shown] == ["00000.png", "00001.png"]
+    assert cv2.imread(str(shown[0])).shape[1] > image.shape[1]  # the overlay and its key
+    picture = cv2.imread(str(tmp_path / "confusion.png"))
+    assert picture is not None and picture.shape[0] > 100
+    with pytest.raises(SegcliError, match="earlier run"):  # nothing replaced unasked
+        api.evaluate(work / "best.pt", device="cpu", limit=1, confusion=tmp_path / "confusion.png")
+    with pytest.raises(SegcliError, match="inside the dataset folder"):
+        api.evaluate(work / "best.pt", device="cpu", limit=1, show_dir=synth_root / "images" / "val")
+    tta = api.evaluate(work / "best.pt", device="cpu", limit=1, aug_test=True)
+    assert 0 <= tta["mIoU"] <= 100
+
+
+def test_aug_test_is_mmsegmentations():
+    from segcli.build import AUG_TEST_RATIOS, with_aug_test
+
+    recipe = with_aug_test(api.load_recipe(SETR))
+    assert recipe.test.scales == AUG_TEST_RATIOS == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75) and recipe.test.flip

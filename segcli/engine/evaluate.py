@@ -43,8 +43,14 @@ def evaluate_model(
     count_gflops: bool = False,
     progress: Callable[[int, int], None] | None = None,
     limit: int | None = None,
+    on_image: Callable[[int, torch.Tensor], None] | None = None,
+    keep_confusion: bool = False,
 ) -> dict:
-    """Metrics of ``model`` on ``dataset`` (confusion matrices merged across DDP ranks)."""
+    """Metrics of ``model`` on ``dataset`` (confusion matrices merged across DDP ranks).
+
+    ``on_image(index, labels)`` receives each image's predicted labels ``[H, W]`` (the dataset index
+    of the image); ``keep_confusion`` adds ``confusion``, the ``[K, K]`` pixel counts (rows: ground
+    truth, columns: prediction) as nested lists."""
     from ..data import build_eval_loader
 
     if limit is not None:
@@ -63,8 +69,10 @@ def evaluate_model(
             images = batch["image"].to(device, non_blocking=True)  # [1, 3, H, W] uint8 (EvalTransform)
             labels = batch["label"].to(device, non_blocking=True)
             mean, std = recipe.data.mean, recipe.data.std
-            evaluator.process(infer_labels(core, images, recipe.test, recipe.data.crop_size, mean=mean, std=std),
-                              labels)  # [1, H, W]
+            predicted = infer_labels(core, images, recipe.test, recipe.data.crop_size, mean=mean, std=std)  # [1, H, W]
+            evaluator.process(predicted, labels)
+            if on_image is not None:
+                on_image(int(batch["index"][0]), predicted[0])
             for key, value in getattr(core, "last_stats", {}).items():
                 stats.setdefault(key, []).append(value)
             if count_gflops:
@@ -77,6 +85,8 @@ def evaluate_model(
     evaluator.all_reduce()
     result = evaluator.evaluate()
     result["num_images"] = len(dataset)
+    if keep_confusion:
+        result["confusion"] = evaluator.confusion.long().tolist()
     if count_gflops:
         gflops_t = torch.tensor([sum(g for g, _ in gflops), sum(g for _, g in gflops), float(len(gflops))],
                                 dtype=torch.float64)

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..build import load_checkpoint, pick_device
+from ..build import load_checkpoint, pick_device, with_aug_test
 from ..data import read_image
 from ..data.transforms import eval_view, image_tensor
 from ..engine.inference import compile_failures_reported, compile_for_inference, infer_labels, prepare_for_inference
@@ -104,7 +104,7 @@ def check_outputs(files: list[Path], outputs: list[Path], overwrite: bool) -> No
 def predict(inputs: list[str], checkpoint: str | Path, out_dir: str | Path = "predictions", overlay: bool = False,
             device: str | None = None, progress: Callable[[int, int], None] | None = None,
             show_pruning: bool = False, overwrite: bool = False, opacity: float = 0.5,
-            compile: bool = False) -> PredictResult:
+            compile: bool = False, aug_test: bool = False) -> PredictResult:
     """Label PNGs (``<stem>.png``, class ids) and colour PNGs (``<stem>_color.png``, pixel-aligned with
     the image); with ``overlay``, ``<stem>_overlay.png``: the image blended with the colours at
     ``opacity`` (0 = image only, 1 = colours only), with a legend of the classes present beside it.
@@ -122,6 +122,8 @@ def predict(inputs: list[str], checkpoint: str | Path, out_dir: str | Path = "pr
     dev = pick_device(device)
     onnx = Path(checkpoint).suffix.lower() == ".onnx"  # an exported file: onnxruntime (workflows/export.py)
     loaded = load_onnx(checkpoint) if onnx else load_checkpoint(checkpoint, device=dev)
+    if aug_test:  # MMSegmentation's --aug-test: multi-scale and flip
+        loaded.recipe = with_aug_test(loaded.recipe)
     if compile and onnx:
         raise SegcliError("--compile applies to PyTorch checkpoints, not to an ONNX file", str(checkpoint))
     if not onnx:
