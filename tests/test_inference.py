@@ -173,3 +173,31 @@ def test_compile_failures_become_one_line_errors_only_when_compiled():
     with pytest.raises(ValueError):  # not a compile failure
         with compile_failures_reported(True):
             raise ValueError("bad input")
+
+
+@pytest.mark.parametrize("recipe, compiled", [
+    ("tiny/segvit.yaml", {"backbone", "decode_head"}),
+    ("tiny/segvit_shrunk.yaml", {"decode_head"}),  # its encoder runs block by block
+    ("tiny/dtop.yaml", None),  # as DToP: embed / run_block / forward_tokens: nothing to compile -> refused
+])
+def test_compile_wraps_what_inference_runs(recipe, compiled, monkeypatch):
+    """The bug: --compile wrapped backbone.forward and decode_head.forward, which DToP never calls:
+    the flag was a silent no-op there."""
+    import shutil
+
+    from conftest import REPO
+
+    from segcli.build import without_pretrained
+    from segcli.engine.inference import compile_for_inference
+    from segcli.errors import SegcliError
+
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)  # the compiler check passes anywhere
+    dtop = ["model.type=dtop", "model.options={p0: 0.95}"] if compiled is None else []
+    model = api.build_model(without_pretrained(api.load_recipe(REPO / "recipes" / recipe, dtop)), num_classes=8)
+    if compiled is None:
+        with pytest.raises(SegcliError, match="compile nothing"):
+            compile_for_inference(model, torch.device("cpu"))
+        return
+    compile_for_inference(model, torch.device("cpu"))  # lazy: nothing is compiled until the first call
+    wrapped = {name for name in ("backbone", "decode_head") if type(getattr(model, name)).__name__ == "OptimizedModule"}
+    assert wrapped == compiled

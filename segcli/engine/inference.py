@@ -75,13 +75,20 @@ def compile_for_inference(model: nn.Module, device: torch.device) -> nn.Module:
     shape; images of several sizes recompile), which a few images never win back; a long ``eval``
     at one size (slide windows, or a fixed-size dataset) does. Without a C++ compiler on CPU it
     fails at once, in one line; a compilation error on the first call becomes a
-    :class:`SegcliError` inside :func:`compile_failures_reported`."""
+    :class:`SegcliError` inside :func:`compile_failures_reported`.
+
+    What is compiled is what the segmentor declares it calls (``compilable_parts``): a DToP model
+    runs its encoder block by block and its heads token by token, so no module's ``forward`` would
+    be compiled, and it is refused in one line rather than left silently eager."""
+    parts = getattr(model, "compilable_parts", ())
+    if not parts:
+        raise SegcliError(f"--compile would compile nothing of a {type(model).__name__}: it runs its encoder "
+                          "block by block, not through a module's forward()", "--compile", "run without --compile")
     if device.type == "cpu" and not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
         raise SegcliError("torch.compile needs a C++ compiler on CPU and none was found", "--compile",
                           "install g++ (or clang++), or run without --compile")
-    for name in ("backbone", "decode_head"):
-        if isinstance(getattr(model, name, None), nn.Module):
-            setattr(model, name, torch.compile(getattr(model, name)))
+    for name in parts:
+        setattr(model, name, torch.compile(getattr(model, name)))
     return model
 
 

@@ -84,6 +84,8 @@ def head_label_map(offset: int, num_classes: int) -> torch.Tensor:
 class ContinualSegmentor(FrozenPartsMixin, nn.Module):
     """A shared backbone and one ATM head per task; only the last head learns (thesis fig. 4.6)."""
 
+    compilable_parts = ("backbone",)  # the heads run through score_map/task_scores as well as forward()
+
     def __init__(self, backbone: Backbone, heads: list[ATMHead]):
         super().__init__()
         if not heads:

@@ -283,6 +283,8 @@ class ExitBlendScores(ScoreMap):
 class DToPSegmentor(FrozenPartsMixin, nn.Module):
     """Backbone + decode head + auxiliary heads, run in stages with early exit of easy tokens."""
 
+    compilable_parts: tuple[str, ...] = ()  # embed / run_block / forward_tokens: no module forward() runs
+
     aux_flop_modules = AUX_MODULES  # counted apart by `segcli eval --flops` (gflops_avg_without_aux)
 
     def __init__(self, options: DToPOptions, backbone: nn.Module, decode_head: nn.Module, aux_heads):

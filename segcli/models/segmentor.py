@@ -15,6 +15,9 @@ from .scores import ScoreMap
 
 
 class EncoderDecoder(nn.Module):
+    # the submodules whose forward() inference calls, which `--compile` may wrap (engine/inference.py)
+    compilable_parts: tuple[str, ...] = ("backbone", "decode_head")
+
     def __init__(self, backbone: Backbone, decode_head: DecodeHead, aux_heads: list[DecodeHead] | tuple = ()):
         super().__init__()
         self.backbone = backbone

@@ -244,6 +244,8 @@ class QueryUpsampler(nn.Module):
 class ShrunkSegmentor(EncoderDecoder):
     """ViT backbone with QD/EQD + QU, then the recipe's decode head (thesis fig. 4.4/4.5)."""
 
+    compilable_parts = ("decode_head",)  # the encoder runs block by block (QD, QU), never backbone.forward
+
     def __init__(self, options: ShrunkOptions, backbone, decode_head, aux_heads=()):
         super().__init__(backbone, decode_head, aux_heads)
         for name in ("embed", "run_block", "tokens_to_map"):
