@@ -39,24 +39,6 @@ IGNORE_INDEX = 255
 CAT_MAX_RATIO_TRIES = 10  # MMSegmentation's RandomCrop retries
 
 
-def fit_scale(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
-    """Size ``(h, w)`` that fits ``scale = (long, short)`` with the aspect ratio kept.
-
-    The factor is the largest one that keeps the long side <= ``max(scale)`` and the short side
-    <= ``min(scale)`` (mmcv's ``rescale_size``); sizes are rounded to the nearest pixel.
-    """
-    long_edge, short_edge = max(scale), min(scale)
-    factor = min(long_edge / max(height, width), short_edge / min(height, width))
-    return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
-
-
-def resize_image(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of an image to ``(h, w)`` (no-op when the size already matches)."""
-    if image.shape[:2] == tuple(size_hw):
-        return image
-    return cv2.resize(image, (size_hw[1], size_hw[0]), interpolation=cv2.INTER_LINEAR)
-
-
 def resize_label(label: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize of a label map to ``(h, w)`` (``cv2.INTER_NEAREST``, mmcv's 'nearest')."""
     if label.shape[:2] == tuple(size_hw):
@@ -234,12 +216,6 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator, brightne
 def normalize(image: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """``(image - mean) / std`` per RGB channel on the 0..255 scale -> float32 ``[H, W, 3]``."""
     return (image.astype(np.float32) - mean) / std
-
-
-def image_batch(image: np.ndarray, mean, std) -> torch.Tensor:
-    """An RGB uint8 ``[H, W, 3]`` image as the normalised batch of one a model takes: ``[1, 3, H, W]``."""
-    normalized = normalize(image, np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32))
-    return torch.from_numpy(np.ascontiguousarray(normalized.transpose(2, 0, 1)))[None]  # [1, 3, H, W]
 
 
 def pad_to(image: np.ndarray, label: np.ndarray, size_hw) -> tuple[np.ndarray, np.ndarray]:
