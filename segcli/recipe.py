@@ -152,7 +152,10 @@ class TrainConfig:
     keep_checkpoints: NonNegativeInt = 0  # keep iter_{N}.pt beside last.pt at each save: the N most recent (0 = none)
     seed: NonNegativeInt = 0
     init_from: str | None = None  # a checkpoint whose weights start this run (e.g. DToP finetune)
-    tensorboard: bool = True  # event files in WORK_DIR/tensorboard when the tensorboard package is installed
+    # event files in WORK_DIR/tensorboard: null = when the tensorboard package is installed, silently
+    # otherwise (a first run prints nothing a newcomer cannot act on); true = asked for, so a missing
+    # package is said once; false = never
+    tensorboard: bool | None = None
 
 
 @dataclass(frozen=True)

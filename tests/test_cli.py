@@ -154,7 +154,7 @@ def test_messages_keep_their_square_brackets(cli, synth_root, tmp_path, monkeypa
 
     monkeypatch.setattr(train_module, "tensorboard_available", lambda: False)
     res = cli("train", SETR, "--work-dir", tmp_path / "run[1]",
-              *tiny_overrides(synth_root, **{"train.max_iters": 1, "train.eval_interval": 1}))
+              *tiny_overrides(synth_root, **{"train.max_iters": 1, "train.eval_interval": 1, "train.tensorboard": True}))
     assert res.exit_code == 0, res.output
     assert "segcli[tensorboard]" in res.output and "run[1]" in res.output
     res = cli("eval", tmp_path / "missing[2].pt")

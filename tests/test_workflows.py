@@ -168,16 +168,20 @@ def test_tensorboard_event_files_hold_curves_and_overlays(synth_root, tmp_path):
     assert "val/prediction_0" in events.Tags()["images"]
 
 
-def test_without_tensorboard_one_warning_says_how_to_get_it(synth_root, tmp_path, monkeypatch):
+def test_without_tensorboard_only_who_asked_for_it_is_told(synth_root, tmp_path, monkeypatch):
+    """The TensorBoard hint belongs to whoever asked for TensorBoard: a first run says nothing of it."""
     import segcli.workflows.train as train_module
 
     monkeypatch.setattr(train_module, "tensorboard_available", lambda: False)
-    seen = []
-    recipe = api.load_recipe(SETR, overrides_dict(synth_root, **{"train.max_iters": 1, "train.eval_interval": 1}))
-    api.train(recipe, work_dir=tmp_path / "run", device="cpu", callback=lambda event, info: seen.append((event, info)))
-    warnings = [info["message"] for event, info in seen if event == "warning"]
-    assert len(warnings) == 1 and "segcli[tensorboard]" in warnings[0]
-    assert not (tmp_path / "run" / "tensorboard").exists()
+    for asked, expected in ((None, 0), (True, 1), (False, 0)):
+        seen = []
+        recipe = api.load_recipe(SETR, overrides_dict(synth_root, **{
+            "train.max_iters": 1, "train.eval_interval": 1, "train.tensorboard": "null" if asked is None else asked}))
+        api.train(recipe, work_dir=tmp_path / f"run{asked}", device="cpu",
+                  callback=lambda event, info: seen.append((event, info)))
+        warnings = [info["message"] for event, info in seen if event == "warning"]
+        assert len(warnings) == expected and all("segcli[tensorboard]" in w for w in warnings)
+        assert not (tmp_path / f"run{asked}" / "tensorboard").exists()
 
 
 def test_init_from_says_what_it_left_out(setr_run, synth_root, tmp_path):

@@ -178,14 +178,14 @@ def start_run(recipe: Recipe, model, train_set, val_set, work_dir: Path, meta: d
         work_dir.mkdir(parents=True, exist_ok=True)
         (work_dir / "recipe.yaml").write_text(dump_recipe(recipe))
     logger = None
-    if dist_info.is_main and recipe.train.tensorboard:
+    if dist_info.is_main and recipe.train.tensorboard is not False:
         if tensorboard_available():
             if not resume:  # --overwrite: the old run's curves go with it
                 for old in (work_dir / "tensorboard").glob("events.out.tfevents.*"):
                     old.unlink()
             logger = TensorBoardLogger(work_dir / "tensorboard", model, val_set, recipe, device)
             callback = with_tensorboard(callback, logger)
-        else:
+        elif recipe.train.tensorboard:  # asked for by name: say why there are no event files
             callback("warning", {"message": INSTALL_HINT + " (or set train.tensorboard: false)"})
     try:
         return run_training(recipe, model, train_set, val_set, work_dir, meta, device, dist_info,
