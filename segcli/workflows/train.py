@@ -8,6 +8,7 @@ their own choice of data and model.
 """
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -21,8 +22,8 @@ from ..engine.checkpoint import load_model_state, read_checkpoint
 from ..engine.distributed import DistInfo, barrier, cleanup, init_distributed
 from ..engine.trainer import Callback, TrainResult, run_training, snapshot_paths
 from ..errors import SegcliError
-from ..recipe import Recipe, apply_overrides, dump_recipe, recipe_from_dict
-from .experiment import ExperimentCheck, compare_to_published
+from ..recipe import Recipe, dump_recipe, recipe_from_dict
+from .experiment import BOOKKEEPING_KEYS, ExperimentCheck, compare_to_published
 from .tensorboard import INSTALL_HINT, TensorBoardLogger, tensorboard_available, with_tensorboard
 
 
@@ -63,10 +64,9 @@ def resume_payload(work_dir: Path, model) -> dict:
     return payload
 
 
-# What may change when a run is resumed: its length and how it is logged and checkpointed. Every
-# other setting is the experiment, which a resumed run keeps (from the run's own recipe.yaml).
-RESUMABLE_CHANGES = ("train.max_iters", "train.log_interval", "train.eval_interval", "train.checkpoint_interval",
-                     "train.keep_checkpoints", "train.tensorboard", "data.num_workers")
+# What may change when a run is resumed: its length and the bookkeeping that does not change the
+# experiment (experiment.py's list), except where the data lives: a resumed run keeps its data.
+RESUMABLE_CHANGES = tuple(sorted((BOOKKEEPING_KEYS - {"data.root"}) | {"train.max_iters"}))
 
 
 def _flat(tree, prefix: str = "") -> dict:
@@ -107,12 +107,12 @@ def resumed_recipe(given: Recipe, work_dir: Path) -> Recipe:
         raise SegcliError(f"--resume continues the run of {saved_path}, but the recipe given differs at {shown}{more}",
                           str(work_dir), "resume with that run's recipe (only " + ", ".join(RESUMABLE_CHANGES)
                           + " may change), or train into another --work-dir")
-    allowed = {key: ours[key] for key in changed}
-    if not allowed:
-        return saved
-    return recipe_from_dict(apply_overrides(saved.to_dict(), [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-                                                            for key, value in allowed.items()]),
-                            where=str(saved_path))
+    fields: dict[str, dict] = {}  # every resumable key is a field of a section: {"train": {"max_iters": ...}}
+    for key in changed:
+        section, name = key.split(".", 1)
+        fields.setdefault(section, {})[name] = getattr(getattr(given, section), name)
+    return saved.replace(**{section: dataclasses.replace(getattr(saved, section), **values)
+                            for section, values in fields.items()})
 
 
 def check_val_masks(val_set) -> None:
