@@ -204,6 +204,10 @@ class SegDataset(Dataset):
         image_tensor, label_tensor = self.transform(image, label, rng)
         return {"image": image_tensor, "label": label_tensor, "index": index}
 
+    def folders(self) -> set[Path]:
+        """The folders its images and masks lie in: where no command may write (``segcli/outputs.py``)."""
+        return {Path(path).parent for sample in self.samples for path in sample}
+
     def subset(self, indices) -> "SegDataset":
         """A dataset of the given samples with the same classes, mapping and transform."""
         return SegDataset([self.samples[i] for i in indices], self.classes, self.palette,

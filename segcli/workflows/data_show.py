@@ -43,8 +43,7 @@ def show_data(recipe: Recipe | str | Path, out_dir: str | Path, overrides=(), sp
         count = len(dataset) if limit is None else min(limit, len(dataset))
         plans += [(dataset, split, i, out / f"{split}_{Path(dataset.samples[i][0]).stem}.png") for i in range(count)]
     # the dataset's own folders: an overlay written there would be read back as a sample
-    datasets = {id(dataset): dataset for dataset, *_ in plans}.values()
-    data_dirs = {Path(path).parent for dataset in datasets for sample in dataset.samples for path in sample}
+    data_dirs = {folder for dataset in {id(d): d for d, *_ in plans}.values() for folder in dataset.folders()}
     if recipe.data.root is not None:
         data_dirs.add(Path(recipe.data.root))
     check_outputs([path for *_, path in plans], data_dirs=sorted(data_dirs), overwrite=overwrite)

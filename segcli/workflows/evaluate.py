@@ -62,7 +62,7 @@ def evaluate(checkpoint: str | Path, recipe: str | Path | None = None, overrides
     shown = {}
     if show_dir is not None:
         shown = {i: Path(show_dir) / f"{stem}.png" for i, stem in enumerate(output_stems(images))}
-    data_dirs = {Path(path).parent for sample in val_set.samples for path in sample}
+    data_dirs = val_set.folders()
     check_outputs(list(shown.values()), inputs=[checkpoint], data_dirs=sorted(data_dirs), overwrite=overwrite,
                   option="--show-dir", input_name="checkpoint")
     if confusion is not None:
