@@ -289,7 +289,9 @@ def eval_(
     show_dir: Optional[Path] = typer.Option(None, "--show-dir", help="Write <stem>.png per image: the prediction over the image, with a key."),
     confusion: Optional[Path] = typer.Option(None, "--confusion", help="Write the row-normalised confusion matrix as a PNG."),
     opacity: float = typer.Option(0.5, "--opacity", help="Colour weight of --show-dir images: 0 = image, 1 = colours."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --show-dir / --confusion files of an earlier run."),
+    format_only: Optional[Path] = typer.Option(None, "--format-only", help="Compute no metrics; write each image's label map, in the dataset's own ids, to DIR/<stem>.png (for a benchmark server)."),
+    split: Optional[str] = typer.Option(None, "--split", help="With --format-only: the split folder/list to read (e.g. test); masks not needed."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --show-dir / --confusion / --format-only files of an earlier run."),
 ):
     """Evaluate a checkpoint on its dataset's validation split."""
     from . import api
@@ -297,9 +299,16 @@ def eval_(
     console = _console(stderr=json_out)
     metrics = _guard(ctx, api.evaluate, checkpoint, recipe=recipe, overrides=set_ or [], device=device,
                      trimap=trimap, flops=flops, limit=limit, compile=compile_, aug_test=aug_test,
-                     show_dir=show_dir, confusion=confusion, opacity=opacity, overwrite=overwrite)
+                     show_dir=show_dir, confusion=confusion, opacity=opacity, overwrite=overwrite,
+                     format_only=format_only, split=split)
     if json_out:
         typer.echo(json.dumps(metrics))
+        return
+    if "format_only" in metrics:
+        console.print(f"wrote {metrics['num_images']} label map(s) of split '{metrics['split']}' to "
+                      f"{metrics['format_only']}/ (no metrics: --format-only)")
+        if "show_dir" in metrics:
+            console.print(f"wrote {metrics['num_images']} image(s) to {metrics['show_dir']}/")
         return
     console.print(_metrics_table(metrics, str(checkpoint)))
     console.print(_summary_line(metrics))

@@ -59,6 +59,9 @@ def _cases(run: Path, dataset: Path, tmp_path: Path) -> dict[str, list[tuple[lis
     existing.write_bytes(b"a user's file")
     existing_png = tmp_path / "existing.png"
     existing_png.write_bytes(b"a user's picture")
+    earlier_labels = tmp_path / "submission" / f"{image.stem}.png"  # an earlier eval --format-only's output
+    earlier_labels.parent.mkdir()
+    earlier_labels.write_bytes(b"an earlier submission")
     released = tmp_path / "released.pth"  # an official-format checkpoint, as convert reads it
     shutil.copyfile(REPO / "tests" / "fixtures" / "official" / "segvit-v1.pth", released)
     released_recipe = REPO / "tests" / "fixtures" / "recipes" / "segvit_v1_small.yaml"
@@ -70,7 +73,11 @@ def _cases(run: Path, dataset: Path, tmp_path: Path) -> dict[str, list[tuple[lis
         "eval": [(["eval", checkpoint, "--set", f"data.root={dataset}", "--limit", "1", "--show-dir", image.parent,
                    "--overwrite"], image),
                  (["eval", checkpoint, "--limit", "1", "--confusion", checkpoint, "--overwrite"], checkpoint),
-                 (["eval", checkpoint, "--limit", "1", "--confusion", existing_png], existing_png)],
+                 (["eval", checkpoint, "--limit", "1", "--confusion", existing_png], existing_png),
+                 (["eval", checkpoint, "--set", f"data.root={dataset}", "--limit", "1", "--format-only", image.parent,
+                   "--overwrite"], image),
+                 (["eval", checkpoint, "--set", f"data.root={dataset}", "--limit", "1", "--format-only",
+                   earlier_labels.parent], earlier_labels)],
         "prune": [(["prune", checkpoint, "--out", checkpoint, "--overwrite"], checkpoint),
                   (["prune", checkpoint, "--out", existing], existing)],
         "export": [(["export", checkpoint, "--out", checkpoint, "--overwrite"], checkpoint),

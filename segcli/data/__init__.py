@@ -23,9 +23,10 @@ def dataset_classes(data_cfg) -> tuple[str, ...]:
     return tuple(classes(data_cfg) if callable(classes) else classes)
 
 
-def build_dataset(data_cfg, split: str) -> SegDataset:
-    """The dataset of ``data_cfg.type`` for logical split "train" or "val"."""
-    return DATASETS.get(data_cfg.type, "data.type").builder(data_cfg, split)
+def build_dataset(data_cfg, split: str, labelled: bool = True) -> SegDataset:
+    """The dataset of ``data_cfg.type`` for logical split "train" or "val"; ``labelled`` False reads
+    the split's images alone (no mask needed: a benchmark's test split, ``eval --format-only``)."""
+    return DATASETS.get(data_cfg.type, "data.type").builder(data_cfg, split, labelled=labelled)
 
 
 __all__ = [

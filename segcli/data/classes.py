@@ -47,6 +47,10 @@ CITYSCAPES_CLASSES: tuple[str, ...] = (
     "motorcycle", "bicycle",
 )
 
+# The Cityscapes label id of each of the 19 train ids (cityscapesScripts' helpers/labels.py): what the
+# benchmark server reads (MMSegmentation's ``CityscapesDataset.results2img`` converts the same way).
+CITYSCAPES_LABEL_IDS: tuple[int, ...] = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+
 # The official Cityscapes colours of the 19 train ids (cityscapesScripts' labels.py).
 CITYSCAPES_PALETTE = np.array(
     [
@@ -118,7 +122,8 @@ PASCAL_CONTEXT_59_PALETTE = PASCAL_CONTEXT_60_PALETTE[1:]
 COCO_STUFF_PALETTE = label_colormap(len(COCO_STUFF_CLASSES) + 1)[1:]  # raw id 0 = unlabeled
 
 # The counts are facts of the benchmarks; a typo in a list above is a bug, not a user error.
-assert (len(ADE20K_CLASSES), len(CITYSCAPES_CLASSES), len(CITYSCAPES_PALETTE)) == (150, 19, 19)
+assert (len(ADE20K_CLASSES), len(CITYSCAPES_CLASSES), len(CITYSCAPES_PALETTE), len(CITYSCAPES_LABEL_IDS)) == (
+    150, 19, 19, 19)
 assert (len(PASCAL_CONTEXT_60_CLASSES), len(COCO_STUFF_CLASSES)) == (60, 171)
 for _array in (CITYSCAPES_PALETTE, ADE20K_PALETTE, PASCAL_CONTEXT_60_PALETTE, PASCAL_CONTEXT_59_PALETTE,
                COCO_STUFF_PALETTE):

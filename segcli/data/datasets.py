@@ -70,6 +70,19 @@ def reduce_zero_label_lut() -> np.ndarray:
     return lut.astype(np.uint8)
 
 
+def output_ids_lut(label_lut: np.ndarray | None) -> np.ndarray:
+    """Lookup table class id -> the id a mask of the dataset stores for it: the inverse of the label
+    mapping (``reduce_zero_label``: c -> c + 1), the identity without one. ``eval --format-only``
+    writes predictions in these ids, which is what a benchmark server reads (MMSegmentation's
+    ``ADE20KDataset.format_results`` writes ``label + 1`` for the same reason)."""
+    inverse = np.arange(256, dtype=np.int64)
+    if label_lut is not None:
+        for raw in range(255, -1, -1):  # the smallest raw id of a class wins
+            if label_lut[raw] != IGNORE_INDEX:
+                inverse[label_lut[raw]] = raw
+    return inverse.astype(np.uint8)
+
+
 def read_image(path: str) -> np.ndarray:
     """An RGB uint8 ``[H, W, 3]`` image; unreadable files are the user's problem."""
     image = cv2.imread(path, cv2.IMREAD_COLOR)
@@ -116,12 +129,12 @@ class SegDataset(Dataset):
 
     ignore_index = IGNORE_INDEX
 
-    def __init__(self, samples: list[tuple[str, str]], classes: tuple[str, ...],
+    def __init__(self, samples: list[tuple[str, str | None]], classes: tuple[str, ...],
                  palette: np.ndarray | None = None, label_lut: np.ndarray | None = None,
-                 transform: Callable | None = None, name: str = "dataset"):
+                 transform: Callable | None = None, name: str = "dataset", output_lut: np.ndarray | None = None):
         if not classes:
             raise ValueError("a dataset needs at least one class")
-        self.samples = [(str(image), str(mask)) for image, mask in samples]
+        self.samples = [(str(image), None if mask is None else str(mask)) for image, mask in samples]
         self.classes = tuple(classes)
         palette = known.label_colormap(len(classes) + 1)[1:] if palette is None else palette
         self.palette = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)  # [K, 3] RGB
@@ -130,10 +143,16 @@ class SegDataset(Dataset):
         self.label_lut = None if label_lut is None else np.asarray(label_lut, dtype=np.uint8)
         self.transform = transform
         self.name = name
+        self.output_lut = output_lut if output_lut is not None else output_ids_lut(self.label_lut)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def labelled(self) -> bool:
+        """Whether every sample has a mask (a split read with ``labelled=False`` has none)."""
+        return all(mask is not None for _, mask in self.samples)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -149,10 +168,13 @@ class SegDataset(Dataset):
         """Decode sample ``index``: image ``[H, W, 3]`` RGB uint8, label ``[H, W]`` uint8 (mapped).
 
         Checks, on the data it reads anyway: both files decode, sizes agree, and every label
-        value after the mapping is a class id (< num_classes) or 255.
+        value after the mapping is a class id (< num_classes) or 255. A sample without a mask (a split
+        read with ``labelled=False``) gives ``None`` for the label.
         """
         image_path, mask_path = self.samples[index]
         image = read_image(image_path)
+        if mask_path is None:
+            return image, None
         label = self._checked_label(read_mask(mask_path), image.shape[:2], image_path, mask_path)
         return image, label
 
@@ -162,6 +184,8 @@ class SegDataset(Dataset):
         from PIL import Image
 
         image_path, mask_path = self.samples[index]
+        if mask_path is None:
+            return
         label = read_mask(mask_path)
         try:
             with Image.open(image_path) as pil:
@@ -206,12 +230,12 @@ class SegDataset(Dataset):
 
     def folders(self) -> set[Path]:
         """The folders its images and masks lie in: where no command may write (``segcli/outputs.py``)."""
-        return {Path(path).parent for sample in self.samples for path in sample}
+        return {Path(path).parent for sample in self.samples for path in sample if path is not None}
 
     def subset(self, indices) -> "SegDataset":
         """A dataset of the given samples with the same classes, mapping and transform."""
         return SegDataset([self.samples[i] for i in indices], self.classes, self.palette,
-                          self.label_lut, self.transform, self.name)
+                          self.label_lut, self.transform, self.name, self.output_lut)
 
 
 # --------------------------------------------------------------------------- pairing files
@@ -240,18 +264,21 @@ def _require_dir(path: Path, what: str, layout: str) -> None:
 
 
 def pair_by_name(image_dir: Path, mask_dir: Path, image_suffixes: tuple[str, ...], mask_suffix: str,
-                 layout: str, recursive: bool = False) -> list[tuple[str, str]]:
+                 layout: str, recursive: bool = False, labelled: bool = True) -> list[tuple[str, str | None]]:
     """Match images and masks by relative path with their suffixes removed (sorted by name).
 
     Every image needs a mask and every mask an image; the error names one offender and says how
-    many there are. No file is opened here.
+    many there are. No file is opened here. ``labelled`` False: the images alone, mask ``None``
+    (a split without annotations, e.g. a benchmark's test split for ``eval --format-only``).
     """
     _require_dir(image_dir, "image", layout)
-    _require_dir(mask_dir, "mask", layout)
     images = _list_files(image_dir, image_suffixes, recursive)
     if not images:
         raise SegcliError(f"no images found ({', '.join('*' + s for s in image_suffixes)})",
                           str(image_dir), f"expected layout: {layout}")
+    if not labelled:
+        return [(str(images[key]), None) for key in sorted(images)]
+    _require_dir(mask_dir, "mask", layout)
     masks = _list_files(mask_dir, (mask_suffix,), recursive)
     lonely_images = sorted(set(images) - set(masks))
     if lonely_images:
@@ -267,23 +294,28 @@ def pair_by_name(image_dir: Path, mask_dir: Path, image_suffixes: tuple[str, ...
 
 
 def pair_by_list(list_file: Path, image_dir: Path, mask_dir: Path, image_suffix: str,
-                 mask_suffix: str, layout: str) -> list[tuple[str, str]]:
-    """Samples named one per line in ``list_file`` (VOC's ImageSets); both files must exist."""
+                 mask_suffix: str, layout: str, labelled: bool = True) -> list[tuple[str, str | None]]:
+    """Samples named one per line in ``list_file`` (VOC's ImageSets); both files must exist
+    (the image alone, mask ``None``, when not ``labelled``)."""
     if not list_file.is_file():
         raise SegcliError("split list not found", str(list_file), f"expected layout: {layout}")
     names = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
     if not names:
         raise SegcliError("split list is empty", str(list_file), "list one image name per line")
     _require_dir(image_dir, "image", layout)
-    _require_dir(mask_dir, "mask", layout)
-    for folder, suffix, what in ((image_dir, image_suffix, "image"), (mask_dir, mask_suffix, "mask")):
+    checked = [(image_dir, image_suffix, "image")]
+    if labelled:
+        _require_dir(mask_dir, "mask", layout)
+        checked.append((mask_dir, mask_suffix, "mask"))
+    for folder, suffix, what in checked:
         present = {entry.name for entry in os.scandir(folder)}
         missing = [name for name in names if name + suffix not in present]
         if missing:
             raise SegcliError(f"{what} listed in {list_file.name} not found ({len(missing)} of "
                               f"{len(names)} missing)", str(folder / (missing[0] + suffix)),
                               f"restore the file or remove '{missing[0]}' from {list_file}")
-    return [(str(image_dir / (n + image_suffix)), str(mask_dir / (n + mask_suffix))) for n in names]
+    return [(str(image_dir / (n + image_suffix)), str(mask_dir / (n + mask_suffix)) if labelled else None)
+            for n in names]
 
 
 # --------------------------------------------------------------------------- recipe helpers
@@ -308,11 +340,13 @@ def split_name(data_cfg, split: str, directories: dict[str, str] | None = None) 
 
 
 def make_dataset(data_cfg, split: str, samples, default_classes: tuple[str, ...], default_palette,
-                 default_reduce_zero_label: bool, name: str) -> SegDataset:
+                 default_reduce_zero_label: bool, name: str, output_lut: np.ndarray | None = None) -> SegDataset:
     """Apply the recipe's overrides (classes, reduce_zero_label) and attach the split's transform.
 
     The train split gets ``TrainTransform(data_cfg)``, the val split ``EvalTransform`` at the
     original size; callers replace it with :meth:`SegDataset.set_transform` (e.g. a test scale).
+    ``output_lut``: the ids a benchmark server expects, where they are not the masks' own
+    (Cityscapes: label ids, not train ids); default :func:`output_ids_lut`.
     """
     class_names = tuple(data_cfg.classes) if data_cfg.classes else tuple(default_classes)
     if len(set(class_names)) != len(class_names):
@@ -321,24 +355,25 @@ def make_dataset(data_cfg, split: str, samples, default_classes: tuple[str, ...]
     reduce = default_reduce_zero_label if data_cfg.reduce_zero_label is None else data_cfg.reduce_zero_label
     transform = TrainTransform(data_cfg) if split == "train" else EvalTransform()  # uint8: the engine normalises
     return SegDataset(samples, class_names, palette, reduce_zero_label_lut() if reduce else None,
-                      transform, name=f"{name}:{split}")
+                      transform, name=f"{name}:{split}", output_lut=output_lut)
 
 
 # --------------------------------------------------------------------------- registered layouts
 
 
 @DATASETS.register("ade20k", classes=known.ADE20K_CLASSES)
-def build_ade20k(data_cfg, split: str) -> SegDataset:
+def build_ade20k(data_cfg, split: str, labelled: bool = True) -> SegDataset:
     """ADE20K (SceneParse150, ``ADEChallengeData2016``): 150 classes, raw 0 ignored."""
     root = dataset_root(data_cfg, "data/ade/ADEChallengeData2016")
     layout = "ROOT/images/{training,validation}/*.jpg + ROOT/annotations/{training,validation}/*.png"
     directory = split_name(data_cfg, split, {"train": "training", "val": "validation"})
-    samples = pair_by_name(root / "images" / directory, root / "annotations" / directory, (".jpg",), ".png", layout)
+    samples = pair_by_name(root / "images" / directory, root / "annotations" / directory, (".jpg",), ".png", layout,
+                           labelled=labelled)
     return make_dataset(data_cfg, split, samples, known.ADE20K_CLASSES, known.ADE20K_PALETTE, True, "ade20k")
 
 
 @DATASETS.register("cityscapes", classes=known.CITYSCAPES_CLASSES)
-def build_cityscapes(data_cfg, split: str) -> SegDataset:
+def build_cityscapes(data_cfg, split: str, labelled: bool = True) -> SegDataset:
     """Cityscapes fine annotations as the 19 train ids (``*_gtFine_labelTrainIds.png``)."""
     root = dataset_root(data_cfg, "data/cityscapes")
     layout = ("ROOT/leftImg8bit/{train,val}/<city>/*_leftImg8bit.png + "
@@ -346,46 +381,49 @@ def build_cityscapes(data_cfg, split: str) -> SegDataset:
     directory = split_name(data_cfg, split)
     mask_dir = root / "gtFine" / directory
     suffix = "_gtFine_labelTrainIds.png"
-    if mask_dir.is_dir() and not any(mask_dir.rglob("*" + suffix)) and any(mask_dir.rglob("*_gtFine_labelIds.png")):
+    if labelled and mask_dir.is_dir() and not any(mask_dir.rglob("*" + suffix)) and any(mask_dir.rglob("*_gtFine_labelIds.png")):
         raise SegcliError(f"no *{suffix} files (only *_gtFine_labelIds.png)", str(mask_dir),
                           "create the train-id masks first (cityscapesScripts' createTrainIdLabelImgs, "
                           "or MMSegmentation's tools/dataset_converters/cityscapes.py)")
     samples = pair_by_name(root / "leftImg8bit" / directory, mask_dir, ("_leftImg8bit.png",), suffix,
-                           layout, recursive=True)
+                           layout, recursive=True, labelled=labelled)
+    label_ids = np.arange(256, dtype=np.uint8)
+    label_ids[:len(known.CITYSCAPES_LABEL_IDS)] = known.CITYSCAPES_LABEL_IDS
     return make_dataset(data_cfg, split, samples, known.CITYSCAPES_CLASSES, known.CITYSCAPES_PALETTE, False,
-                        "cityscapes")
+                        "cityscapes", output_lut=label_ids)  # the benchmark reads label ids, not train ids
 
 
-def _pascal_context_samples(data_cfg, split: str) -> list[tuple[str, str]]:
+def _pascal_context_samples(data_cfg, split: str, labelled: bool = True) -> list[tuple[str, str | None]]:
     root = dataset_root(data_cfg, "data/VOCdevkit/VOC2010")
     layout = ("VOC2010: ROOT/JPEGImages/*.jpg, ROOT/SegmentationClassContext/*.png, "
               "ROOT/ImageSets/SegmentationContext/{train,val}.txt")
     list_file = root / "ImageSets" / "SegmentationContext" / f"{split_name(data_cfg, split)}.txt"
-    return pair_by_list(list_file, root / "JPEGImages", root / "SegmentationClassContext", ".jpg", ".png", layout)
+    return pair_by_list(list_file, root / "JPEGImages", root / "SegmentationClassContext", ".jpg", ".png", layout,
+                        labelled=labelled)
 
 
 @DATASETS.register("pascal_context", classes=known.PASCAL_CONTEXT_60_CLASSES)
-def build_pascal_context(data_cfg, split: str) -> SegDataset:
+def build_pascal_context(data_cfg, split: str, labelled: bool = True) -> SegDataset:
     """Pascal Context with background: 60 classes."""
-    return make_dataset(data_cfg, split, _pascal_context_samples(data_cfg, split), known.PASCAL_CONTEXT_60_CLASSES,
+    return make_dataset(data_cfg, split, _pascal_context_samples(data_cfg, split, labelled), known.PASCAL_CONTEXT_60_CLASSES,
                         known.PASCAL_CONTEXT_60_PALETTE, False, "pascal_context")
 
 
 @DATASETS.register("pascal_context_59", classes=known.PASCAL_CONTEXT_59_CLASSES)
-def build_pascal_context_59(data_cfg, split: str) -> SegDataset:
+def build_pascal_context_59(data_cfg, split: str, labelled: bool = True) -> SegDataset:
     """Pascal Context without background (0 -> 255, the rest -1): 59 classes."""
-    return make_dataset(data_cfg, split, _pascal_context_samples(data_cfg, split), known.PASCAL_CONTEXT_59_CLASSES,
+    return make_dataset(data_cfg, split, _pascal_context_samples(data_cfg, split, labelled), known.PASCAL_CONTEXT_59_CLASSES,
                         known.PASCAL_CONTEXT_59_PALETTE, True, "pascal_context_59")
 
 
 @DATASETS.register("coco_stuff10k", classes=known.COCO_STUFF_CLASSES)
-def build_coco_stuff10k(data_cfg, split: str) -> SegDataset:
+def build_coco_stuff10k(data_cfg, split: str, labelled: bool = True) -> SegDataset:
     """COCO-Stuff-10K as MMSegmentation's converter writes it: 171 classes, raw 0 ignored."""
     root = dataset_root(data_cfg, "data/coco_stuff10k")
     layout = "ROOT/images/{train2014,test2014}/*.jpg + ROOT/annotations/{train2014,test2014}/*_labelTrainIds.png"
     directory = split_name(data_cfg, split, {"train": "train2014", "val": "test2014"})
     samples = pair_by_name(root / "images" / directory, root / "annotations" / directory, (".jpg",),
-                           "_labelTrainIds.png", layout)
+                           "_labelTrainIds.png", layout, labelled=labelled)
     return make_dataset(data_cfg, split, samples, known.COCO_STUFF_CLASSES, known.COCO_STUFF_PALETTE, True,
                         "coco_stuff10k")
 
@@ -419,11 +457,11 @@ def read_palette_file(path: Path, num_classes: int) -> np.ndarray:
 
 
 @DATASETS.register("folder", classes=lambda data_cfg: folder_classes(data_cfg))
-def build_folder(data_cfg, split: str) -> SegDataset:
+def build_folder(data_cfg, split: str, labelled: bool = True) -> SegDataset:
     """Any dataset in the simple folder layout (see the module docstring); classes from classes.txt."""
     root = dataset_root(data_cfg, "data/my_dataset")
     layout = "ROOT/images/{train,val}/*.{jpg,jpeg,png} + ROOT/masks/{train,val}/<same stem>.png + ROOT/classes.txt"
-    return build_folder_at(root, data_cfg, split, layout, name="folder")
+    return build_folder_at(root, data_cfg, split, layout, name="folder", labelled=labelled)
 
 
 def folder_classes(data_cfg) -> tuple[str, ...]:
@@ -433,10 +471,11 @@ def folder_classes(data_cfg) -> tuple[str, ...]:
     return read_class_file(dataset_root(data_cfg, "data/my_dataset") / "classes.txt")
 
 
-def build_folder_at(root: Path, data_cfg, split: str, layout: str, name: str) -> SegDataset:
+def build_folder_at(root: Path, data_cfg, split: str, layout: str, name: str, labelled: bool = True) -> SegDataset:
     """The folder layout under ``root`` (shared by ``folder`` and ``synthetic``)."""
     directory = split_name(data_cfg, split)
-    samples = pair_by_name(root / "images" / directory, root / "masks" / directory, IMAGE_SUFFIXES, ".png", layout)
+    samples = pair_by_name(root / "images" / directory, root / "masks" / directory, IMAGE_SUFFIXES, ".png", layout,
+                           labelled=labelled)
     file_classes = None if data_cfg.classes else read_class_file(root / "classes.txt")
     class_names = tuple(data_cfg.classes) if data_cfg.classes else file_classes
     palette_path = root / "palette.txt"

@@ -1,15 +1,19 @@
 """Evaluating a checkpoint on its dataset's validation split (``segcli eval``)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from ..build import build_datasets, load_checkpoint, pick_device, with_aug_test
 from ..engine.distributed import DistInfo
 from ..engine.evaluate import evaluate_model
-from ..engine.inference import compile_failures_reported, compile_for_inference, prepare_for_inference
+from ..data import build_dataset
+from ..data.transforms import image_tensor
+from ..engine.inference import compile_failures_reported, compile_for_inference, infer_labels, prepare_for_inference
 from ..errors import SegcliError
 from ..outputs import IMAGE_SUFFIXES, check_outputs
 from ..viz import colorize, confusion_image, overlay_image, save_png, with_legend
@@ -22,7 +26,8 @@ def evaluate(checkpoint: str | Path, recipe: str | Path | None = None, overrides
              trimap: int | None = None, flops: bool = False, limit: int | None = None,
              progress: Callable[[int, int], None] | None = None, compile: bool = False,
              aug_test: bool = False, show_dir: str | Path | None = None, confusion: str | Path | None = None,
-             opacity: float = 0.5, overwrite: bool = False) -> dict:
+             opacity: float = 0.5, overwrite: bool = False, format_only: str | Path | None = None,
+             split: str | None = None) -> dict:
     """Metrics of a checkpoint on its recipe's validation split (percent), optionally trimap and GFLOPs.
 
     A continual-learning step's checkpoint is scored on the classes learnt so far and gets a ``cl``
@@ -34,6 +39,13 @@ def evaluate(checkpoint: str | Path, recipe: str | Path | None = None, overrides
     (:func:`~segcli.viz.confusion_image`). Both are checked against the output rule
     (:mod:`segcli.outputs`: never inside the dataset, never over a file without ``overwrite``)
     before the first image is run.
+
+    ``format_only``: MMSegmentation ``test.py``'s ``--format-only``: no metrics; each image's predicted
+    label map is written to ``<format_only>/<stem>.png`` in the ids the dataset's own masks use (the
+    inverse of its label mapping: ADE20K, COCO-Stuff, Pascal Context 59 ``label + 1``; Cityscapes'
+    label ids, not train ids; :attr:`~segcli.data.SegDataset.output_lut`), which is what their
+    benchmark servers read. The split needs no masks (``split``: the directory or list name of the
+    split to read, e.g. Cityscapes ``test``; default the recipe's ``data.val_split``).
     """
     if compile and flops:
         raise SegcliError("--flops traces the model as built; it cannot trace a compiled one", "--compile",
@@ -44,6 +56,14 @@ def evaluate(checkpoint: str | Path, recipe: str | Path | None = None, overrides
         raise SegcliError(f"limit {limit} evaluates no image", "--limit", "give N >= 1, or omit it for every image")
     if not 0.0 <= opacity <= 1.0:
         raise SegcliError(f"opacity must be in [0, 1], got {opacity}", "--opacity", "e.g. 0.5")
+    if format_only is not None:
+        for given, flag in ((confusion, "--confusion"), (trimap, "--trimap"), (flops or None, "--flops")):
+            if given is not None:
+                raise SegcliError(f"{flag} needs ground truth or metrics, and --format-only computes none", flag,
+                                  "run eval without --format-only for it")
+    elif split is not None:
+        raise SegcliError("--split chooses the images --format-only writes; metrics use the recipe's val split",
+                          "--split", "add --format-only DIR, or set data.val_split to evaluate another split")
     dev = pick_device(device)
     loaded = load_checkpoint(checkpoint, recipe, overrides, dev)
     if aug_test:
@@ -52,6 +72,9 @@ def evaluate(checkpoint: str | Path, recipe: str | Path | None = None, overrides
         prepare_for_inference(loaded.model)
     if compile:
         compile_for_inference(loaded.model, dev)
+    if format_only is not None:
+        return _format_results(loaded, checkpoint, Path(format_only), split, dev, limit, progress, compile,
+                               overwrite, show_dir, opacity)
     (val_set,) = build_datasets(loaded.recipe, splits=("val",))
     val_set = cl_eval_dataset(loaded.meta, val_set)  # unchanged unless a continual-learning step
     if val_set.num_classes != loaded.meta["num_classes"]:
@@ -68,17 +91,9 @@ def evaluate(checkpoint: str | Path, recipe: str | Path | None = None, overrides
     if confusion is not None:
         check_outputs([confusion], inputs=[checkpoint], data_dirs=sorted(data_dirs), overwrite=overwrite,
                       option="--confusion", suffixes=IMAGE_SUFFIXES, input_name="checkpoint")
-    palette = np.asarray(loaded.meta["palette"], dtype=np.uint8)
-    classes = list(loaded.meta["classes"])
-
-    def show(index: int, labels) -> None:  # the prediction over the image, as predict --overlay draws it
-        image, _ = val_set.read(index)
-        pred = labels.cpu().numpy()
-        save_png(shown[index], with_legend(overlay_image(image, colorize(pred, palette), opacity), pred, classes,
-                                           palette)[..., ::-1])
-
     if shown:
         Path(show_dir).mkdir(parents=True, exist_ok=True)
+    show = _shower(val_set, loaded.meta, shown, opacity)
     with compile_failures_reported(compile):  # a compile failure surfaces on the first image
         result = evaluate_model(loaded.model, val_set, loaded.recipe, dev, DistInfo(), trimap=trimap,
                                 count_gflops=flops, progress=progress, limit=limit,
@@ -92,4 +107,63 @@ def evaluate(checkpoint: str | Path, recipe: str | Path | None = None, overrides
     result["checkpoint"] = str(checkpoint)
     if loaded.meta.get("cl"):
         result["cl"] = cl_metrics(checkpoint, result, loaded.meta, device=dev)
+    return result
+
+
+def _shower(dataset, meta: dict, shown: dict[int, Path], opacity: float) -> Callable[[int, object], None]:
+    """``show(index, labels)``: the prediction over image ``index``, with a key, as ``predict --overlay``
+    draws it, to ``shown[index]`` (``--show-dir``)."""
+    palette = np.asarray(meta["palette"], dtype=np.uint8)
+    classes = list(meta["classes"])
+
+    def show(index: int, labels) -> None:
+        image, _ = dataset.read(index)
+        pred = labels.cpu().numpy()
+        save_png(shown[index], with_legend(overlay_image(image, colorize(pred, palette), opacity), pred, classes,
+                                           palette)[..., ::-1])
+
+    return show
+
+
+def _format_results(loaded, checkpoint, out_dir: Path, split: str | None, dev, limit: int | None, progress,
+                    compile: bool, overwrite: bool, show_dir, opacity: float) -> dict:
+    """``evaluate(format_only=...)``: label maps in the dataset's own ids for a benchmark server."""
+    data_cfg = loaded.recipe.data if split is None else replace(loaded.recipe.data, val_split=split)
+    dataset = build_dataset(data_cfg, "val", labelled=False)
+    if dataset.num_classes != loaded.meta["num_classes"]:
+        raise SegcliError(f"the dataset has {dataset.num_classes} classes but the checkpoint {loaded.meta['num_classes']}",
+                          "data.type", "format results on the dataset the model was trained for")
+    if limit is not None:
+        dataset = dataset.subset(range(min(limit, len(dataset))))
+    stems = output_stems([Path(image) for image, _ in dataset.samples])
+    written = {i: out_dir / f"{stem}.png" for i, stem in enumerate(stems)}
+    shown = {i: Path(show_dir) / f"{stem}.png" for i, stem in enumerate(stems)} if show_dir is not None else {}
+    data_dirs = sorted(dataset.folders())
+    check_outputs([*written.values(), *shown.values()], inputs=[checkpoint], data_dirs=data_dirs,
+                  overwrite=overwrite, option="--format-only / --show-dir", input_name="checkpoint")
+    if len(set(written.values()) & set(shown.values())):
+        raise SegcliError("--format-only and --show-dir would write the same files", str(out_dir),
+                          "give them different folders")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if shown:
+        Path(show_dir).mkdir(parents=True, exist_ok=True)
+    show = _shower(dataset, loaded.meta, shown, opacity)
+    recipe, core = loaded.recipe, loaded.model
+    core.eval()
+    with torch.no_grad(), compile_failures_reported(compile):
+        for index in range(len(dataset)):
+            image, _ = dataset.read(index)
+            images = image_tensor(image).to(dev)  # [1, 3, H, W] uint8
+            labels = infer_labels(core, images, recipe.test, recipe.data.crop_size, mean=recipe.data.mean,
+                                  std=recipe.data.std)[0]  # [H, W]
+            ids = dataset.output_lut[labels.cpu().numpy()]  # class ids -> the dataset's own mask ids
+            save_png(written[index], ids)
+            if shown:
+                show(index, labels)
+            if progress is not None:
+                progress(index + 1, len(dataset))
+    result = {"format_only": str(out_dir), "num_images": len(dataset), "split": data_cfg.val_split,
+              "checkpoint": str(checkpoint)}
+    if shown:
+        result["show_dir"] = str(show_dir)
     return result
