@@ -9,6 +9,7 @@ MMSegmentation's Pascal Context ``_mapping`` (``tools/convert_datasets/pascal_co
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import sys
 import zipfile
@@ -344,3 +345,7 @@ def test_the_cli_reports_what_it_wrote(tmp_path, cli):
     assert res.exit_code == 0, res.output
     said = " ".join(res.output.split())
     assert "wrote 10 files" in said and f"data.root={(tmp_path / 'root').resolve()}" in said
+    again = cli("data", "prepare", "cityscapes", src, "--out", tmp_path / "root", "--json")
+    summary = json.loads(again.stdout)
+    assert again.exit_code == 0 and (summary["written"], summary["skipped"]) == (0, 10)
+    assert summary["root"] == str((tmp_path / "root").resolve()) and summary["samples"] == {"train": 3, "val": 2}
