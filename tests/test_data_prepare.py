@@ -168,6 +168,9 @@ def test_coco_stuff_refuses_an_id_coco_never_used(tmp_path):
     scipy_io.savemat(bad, {"S": np.full((12, 20), 12, np.uint16)})  # official: kept as 12 = a wrong class
     with pytest.raises(SegcliError, match="12 are not COCO-Stuff ids"):
         api.prepare_data("coco_stuff10k", src, tmp_path / "root")
+    scipy_io.savemat(bad, {"S": np.full((12, 20), 300, np.uint16)})  # beyond the table
+    with pytest.raises(SegcliError, match="300 are not COCO-Stuff ids"):
+        api.prepare_data("coco_stuff10k", src, tmp_path / "root")
 
 
 def test_without_scipy_the_error_names_the_pip_command(tmp_path, monkeypatch, cli):

@@ -93,16 +93,16 @@ def mat_array(data: bytes, key: str, where: str) -> np.ndarray:
 
 
 def apply_lut(ids: np.ndarray, lut: np.ndarray, valid: np.ndarray, where: str, what: str) -> np.ndarray:
-    """``lut[ids]`` as uint8, after checking every id is one the table knows (``valid[id]``)."""
-    ids = np.asarray(ids, dtype=np.int64)
-    known = (ids >= 0) & (ids < len(lut))
-    known[known] = valid[ids[known]]
-    if not known.all():
-        values = np.unique(ids[~known])
+    """``lut[ids]`` (uint8), after checking every id is one the table knows (``valid[id]``)."""
+    ids = np.asarray(ids)
+    outside = (ids < 0) | (ids >= len(lut)) if ids.size and (ids.min() < 0 or ids.max() >= len(lut)) else None
+    unknown = outside if outside is not None else ~valid[ids]
+    if unknown.any():
+        values = np.unique(ids[unknown])
         shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
         raise SegcliError(f"label values {shown} are not {what}", where,
                           "is this the annotation download the README names? re-extract it")
-    return lut[ids].astype(np.uint8)
+    return lut[ids]
 
 
 def lookup_table(pairs: dict[int, int], size: int) -> tuple[np.ndarray, np.ndarray]:
