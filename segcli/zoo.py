@@ -1,55 +1,96 @@
-"""Named models for ``segcli predict --model NAME``: name -> checkpoint file in the cache dir.
+"""Named models (``--model NAME``): the table of names, the files they are cached as, and where
+the released ones come from.
 
-segcli never downloads: a named model is a checkpoint you trained (or were given) placed at
-``$SEGCLI_CACHE/<file>`` (default ``~/.cache/segcli/``). Checkpoints embed their recipe, so the
-file alone is enough. The table is the one source of truth for names, files and how to get them.
+A named model is a segcli checkpoint at ``$SEGCLI_CACHE/<file>`` (default ``~/.cache/segcli/``);
+checkpoints embed their recipe, so that file alone is enough, and a file placed there by hand
+always wins. The released SegViT models (zbwxp/SegVit README, hosted on the model hub as
+``Akide/SegViTv1``) are fetched on first use and converted with their released recipe
+(``segcli/workflows/released.py``); the others are trained with ``segcli train``.
+
+:data:`ZOO` is the one table of names, files, recipes and sources. Functions take the table as an
+argument (default :data:`ZOO`), so a script or a test passes its own instead of changing this one.
+Published figures are not repeated here: ``segcli zoo list`` reads them from each entry's recipe
+(its ``published:`` block, which cites the thesis table or README line).
 """
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
+from .download import cache_dir, hub_url
 from .errors import SegcliError, did_you_mean
+
+__all__ = ["Released", "ZooEntry", "ZOO", "HUB_REPO", "cache_dir", "lookup", "checkpoint_path", "recipe_path"]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # recipes/ lives beside the package
+HUB_REPO = "Akide/SegViTv1"  # zbwxp/SegVit README: "[ckpt](https://huggingface.co/Akide/SegViTv1)"
+
+
+@dataclass(frozen=True)
+class Released:
+    """An official file on the model hub and the released recipe that ``segcli convert`` needs for it."""
+
+    file: str
+    recipe: str  # relative to the repository root, or absolute
+    repo: str = HUB_REPO
+    revision: str | None = None  # None: the repo's main branch
+
+    @property
+    def url(self) -> str:
+        return hub_url(self.repo, self.file, self.revision)
 
 
 @dataclass(frozen=True)
 class ZooEntry:
     name: str
-    file: str
-    recipe: str  # the recipe that trains it
+    file: str  # the segcli checkpoint in the cache
+    recipe: str  # the recipe that trains it (relative to the repository root, or absolute)
     description: str
-    released: str | None = None  # the official file that `segcli convert` turns into it, and the recipe it needs
+    released: Released | None = None  # where a released model is fetched from; None: train it
 
 
-ZOO: dict[str, ZooEntry] = {e.name: e for e in (
-    ZooEntry("segvit", "segvit.pt", "recipes/segvit_vit_b_ade20k.yaml", "SegViT (ATM decoder), ViT-B, ADE20K",
-             "ade_51.3.pth (zbwxp/SegVit README) --recipe recipes/released/segvit_vit_b_ade20k.yaml"),
-    ZooEntry("segvit-l", "segvit-l.pt", "recipes/segvit_vit_l_ade20k.yaml", "SegViT (ATM decoder), ViT-L, ADE20K",
-             "ade_54.6.pth (zbwxp/SegVit README) --recipe recipes/released/segvit_vit_l_ade20k.yaml"),
-    ZooEntry("setr", "setr.pt", "recipes/setr_vit_b_ade20k.yaml", "SETR-naive, ViT-B, ADE20K"),
-    ZooEntry("nrd", "nrd.pt", "recipes/nrd_r50_cityscapes.yaml", "NRD, ResNet-50, Cityscapes"),
-    ZooEntry("quickstart", "quickstart.pt", "recipes/quickstart.yaml", "the quickstart model (synthetic data)"),
-)}
+def _released(name: str, description: str, hub_file: str, released_recipe: str) -> ZooEntry:
+    """A released model: its recipe (which also trains it: the released architecture on its base
+    recipe's schedule) is the one that converts the hub file; the cache file is ``<name>.pt``."""
+    recipe = f"recipes/released/{released_recipe}"
+    return ZooEntry(name, f"{name}.pt", recipe, description, Released(hub_file, recipe))
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("SEGCLI_CACHE", "~/.cache/segcli")).expanduser()
+# The released files: zbwxp/SegVit README, "Model backbone | datasets | mIoU | ... | ckpt" table.
+ZOO: Mapping[str, ZooEntry] = MappingProxyType({e.name: e for e in (
+    _released("segvit", "SegViT ViT-B/16, ADE20K",
+              "ade_51.3.pth", "segvit_vit_b_ade20k.yaml"),
+    _released("segvit-l", "SegViT ViT-L/16, ADE20K",
+              "ade_54.6.pth", "segvit_vit_l_ade20k.yaml"),
+    _released("segvit-l-shrunk", "Shrunk SegViT ViT-L/16, ADE20K",
+              "ade_shrunk_53.9.pth", "segvit_shrunk_vit_l_ade20k.yaml"),
+    _released("segvit-l-coco-stuff10k", "SegViT ViT-L/16, COCO-Stuff-10K",
+              "COCOstuff_49.9.pth", "segvit_vit_l_coco_stuff10k.yaml"),
+    _released("segvit-l-shrunk-coco-stuff10k", "Shrunk SegViT ViT-L/16, COCO-Stuff-10K",
+              "COCOstuff10k_shrunk_49.1.pth", "segvit_shrunk_vit_l_coco_stuff10k.yaml"),
+    _released("segvit-l-pc59", "SegViT ViT-L/16, Pascal Context 59",
+              "PC59cls_64.1.pth", "segvit_vit_l_pascal_context.yaml"),
+    _released("segvit-l-shrunk-pc59", "Shrunk SegViT ViT-L/16, Pascal Context 59",
+              "PC59cls_62.3.pth", "segvit_shrunk_vit_l_pascal_context.yaml"),
+    ZooEntry("setr", "setr.pt", "recipes/setr_vit_b_ade20k.yaml", "SETR-naive ViT-B/16, ADE20K"),
+    ZooEntry("nrd", "nrd.pt", "recipes/nrd_r50_cityscapes.yaml", "NRD ResNet-50, Cityscapes"),
+    ZooEntry("quickstart", "quickstart.pt", "recipes/quickstart.yaml", "quickstart (synthetic data)"),
+)})
 
 
-def resolve(name: str) -> Path:
-    """The checkpoint path of a named model; a clear error if unknown or not there yet."""
-    if name not in ZOO:
-        raise SegcliError(f"unknown model '{name}'", "--model", did_you_mean(name, ZOO))
-    entry = ZOO[name]
-    path = cache_dir() / entry.file
-    if not path.is_file():
-        if entry.released:
-            file, _, recipe = entry.released.partition(" --recipe ")
-            hint = (f"convert the released weights: download {file}, then `segcli convert "
-                    f"{file.split()[0]} --recipe {recipe} --out {path}` (or pass --checkpoint FILE)")
-        else:
-            hint = (f"train it: `segcli train {entry.recipe}` then copy runs/<name>/best.pt to {path} "
-                    f"(or pass --checkpoint FILE)")
-        raise SegcliError(f"model '{name}' ({entry.description}) has no checkpoint at {path}", "--model", hint)
-    return path
+def lookup(name: str, zoo: Mapping[str, ZooEntry] = ZOO) -> ZooEntry:
+    if name not in zoo:
+        raise SegcliError(f"unknown model '{name}'", "--model", did_you_mean(name, zoo) + "; `segcli zoo list` shows all")
+    return zoo[name]
+
+
+def checkpoint_path(entry: ZooEntry) -> Path:
+    """Where the named model's segcli checkpoint is (or will be) cached."""
+    return cache_dir() / entry.file
+
+
+def recipe_path(path: str) -> Path:
+    """A table's recipe path: absolute as is, else relative to the repository root."""
+    return Path(path) if Path(path).is_absolute() else REPO_ROOT / path

@@ -1,4 +1,9 @@
-"""Reading local weight files (no network, ``weights_only=True``)."""
+"""Finding and reading backbone weight files (``weights_only=True``).
+
+``model.backbone.pretrained`` is a local file, ``timm:NAME`` (timm's pretrained weights, from the
+model hub's cache) or an ``http(s)`` URL (segcli's cache): :func:`resolve_weights` turns each into
+a local file, downloading it once (``segcli/download.py``) and reading it offline afterwards.
+"""
 from __future__ import annotations
 
 import re
@@ -6,7 +11,34 @@ from pathlib import Path
 
 import torch
 
+from ... import download
 from ...errors import SegcliError
+
+LOCAL_HINT = "give a local file (.pth/.pt/.bin/.safetensors/.npz), timm:NAME or an http(s) URL"
+
+
+def resolve_weights(ref: str, progress: download.Progress | None = None) -> Path:
+    """The local file a ``model.backbone.pretrained`` value names; ``timm:`` names and URLs are
+    downloaded on first use (``progress`` gets the transfer), a path must exist."""
+    if ref.startswith("timm:"):
+        return download.timm_weights(ref[len("timm:"):], progress)
+    if download.is_url(ref):
+        return download.fetch_url(ref, progress=progress)
+    file = Path(ref).expanduser()
+    if not file.is_file():
+        raise SegcliError(f"pretrained weights not found: {file}", download.PRETRAINED_KEY, LOCAL_HINT)
+    return file
+
+
+def cached_weights(ref: str) -> Path | None:
+    """The local file of ``ref`` if it is on this machine now (never downloads), else None."""
+    if ref.startswith("timm:"):
+        return download.cached_timm_weights(ref[len("timm:"):])
+    if download.is_url(ref):
+        path = download.url_cache_path(ref)
+        return path if path.is_file() else None
+    file = Path(ref).expanduser()
+    return file if file.is_file() else None
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
