@@ -273,3 +273,20 @@ def test_full_size_recipes_name_their_published_weights_by_url_or_timm_name():
             assert weights_name(ref) == weights_name(recipe.published.pretrained), path.name
         checked += 1
     assert checked >= 20
+
+
+def test_a_named_file_not_downloaded_yet_is_no_difference_from_the_published_run(cache):
+    """train fetches it before comparing; `recipe show` must not call it missing either."""
+    from segcli.workflows.experiment import compare_to_published
+
+    recipe = api.load_recipe(REPO / "recipes" / "segvit_vit_b_ade20k.yaml")
+    assert download_is_pending(recipe.model.backbone.cfg.pretrained)
+    lines = compare_to_published(recipe, world_size=8).differences
+    assert not [line for line in lines if line.startswith("pretrained weights")], lines
+    local = api.load_recipe(REPO / "recipes" / "segvit_vit_b_ade20k.yaml",
+                            [f"model.backbone.pretrained={cache / 'vit_base_p16_384_20220308-96dfe169.pth'}"])
+    assert any("does not exist" in line for line in compare_to_published(local, world_size=8).differences)
+
+
+def download_is_pending(ref: str) -> bool:
+    return cached_weights(ref) is None and ref.startswith("https://")
