@@ -5,7 +5,10 @@ component's options pass through :func:`from_dict`. Code below the recipe never 
 
 Supported field types: ``int``, ``float``, ``bool``, ``str``, ``X | None``, ``tuple[X, ...]``,
 ``tuple[X, Y]``, ``Literal[...]``, nested dataclasses and :class:`Component` (a registered
-component chosen by its ``type`` key; the registry is named in the field's metadata).
+component chosen by its ``type`` key; the registry is named in the field's metadata). A component
+may also be spelt as two sibling keys, its name and its options (``model.type`` +
+``model.options``: the segmentor): :func:`options_field` types the options by the class that the
+named component registered, as a :class:`Component`'s are.
 
 Numbers carry their range in their type: ``Annotated[int, Range(1)]`` (spelt :data:`PositiveInt`
 and friends), checked when the value is read, with the key named. Every ``int`` and ``float`` field
@@ -71,6 +74,12 @@ def component_field(registry: str, default: Any = dataclasses.MISSING):
     if default is dataclasses.MISSING:
         return field(**kwargs)
     return field(default_factory=lambda: default, **kwargs)
+
+
+def options_field(registry: str, type_key: str = "type"):
+    """A dataclass field holding the typed options of the ``registry`` component named by the
+    sibling field ``type_key`` (None for a component that registered no options class)."""
+    return field(default=None, metadata={"options_of": (registry, type_key)})
 
 
 def _registry(name: str):
@@ -182,11 +191,20 @@ def _convert_component(value: Any, where: str, registry_name: str | None) -> Com
         raise SegcliError("expected a mapping with a 'type' key", where)
     options = dict(value)
     name = options.pop("type")
-    entry = _registry(registry_name).get(str(name), f"{where}.type")
-    cfg = from_dict(entry.config_cls, options, where) if entry.config_cls is not None else None
-    if entry.config_cls is None and options:
-        raise SegcliError(f"{registry_name} '{name}' takes no options, got {sorted(options)}", where)
-    return Component(str(name), cfg)
+    return Component(str(name), _component_options(registry_name, name, options, where, f"{where}.type"))
+
+
+def _component_options(registry_name: str, name: Any, options: Any, where: str, type_where: str) -> Any:
+    """``options`` of the ``registry_name`` component ``name`` as the dataclass it registered."""
+    entry = _registry(registry_name).get(str(name), type_where)
+    if entry.config_cls is None:
+        if options:
+            got = sorted(options) if isinstance(options, dict) else repr(options)
+            raise SegcliError(f"{registry_name} '{name}' takes no options, got {got}", where)
+        return None
+    if isinstance(options, entry.config_cls):
+        return options
+    return from_dict(entry.config_cls, options, where)
 
 
 def from_dict(cls: type, raw: Any, where: str) -> Any:
@@ -202,12 +220,19 @@ def from_dict(cls: type, raw: Any, where: str) -> Any:
             raise SegcliError(f"unknown key '{key}'", f"{where}.{key}" if where else key,
                               did_you_mean(str(key), fields))
     kwargs = {}
+    options_of = {name: f.metadata["options_of"] for name, f in fields.items() if "options_of" in f.metadata}
     for name, f in fields.items():
         key_where = f"{where}.{name}" if where else name
+        if name in options_of:
+            continue  # typed below, once the component's name is known
         if name in raw:
             kwargs[name] = _convert(raw[name], hints[name], key_where, f.metadata.get("registry"))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise SegcliError("missing required key", key_where)
+    for name, (registry_name, type_key) in options_of.items():
+        component = kwargs.get(type_key, fields[type_key].default)
+        kwargs[name] = _component_options(registry_name, component, raw.get(name), f"{where}.{name}" if where else name,
+                                          f"{where}.{type_key}" if where else type_key)
     try:
         obj = cls(**kwargs)
     except (ValueError, TypeError) as err:  # __post_init__ validation

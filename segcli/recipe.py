@@ -6,8 +6,9 @@ recipes override. Inheritance is explicit, as MMSegmentation's ``_delete_``: a m
 into the base's key by key, so nothing inherited disappears because a neighbouring key changed
 (``data.type`` swapped from one dataset to another keeps the base's root, crop and batch).
 ``_delete_: true`` in a mapping replaces the base's mapping instead. The one implicit replacement
-is a registry component (``model.backbone``, ``model.decode_head``) whose ``type`` changes: its
-keys are the options of another config class, which would be rejected as unknown. ``--set a.b.c=value`` overrides are
+is a registry component whose ``type`` changes (``model.backbone``, ``model.decode_head``; the
+segmentor's ``model.options`` when ``model.type`` changes): its keys are the options of another
+config class, which would be rejected as unknown. ``--set a.b.c=value`` overrides are
 applied to the merged data (values parsed as YAML) before validation, so they are type-checked
 like the file. Unknown keys anywhere are rejected with a "did you mean" hint.
 """
@@ -22,7 +23,7 @@ from typing import Annotated, Any, Literal
 import yaml
 
 from .configurable import (AnyFloat, Component, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range,
-                           UnitFloat, component_field, from_dict, to_dict)
+                           UnitFloat, component_field, from_dict, options_field, to_dict)
 from .errors import SegcliError
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -33,10 +34,11 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 class ModelConfig:
     """``model:`` — a segmentor (``type``) wiring a backbone, a decode head and auxiliary heads.
 
-    ``num_classes`` comes from the dataset unless given. ``options`` are the segmentor's own
-    settings: written as a mapping, validated once at load (:func:`recipe_from_dict`) into the
-    dataclass the segmentor registered (e.g. :class:`~segcli.models.dtop.DToPOptions`), and held
-    typed from then on (``None`` for segmentors without options).
+    ``num_classes`` comes from the dataset unless given. The segmentor is a registered component
+    like the backbone and the heads, spelt as two keys so that recipes read ``type: dtop`` and
+    ``options: {p0: 0.9}``: ``options`` are typed at load by the dataclass the segmentor registered
+    (e.g. :class:`~segcli.models.dtop.DToPOptions`; ``None`` for segmentors without options), and
+    :attr:`segmentor` is the pair as a :class:`~segcli.configurable.Component`.
     """
 
     backbone: Component = component_field("backbone")
@@ -44,8 +46,13 @@ class ModelConfig:
     type: str = "encoder_decoder"
     aux_heads: tuple[Component, ...] = field(default=(), metadata={"registry": "head"})
     num_classes: PositiveInt | None = None
-    options: Any = None  # the segmentor's typed options after recipe_from_dict
+    options: Any = options_field("segmentor", type_key="type")
     sync_bn: bool = True  # BatchNorm -> SyncBatchNorm under DDP
+
+    @property
+    def segmentor(self) -> Component:
+        """The segmentor: its registry name and its typed options."""
+        return Component(self.type, self.options)
 
 
 @dataclass(frozen=True)
@@ -301,6 +308,8 @@ def _merge(base: Any, child: Any, path: tuple[str, ...] = ()) -> Any:
         return copy.deepcopy(child)
     if path in _COMPONENT_PATHS and "type" in child and child["type"] != base.get("type", child["type"]):
         return copy.deepcopy(child)
+    if path == ("model",) and "type" in child and child["type"] != base.get("type", child["type"]):
+        base = {key: value for key, value in base.items() if key != "options"}  # another segmentor's options
     out = copy.deepcopy(base)
     for key, value in child.items():
         out[key] = _merge(out[key], value, path + (str(key),)) if key in out else copy.deepcopy(value)
@@ -374,24 +383,7 @@ def recipe_from_dict(raw: dict, where: str = "recipe", name: str | None = None) 
         raise SegcliError("missing the 'model' section", where)
     recipe = from_dict(Recipe, raw, where)
     DATASETS.get(recipe.data.type, f"{where}: data.type")
-    options = typed_options(recipe.model.type, recipe.model.options, f"{where}: model.options")
-    return recipe.replace(model=dataclasses.replace(recipe.model, options=options))
-
-
-def typed_options(segmentor: str, options: Any, where: str = "model.options") -> Any:
-    """A segmentor's options as its registered dataclass (validated), or None when it has none."""
-    from .registry import SEGMENTORS
-
-    entry = SEGMENTORS.get(segmentor, "model.type")
-    if entry.config_cls is None:
-        if options:
-            raise SegcliError(f"segmentor '{segmentor}' takes no options", where)
-        return None
-    if isinstance(options, entry.config_cls):
-        return options
-    if dataclasses.is_dataclass(options):  # another segmentor's options (e.g. model.type changed)
-        options = to_dict(options)
-    return from_dict(entry.config_cls, options, where)
+    return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -22,6 +22,14 @@ class Entry:
     config_cls: type | None
     classes: Any = None  # datasets: their class names, a tuple or ``fn(data_cfg) -> tuple``
 
+    def build(self, cfg: Any, *args, **kwargs) -> Any:
+        """The component from its options, typed once at load (:mod:`segcli.configurable`): a config
+        written in code must be typed too (``Component("atm", ATMConfig())``), nothing retypes it here."""
+        if (cfg is not None) if self.config_cls is None else not isinstance(cfg, self.config_cls):
+            wanted = self.config_cls.__name__ if self.config_cls is not None else "no options"
+            raise TypeError(f"'{self.name}' is built from {wanted}, got {type(cfg).__name__}")
+        return self.builder(cfg, *args, **kwargs)
+
 
 class Registry:
     def __init__(self, kind: str):
