@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -36,6 +37,33 @@ def tiny_overrides(data_root: Path, **extra) -> list[str]:
     for key, value in values.items():
         out += ["--set", f"{key}={value}"]
     return out
+
+
+class HandCount(NamedTuple):
+    flops: int  # the whole model on one image
+    backbone_flops: int
+    params: int
+
+
+def setr_tiny_by_hand(height: int, width: int, patch: int = 8, img_size: int = 128) -> HandCount:
+    """FLOPs and parameters of ``recipes/tiny/setr.yaml`` counted by hand, the independent count
+    the FLOPs tests compare fvcore's with. ViT-Ti (C = 192, 12 blocks, MLP ratio 4, no class token
+    in the blocks' output); SETR-naive head (LayerNorm, 1x1 conv to 128 channels, BatchNorm, x4
+    bilinear upsampling, 1x1 classifier to K = 8), logits resized to the image. One multiply-add =
+    one flop; attention QK^T and AV = 2 N^2 C per block; fvcore's element-wise conventions:
+    LayerNorm 5, eval BatchNorm 2 per element, bilinear resizing 4 per output element."""
+    c, blocks, channels, classes = 192, 12, 128, 8
+    n = (height // patch) * (width // patch)  # patch tokens
+    embed = n * 3 * patch * patch * c  # the patch-embedding conv
+    block = 12 * n * c * c + 2 * n * n * c + 2 * 5 * n * c  # qkv 3C², proj C², MLP 8C²; attention; two LayerNorms
+    backbone = embed + blocks * block
+    head = 5 * n * c + n * c * channels + 2 * n * channels  # LayerNorm, 1x1 conv, BatchNorm on the token grid
+    head += 4 * channels * 16 * n + 16 * n * channels * classes  # x4 upsampling (16 n pixels), classifier
+    resize = 4 * classes * height * width  # the logits resized to the image
+    grid = (img_size // patch) ** 2  # the position embedding's grid, + the class token's slot
+    params = (3 * patch * patch * c + c) + (grid + 1) * c + blocks * (12 * c * c + 13 * c)  # 13 C: biases, norms
+    params += 2 * c + c * channels + 2 * channels + channels * classes + classes  # head: LN, conv, BN, classifier
+    return HandCount(backbone + head + resize, backbone, params)
 
 
 @pytest.fixture(scope="session")

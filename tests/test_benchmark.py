@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, setr_tiny_by_hand
 from segcli import api
 from segcli.errors import SegcliError
 
@@ -32,7 +32,7 @@ def test_json_schema_and_ratios_to_the_first_model(cli):
         assert row["source"] == "recipe" and row["shape"] == [64, 48]
         assert row["latency_min_s"] <= row["latency_median_s"]
         assert row["throughput_ips"] == pytest.approx(2 / row["latency_median_s"])
-        assert row["gflops"] > 0 and row["params_m"] > 0 and row["first_call_s"] > 0
+        assert row["first_call_s"] > 0
         assert set(row["ratio"]) == set(METRICS)
         for key in METRICS:
             if row[key] is None or not first[key]:
@@ -40,12 +40,17 @@ def test_json_schema_and_ratios_to_the_first_model(cli):
             else:
                 assert row["ratio"][key] == pytest.approx(row[key] / first[key])
     assert all(value in (1.0, None) for value in first["ratio"].values())
+    setr = setr_tiny_by_hand(64, 48, img_size=64)  # one image's count, whatever the batch
+    assert out["models"][1]["gflops"] == pytest.approx(setr.flops / 1e9, rel=1e-9)
+    assert out["models"][1]["params_m"] == pytest.approx(setr.params / 1e6, rel=1e-9)
 
 
 def test_backbone_only_counts_the_encoder_alone(cli):
-    whole = run_json(cli, SEGVIT, "--shape", "64", "64")["models"][0]
-    encoder = run_json(cli, SEGVIT, "--shape", "64", "64", "--backbone-only")["models"][0]
-    assert encoder["params_m"] < whole["params_m"] and encoder["gflops"] < whole["gflops"]
+    encoder = run_json(cli, SETR, "--shape", "64", "64", "--backbone-only")["models"][0]
+    setr = setr_tiny_by_hand(64, 64, img_size=64)
+    head_params = 2 * 192 + 192 * 128 + 2 * 128 + 128 * 8 + 8  # SETR-naive: LN, conv, BN, classifier
+    assert encoder["gflops"] == pytest.approx(setr.backbone_flops / 1e9, rel=1e-9)
+    assert encoder["params_m"] == pytest.approx((setr.params - head_params) / 1e6, rel=1e-9)
 
 
 def test_slide_mode_and_a_checkpoint(cli, setr_run):
@@ -53,6 +58,13 @@ def test_slide_mode_and_a_checkpoint(cli, setr_run):
     out = run_json(cli, result.best, SETR, "--shape", "96", "80", "--mode", "slide")
     assert [row["source"] for row in out["models"]] == ["checkpoint", "recipe"]
     assert out["mode"] == "slide"
+    # 64x64 windows every 42 px (2/3 of the crop), the last flush: 2 x 2 windows, each counted whole
+    trained = setr_tiny_by_hand(64, 64, patch=16, img_size=64)  # the checkpoint's recipe (tiny_overrides)
+    recipe = setr_tiny_by_hand(64, 64, img_size=64)  # tiny/setr.yaml with TINY: patch 8
+    checkpoint_row, recipe_row = out["models"]
+    assert checkpoint_row["gflops"] == pytest.approx(4 * trained.flops / 1e9, rel=1e-9)
+    assert checkpoint_row["params_m"] == pytest.approx(trained.params / 1e6, rel=1e-9)
+    assert recipe_row["gflops"] == pytest.approx(4 * recipe.flops / 1e9, rel=1e-9)
 
 
 def test_progress_callback_counts_every_call():

@@ -55,6 +55,22 @@ def make_checkpoint(root: Path, folder: Path, name: str, **extra) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def onnx_export(synth_root, tmp_path_factory):
+    """``onnx_export(name)``: the method's checkpoint exported once per module, as
+    ``test_every_method_exports_to_onnx`` exports it (ONNX, scores, static at the crop size 64x64),
+    for every test that needs such a file: an export is the costly step of this file."""
+    folder = tmp_path_factory.mktemp("exported")
+    done = {}
+
+    def get(name: str):
+        if name not in done:
+            done[name] = api.export(make_checkpoint(synth_root, folder, name), format="onnx", output="scores")
+        return done[name]
+
+    return get
+
+
 def assert_agrees(result):
     assert result.verified
     for check in result.checks:
@@ -64,13 +80,14 @@ def assert_agrees(result):
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_every_method_exports_to_onnx(name, synth_root, tmp_path):
-    ckpt = make_checkpoint(synth_root, tmp_path, name)
-    result = api.export(ckpt, format="onnx", output="scores")
-    assert result.path == tmp_path / f"{name}.onnx" and result.path.is_file()
-    assert result.dynamic_axes == [] and result.opset == 18
+def test_every_method_exports_to_onnx(name, onnx_export):
+    result = onnx_export(name)
+    folder = result.path.parent
+    assert result.path == folder / f"{name}.onnx" and result.path.is_file()
+    assert result.dynamic_axes == [] and result.opset == 18 and result.shape == (64, 64)
+    assert [check.shape for check in result.checks] == [(1, 8, 64, 64)]  # scores [B, K, H, W]
     assert_agrees(result)
-    assert not list(tmp_path.glob(".*.tmp"))  # no temp file left behind
+    assert not list(folder.glob(".*.tmp"))  # no temp file left behind
 
 
 @pytest.mark.parametrize("name", ["segvit_low"])  # Shrunk QD takes the same ATM path (checked by hand)
@@ -90,10 +107,10 @@ def test_dynamic_export_runs_two_sizes(name, synth_root, tmp_path):
     image = torch.rand(1, 3, 80 - 9, 96) * 255
     out = session.run(None, {"image": image.numpy()})[0]
     mean, std = torch.tensor(recipe.data.mean).view(1, 3, 1, 1), torch.tensor(recipe.data.std).view(1, 3, 1, 1)
-    from segcli.engine.inference import forward_padded
+    from segcli.engine.inference import scores_padded
 
     with torch.no_grad():
-        expected = forward_padded(ckpt_model, (image - mean) / std)
+        expected = scores_padded(ckpt_model, (image - mean) / std).full()
     assert out.shape == tuple(expected.shape)
     assert (out.argmax(1) == expected.argmax(1).numpy()).mean() >= 0.999
 
@@ -111,23 +128,68 @@ def test_labels_output_and_other_formats(synth_root, tmp_path):
     assert_agrees(traced)
 
 
-def test_data_dependent_models_are_refused_in_one_line(synth_root, tmp_path):
-    for name, extra in (("dtop_p1", {"model.options": "{p0: 0.5}"}),
-                        ("shrunk_qd", {"model.options": "{qd_index: 0, qu: inherit, edge: true}"})):
-        ckpt = make_checkpoint(synth_root, tmp_path, name, **extra)
-        with pytest.raises(SegcliError, match="cannot be exported faithfully: .*data-dependent token set") as err:
-            api.export(ckpt, format="onnx")
-        assert "\n" not in str(err.value) and "p0 = 1" in str(err.value)
-        assert not (tmp_path / f"{name}.onnx").exists()
+@pytest.mark.parametrize("name, extra, key, fix", [
+    ("dtop_p1", {"model.options": "{p0: 0.5}"}, "model.options.p0", "p0 = 1"),
+    ("shrunk_qd", {"model.options": "{qd_index: 0, qu: inherit, edge: true}"}, "model.options.edge", "edge: false"),
+], ids=["dtop_p0_0.5", "shrunk_eqd"])
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_data_dependent_models_are_refused_in_one_line(name, extra, key, fix, fmt, synth_root, tmp_path, monkeypatch):
+    from segcli.workflows import export as export_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("the declaration is read before anything is captured")
+
+    monkeypatch.setattr(export_module, "capture", never)
+    ckpt = make_checkpoint(synth_root, tmp_path, name, **extra)
+    with pytest.raises(SegcliError, match="cannot be exported faithfully: .*data-dependent token set") as err:
+        api.export(ckpt, format=fmt)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(key + ":") and fix in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.pt"]  # nothing written
 
 
-def test_dynamic_nrd_is_refused_after_verification(synth_root, tmp_path):
-    """NRD's head turns sizes into Python ints: its dynamic graph does not run; the file is kept aside."""
+def test_declarations_follow_the_options(synth_root):
+    """The declared support is the model's, option by option (not the method name's)."""
+    def support(name, **extra):
+        recipe_file, options = METHODS[name]
+        recipe = api.load_recipe(TINY / recipe_file, _overrides(synth_root, recipe_file, {**options, **extra}))
+        with torch.device("meta"):  # a declaration depends on the configuration, not on weights: no init
+            return api.build_model(recipe).export_support()
+
+    assert support("dtop_p1").graph and not support("dtop_p1").dynamic  # p0 = 1: the unpruned forward, static
+    assert not support("dtop_p1", **{"model.options": "{p0: 0.9}"}).graph
+    assert support("shrunk_qd").dynamic and not support("shrunk_qd", **{
+        "model.options": "{qd_index: 0, qu: inherit, edge: true}"}).graph
+    nrd = support("nrd_grouped_conv")
+    assert nrd.graph and not nrd.dynamic and nrd.key == "--dynamic" and "NRDHead" in nrd.reason
+    # README "Deploy": dynamic ONNX runs for the ATM heads only; logit heads bake sizes in
+    dynamic = {name for name in METHODS if support(name).dynamic}
+    assert dynamic == {"segvit_low", "segvit_full", "shrunk_qd"}
+    assert all(support(name).graph for name in METHODS)
+
+
+def test_dynamic_nrd_is_refused_in_one_line(synth_root, tmp_path):
+    """Logit heads (NRD here) turn sizes into Python ints and declare it: refused before the capture,
+    nothing written."""
     ckpt = make_checkpoint(synth_root, tmp_path, "nrd_einsum")
-    with pytest.raises(SegcliError, match="does not run at input") as err:
+    with pytest.raises(SegcliError, match="cannot be exported with dynamic sizes: the NRDHead turns sizes") as err:
         api.export(ckpt, output="scores", dynamic=True, shape=(80, 96))
+    assert "\n" not in str(err.value) and "without --dynamic" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nrd_einsum.pt"]
+
+
+def test_an_optimistic_declaration_is_caught_by_verification(synth_root, tmp_path, monkeypatch):
+    """NRD's declaration is true: claimed dynamic, its dynamic graph does not run at a second size,
+    and the file is kept aside rather than shipped."""
+    from segcli.models.exportable import FULL
+    from segcli.models.heads.nrd import NRDHead
+
+    monkeypatch.setattr(NRDHead, "export_support", lambda self: FULL)
+    ckpt = make_checkpoint(synth_root, tmp_path, "nrd_einsum")
+    with pytest.raises(SegcliError, match="does not run at input") as err:  # the .pt2's guard (ONNX: a Reshape)
+        api.export(ckpt, format="exported-program", output="scores", dynamic=True, shape=(80, 96))
     assert "\n" not in str(err.value)
-    assert (tmp_path / "nrd_einsum.onnx.unverified").is_file() and not (tmp_path / "nrd_einsum.onnx").exists()
+    assert (tmp_path / "nrd_einsum.pt2.unverified").is_file() and not (tmp_path / "nrd_einsum.pt2").exists()
 
 
 def test_cli_export_refuses_to_overwrite_and_validates(cli, synth_root, tmp_path):
@@ -158,8 +220,8 @@ def test_failed_verification_keeps_the_file_as_unverified(synth_root, tmp_path, 
     ckpt = make_checkpoint(synth_root, tmp_path, "bilinear")
     monkeypatch.setattr(export_module, "passes", lambda check: False)
     with pytest.raises(SegcliError, match="disagrees with PyTorch"):
-        api.export(ckpt)
-    assert (tmp_path / "bilinear.onnx.unverified").is_file() and not (tmp_path / "bilinear.onnx").exists()
+        api.export(ckpt, format="exported-program")  # the cheapest capture: the rule is the same for every format
+    assert (tmp_path / "bilinear.pt2.unverified").is_file() and not (tmp_path / "bilinear.pt2").exists()
 
 
 def test_missing_extra_is_named(synth_root, tmp_path, monkeypatch):
@@ -178,11 +240,11 @@ def test_missing_extra_is_named(synth_root, tmp_path, monkeypatch):
         api.export(ckpt)
 
 
-def test_predict_with_onnx_writes_the_labels_of_the_checkpoint(cli, synth_root, tmp_path):
-    ckpt = make_checkpoint(synth_root, tmp_path, "segvit_low")
-    static = api.export(ckpt, format="onnx", output="scores", shape=(64, 64))  # the synthetic images' size
+def test_predict_with_onnx_writes_the_labels_of_the_checkpoint(cli, synth_root, tmp_path, onnx_export):
+    static = onnx_export("segvit_low")  # static at 64x64, the synthetic images' size
+    ckpt = static.path.with_suffix(".pt")
     images = synth_root / "images" / "val"
-    for source, folder in ((ckpt, "pt"), (tmp_path / "segvit_low.onnx", "onnx")):
+    for source, folder in ((ckpt, "pt"), (static.path, "onnx")):
         res = cli("predict", images, "--checkpoint", source, "--out", tmp_path / folder, "--overlay")
         assert res.exit_code == 0, res.output
     names = sorted(p.name for p in (tmp_path / "pt").iterdir())
@@ -204,9 +266,9 @@ def test_predict_with_onnx_writes_the_labels_of_the_checkpoint(cli, synth_root, 
     assert res.exit_code == 2 and "onnxruntime cannot load" in res.output
 
 
-def test_benchmark_takes_an_onnx_file_beside_its_checkpoint(synth_root, tmp_path):
-    ckpt = make_checkpoint(synth_root, tmp_path, "bilinear")
-    exported = api.export(ckpt, format="onnx", shape=(64, 64))
+def test_benchmark_takes_an_onnx_file_beside_its_checkpoint(onnx_export):
+    exported = onnx_export("bilinear")  # static at 64x64
+    ckpt = exported.path.with_suffix(".pt")
     out = api.benchmark([str(ckpt), str(exported.path)], shape=(64, 64), repeats=1, warmup=1, threads=1,
                         device="cpu")
     pytorch, onnx = out["models"]

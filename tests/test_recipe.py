@@ -1,4 +1,5 @@
 """Recipes: _base_ merging, --set overrides with type checks, did-you-mean errors."""
+import re
 import textwrap
 from pathlib import Path
 
@@ -165,3 +166,72 @@ def test_pascal_context_59_recipes_keep_the_base_data(name):
     base = load_recipe(RECIPES / "segvit_vit_l_pascal_context_60.yaml")
     assert (recipe.data.crop_size, recipe.data.scale, recipe.data.batch_size) == (
         base.data.crop_size, base.data.scale, base.data.batch_size)
+
+
+# Published facts of each dataset (MMSegmentation 0.24 configs/_base_/datasets/*.py: data_root; the
+# class lists of the released models' heads). A recipe that resolves to another root or class count
+# has lost or changed something on its way through _base_ merging.
+DATASETS = {"ade20k": ("data/ade/ADEChallengeData2016", 150), "coco_stuff10k": ("data/coco_stuff10k", 171),
+            "pascal_context": ("data/VOCdevkit/VOC2010", 60), "pascal_context_59": ("data/VOCdevkit/VOC2010", 59),
+            "cityscapes": ("data/cityscapes", 19), "synthetic": (None, 8)}
+
+
+def header_claims(path: Path) -> dict:
+    """What the first two lines of a recipe's header say of it: ``HxW`` (first line: the crop),
+    ``N classes`` (first line) and ``Nk iterations`` (lines 1-2; later lines discuss other runs)."""
+    lines = path.read_text().splitlines()[:2]
+    first = lines[0] if lines and lines[0].startswith("#") else ""
+    both = " ".join(line.lstrip("# ") for line in lines if line.startswith("#"))
+    claims = {}
+    if crop := re.search(r"\b(\d{3,4})x(\d{3,4})\b", first):
+        claims["crop_size"] = (int(crop[1]), int(crop[2]))
+    if classes := re.search(r"\b(\d+) classes\b", first):
+        claims["num_classes"] = int(classes[1])
+    if iters := re.search(r"\b(\d+)k iterations\b", both):
+        claims["max_iters"] = int(iters[1]) * 1000
+    return claims
+
+
+def _what_it_says(path: Path) -> None:
+    from segcli.build import num_classes_of
+
+    recipe = load_recipe(path)
+    root, classes = DATASETS[recipe.data.type]
+    if root is None:  # the synthetic data: generated under data/synthetic*
+        assert (recipe.data.root or "").startswith("data/synthetic"), f"data.root {recipe.data.root}"
+    else:
+        assert recipe.data.root == root, f"data.root {recipe.data.root}"
+    assert num_classes_of(recipe.data) == classes
+    claims = header_claims(path)
+    resolved = {"crop_size": tuple(recipe.data.crop_size), "num_classes": classes, "max_iters": recipe.train.max_iters}
+    assert {key: resolved[key] for key in claims} == claims
+    published = recipe.published
+    if published is not None:
+        assert published.gpus * published.batch_per_gpu == recipe.data.batch_size
+        # MMSegmentation's config names: <model>_<H>x<W>_<N>k_<dataset>.py
+        named = re.search(r"_(\d{3,4})x(\d{3,4})_(\d+)k_", published.official_config or "")
+        if named:
+            assert tuple(recipe.data.crop_size) == (int(named[1]), int(named[2]))
+            assert recipe.train.max_iters == int(named[3]) * 1000
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(RECIPES)))
+def test_every_shipped_recipe_is_what_it_says(path):
+    """Resolved key fields against the dataset's published facts and the recipe's own header; the
+    published global batch (``gpus x batch_per_gpu``) is the recipe's batch."""
+    _what_it_says(path)
+
+
+def test_a_lost_data_root_is_caught(tmp_path):
+    """The bug this file once passed over: a recipe that resolved with data.root null (issue 22)."""
+    path = _write(tmp_path / "lost.yaml", "# ADE20K 512x512, 160k iterations\n" + MODEL
+                  + "data: {type: ade20k, root: null, crop_size: [512, 512]}\ntrain: {max_iters: 160000}\n")
+    with pytest.raises(AssertionError, match="data.root"):
+        _complete(load_recipe(path), "lost.yaml")
+    with pytest.raises(AssertionError, match="data.root None"):
+        _what_it_says(path)
+    path.write_text(path.read_text().replace("root: null", "root: data/ade/ADEChallengeData2016"))
+    _what_it_says(path)  # the same recipe with its root passes
+    path.write_text(path.read_text().replace("max_iters: 160000", "max_iters: 80000"))
+    with pytest.raises(AssertionError):
+        _what_it_says(path)  # the header says 160k

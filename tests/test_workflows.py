@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, overrides_dict
+from conftest import REPO, overrides_dict, setr_tiny_by_hand
 
 import segcli
 from segcli import api
@@ -37,7 +37,10 @@ def test_evaluate_reports_metrics_trimap_and_gflops(setr_run):
     metrics = api.evaluate(work / "best.pt", device="cpu", trimap=3, flops=True)
     for key in ("mIoU", "mAcc", "aAcc", "per_class", "trimap_mIoU", "gflops_avg"):
         assert key in metrics
-    assert len(metrics["per_class"]) == 8 and metrics["gflops_avg"] > 0
+    assert len(metrics["per_class"]) == 8
+    # every val image is 64x64: the average is that size's count (SETR recipe: patch 16 here)
+    count = setr_tiny_by_hand(64, 64, patch=16, img_size=64)
+    assert metrics["gflops_avg"] == pytest.approx(count.flops / 1e9, rel=1e-9)
 
 
 def test_predict_writes_labels_and_reports_unreadable_files(setr_run, synth_root, tmp_path):
@@ -60,9 +63,12 @@ def test_same_named_inputs_get_distinct_outputs(tmp_path):
     assert output_stems(paths) == ["x_png", "b_x", "x_jpg"]
 
 
-def test_flops_of_a_recipe():
+def test_flops_of_a_recipe_equal_a_hand_count():
     result = api.flops(SETR, shape=(64, 96), overrides=["model.backbone.patch_size=16"])
-    assert result["gflops"] > 0 and result["params_m"] > 1 and result["shape"] == [64, 96]
+    count = setr_tiny_by_hand(64, 96, patch=16)
+    assert result["shape"] == [64, 96]
+    assert result["gflops"] == pytest.approx(count.flops / 1e9, rel=1e-9)
+    assert result["params_m"] == pytest.approx(count.params / 1e6, rel=1e-9)
 
 
 def _sigint_at(iteration: int):
@@ -77,14 +83,22 @@ def _sigint_at(iteration: int):
     return callback
 
 
-@pytest.mark.parametrize("stop", [4, 3])  # 3: Ctrl-C lands right before that iteration's evaluation
-def test_ctrl_c_then_resume_is_the_uninterrupted_run(synth_root, tmp_path, stop):
-    """The bug: Ctrl-C saved state from the middle of an iteration (here: before its evaluation,
-    whose loader draws from the RNG), so the resumed run's losses drifted from the uninterrupted one."""
+@pytest.fixture(scope="module")
+def uninterrupted(synth_root, tmp_path_factory):
+    """(recipe, work dir) of the 6-iteration run the Ctrl-C tests resume towards, trained once."""
     recipe = api.load_recipe(SETR, overrides_dict(synth_root, **{"train.max_iters": 6, "train.eval_interval": 3,
                                                                   "model.backbone.drop_path_rate": 0.2}))
-    full, part = tmp_path / "full", tmp_path / "part"
+    full = tmp_path_factory.mktemp("uninterrupted") / "full"
     api.train(recipe, work_dir=full, device="cpu")
+    return recipe, full
+
+
+@pytest.mark.parametrize("stop", [4, 3])  # 3: Ctrl-C lands right before that iteration's evaluation
+def test_ctrl_c_then_resume_is_the_uninterrupted_run(uninterrupted, tmp_path, stop):
+    """The bug: Ctrl-C saved state from the middle of an iteration (here: before its evaluation,
+    whose loader draws from the RNG), so the resumed run's losses drifted from the uninterrupted one."""
+    recipe, full = uninterrupted
+    part = tmp_path / "part"
     with pytest.raises(KeyboardInterrupt):
         api.train(recipe, work_dir=part, device="cpu", callback=_sigint_at(stop))
     assert torch.load(part / "last.pt", weights_only=True)["iteration"] == stop

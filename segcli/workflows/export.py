@@ -10,35 +10,36 @@ once with ``torch.export`` (non-strict), and then
 * ``torchscript``: ``torch.jit.trace`` (static shapes only; deprecated by PyTorch, kept for old
   runtimes).
 
-Decisions. ``--dynamic`` asks for dynamic batch, height and width and keeps those the model
-allows (``Dim.AUTO``): a model whose code turns a size into a Python int fixes that size, and the
-result says which axes stayed dynamic. A model whose computation depends on the pixel values
-(DToP with p0 < 1, EQD: data-dependent token sets) cannot be captured by ``torch.export`` without
-a graph break, and a tracer would freeze the token set of the sample image, so it is refused with
-the reason rather than exported unfaithfully. After writing, the file is run on a fixed-seed
-random image (and, if dynamic, on a second size) and compared with the eager model; above the
-tolerance the file is kept as ``<name>.unverified`` and a SegcliError is raised.
+Decisions. What a model can be exported as is declared by the model (``export_support()``,
+``models/exportable.py``, as SMP's ``_is_torch_exportable``) and read before anything is
+captured: a model whose computation depends on the pixel values (DToP with p0 < 1, EQD:
+data-dependent token sets) has no faithful static graph, and one whose code fixes a size (NRD)
+no dynamic one; either is refused in one line naming the recipe key, with nothing written.
+``--dynamic`` asks for dynamic batch, height and width and keeps those the capture allows
+(``Dim.AUTO``); the result says which axes stayed dynamic. After writing, the file is run on a
+fixed-seed random image (and, if dynamic, on a second size) and compared with the eager model;
+above the tolerance (a declaration that promised too much) the file is kept as
+``<name>.unverified`` and a SegcliError is raised.
+
+Running an exported .onnx file (``predict``, ``benchmark``) is :mod:`segcli.onnx_model`.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..build import LoadedModel, load_checkpoint
-from ..engine.deploy import (EXTRA_HINT, INPUT_NAME, META_PREFIX, DeployGraph, OnnxSegmentor, ort_session,
-                             read_metadata)
+from ..engine.deploy import EXTRA_HINT, INPUT_NAME, META_PREFIX, DeployGraph, ort_session
 from ..errors import SegcliError, did_you_mean
+from ..models.exportable import ExportSupport
 from ..outputs import check_outputs
-from ..recipe import recipe_from_dict
 from ..version import __version__
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "exported-program": ".pt2"}
@@ -121,13 +122,13 @@ def default_out(checkpoint: Path, fmt: str) -> Path:
 # --------------------------------------------------------------------------- capture
 
 
-def _data_dependent_error(err: Exception) -> SegcliError:
-    """torch.export met a branch or size that depends on the pixel values: say where."""
-    frames = re.findall(r'File "[^"]*/(segcli/[^"]+)", line (\d+), in (\w+)', str(err))
-    where = f" ({frames[-1][0]}:{frames[-1][1]} in {frames[-1][2]})" if frames else ""
-    return SegcliError("this model cannot be exported faithfully: which tokens it computes depends on the image "
-                       f"(a data-dependent token set{where}), which a static graph cannot hold", "export",
-                       "DToP exports at p0 = 1 (prune with --p0 1.0), Shrunk with QD (edge: false); see README Deploy")
+def check_support(support: ExportSupport, dynamic: bool) -> None:
+    """Refuse, in one line, what the model declares it cannot be exported as."""
+    if not support.graph:
+        raise SegcliError(f"this model cannot be exported faithfully: {support.reason}", support.key, support.fix)
+    if dynamic and not support.dynamic:
+        raise SegcliError(f"this model cannot be exported with dynamic sizes: {support.reason}", support.key,
+                          support.fix)
 
 
 def capture(graph: DeployGraph, sample: torch.Tensor, dynamic: bool):
@@ -138,14 +139,9 @@ def capture(graph: DeployGraph, sample: torch.Tensor, dynamic: bool):
     if dynamic:
         auto = Dim.AUTO(min=1)
         dynamic_shapes = ({0: auto, 2: auto, 3: auto},)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.export.export(graph, (sample,), dynamic_shapes=dynamic_shapes, strict=False)
-    except Exception as err:
-        if "data-dependent" in str(err) or type(err).__name__.startswith("GuardOnDataDependent"):
-            raise _data_dependent_error(err) from err
-        raise
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(graph, (sample,), dynamic_shapes=dynamic_shapes, strict=False)
     placeholder = program.graph_module.graph.find_nodes(op="placeholder")[-1]
     shape = placeholder.meta["val"].shape  # [B, 3, H, W], SymInt where dynamic
     kept, upper = [], {}
@@ -251,6 +247,7 @@ def export_model(checkpoint: str | Path, format: str = "onnx", shape: tuple[int,
     if fmt == "onnx":
         _require_onnx_exporter()
     loaded = load_checkpoint(checkpoint, device="cpu")
+    check_support(loaded.model.export_support(), dynamic)
     height, width = tuple(shape) if shape else tuple(loaded.recipe.data.crop_size)
     graph = DeployGraph(loaded.model, loaded.recipe.data.mean, loaded.recipe.data.std, output).eval()
     generator = torch.Generator().manual_seed(0)
@@ -309,19 +306,4 @@ def export_model(checkpoint: str | Path, format: str = "onnx", shape: tuple[int,
     return result
 
 
-# --------------------------------------------------------------------------- predict on a .onnx file
-
-
-def load_onnx(path: str | Path) -> LoadedModel:
-    """An exported .onnx file as a :class:`LoadedModel` (``model`` runs on onnxruntime), so that
-    ``segcli predict`` uses it exactly like a checkpoint: recipe and class metadata from the file."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise SegcliError("ONNX file not found", str(path), "export one with `segcli export CHECKPOINT`")
-    session = ort_session(path)
-    metadata = read_metadata(session, str(path))
-    recipe = recipe_from_dict(metadata["recipe"], where=f"{path} (embedded recipe)")
-    return LoadedModel(OnnxSegmentor(session, metadata, str(path)), recipe, metadata["meta"], path)
-
-
-__all__ = ["ExportResult", "Check", "export_model", "load_onnx", "default_out"]
+__all__ = ["ExportResult", "Check", "export_model", "default_out", "check_support"]
