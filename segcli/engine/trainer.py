@@ -13,35 +13,36 @@ skipped) would resume as another run. A second Ctrl-C leaves at once, keeping th
 checkpoint written. Under DDP the ranks agree on stopping (the flag is reduced every iteration). Under DDP, rank 0 alone writes files; every rank
 evaluates its share and the confusion matrices are summed.
 
-Events reach the caller through ``callback(event, info)``: ``"step"`` (iteration, lr, losses,
-it/s), ``"eval"`` (metrics), ``"checkpoint"`` (path). The library never prints. ``records`` given by
+Events reach the caller through ``callback(event, info)``: ``"warning"`` (``train.init_from``
+left tensors out), ``"step"`` (iteration, lr, loss), ``"eval"`` (metrics), ``"checkpoint"`` (path).
+The library never prints. ``records`` given by
 the caller (e.g. how the run differs from its published experiment) are appended to
 ``metrics.jsonl`` before the first iteration, tagged with the iteration they start at.
+
+:class:`Trainer` is the loop alone (detectron2's ``TrainerBase``): it knows no model, recipe or
+file; the lr schedule, logging, evaluation and checkpoints are hooks (``engine/hooks.py``), which
+:func:`run_training` builds from the recipe.
 """
 from __future__ import annotations
 
-import json
 import math
 import signal
 import threading
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from ..version import __version__
 from ..errors import SegcliError
-from .checkpoint import load_model_state, read_checkpoint, save_checkpoint
+from .checkpoint import load_model_state, read_checkpoint
 from .distributed import DistInfo, all_reduce_numbers
 from .evaluate import evaluate_model
-from .optim import build_optimizer, set_lr
-
-Callback = Callable[[str, dict], None]
-
+from .hooks import Callback, CheckpointHook, EvalHook, HookBase, LogHook, LRScheduleHook, set_rng_state, truncate_jsonl
+from .optim import build_optimizer
 
 @dataclass
 class TrainResult:
@@ -52,6 +53,11 @@ class TrainResult:
     metrics: dict | None
     iterations: int
 
+    def to_dict(self) -> dict:
+        """The ``train --json`` object."""
+        return {"work_dir": str(self.work_dir), "last": str(self.last), "best": str(self.best) if self.best else None,
+                "best_mIoU": self.best_miou, "iterations": self.iterations, "metrics": self.metrics}
+
 
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     if device.type != "cuda" or setting == "off":
@@ -59,54 +65,6 @@ def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     if setting == "fp16":
         return torch.float16
     return torch.bfloat16  # "auto" and "bf16"
-
-
-def _rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
-def _truncate_jsonl(path: Path, after_iter: int) -> None:
-    """Drop records newer than the checkpoint we resume from (written before a crash)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("iter", 0) <= after_iter]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-def snapshot_paths(work_dir: Path) -> list[Path]:
-    """The ``iter_{N}.pt`` files of a work dir, oldest first."""
-    found = [(int(p.stem[5:]), p) for p in Path(work_dir).glob("iter_*.pt") if p.stem[5:].isdigit()]
-    return [p for _, p in sorted(found)]
-
-
-def keep_snapshot(last_path: Path, iteration: int, keep: int) -> None:
-    """``iter_{iteration}.pt`` beside ``last_path`` (a hard link to the file just written, a copy
-    where links are not possible), then only the ``keep`` most recent of them."""
-    import os
-    import shutil
-
-    snapshot = last_path.parent / f"iter_{iteration}.pt"
-    snapshot.unlink(missing_ok=True)
-    try:
-        os.link(last_path, snapshot)  # last.pt is replaced by rename later, so the link keeps this state
-    except OSError:
-        shutil.copy2(last_path, snapshot)
-    for old in snapshot_paths(last_path.parent)[:-keep]:
-        old.unlink(missing_ok=True)
 
 
 class IterationBoundaryInterrupt:
@@ -185,8 +143,81 @@ def _finite_on_every_rank(loss: float, dist_info: DistInfo) -> bool:
     return all_reduce_numbers([0.0 if math.isfinite(loss) else 1.0], op="max")[0] == 0.0
 
 
-def _mean_across_ranks(terms: dict[str, float], dist_info: DistInfo) -> dict[str, float]:
-    return {key: value / dist_info.world_size for key, value in zip(terms, all_reduce_numbers(list(terms.values())))}
+class Trainer:
+    """Optimizer steps from ``iter`` to ``max_iters``, with hooks around them (detectron2's
+    ``TrainerBase``). A step draws ``accum_steps`` micro-batches from ``batches`` (dicts with
+    ``image`` and ``label``), calls ``run_model(images, labels)`` for a dict of losses under
+    autocast (``amp``), and steps ``optimizer`` through ``scaler``, clipping the gradient norm
+    of ``model`` (the module under any DDP wrapper ``run_model``) to ``grad_clip`` when set.
+
+    Ctrl-C: the step under way finishes with its hooks; at the next boundary every hook's
+    ``on_interrupt`` runs, then ``KeyboardInterrupt`` (module docstring).
+    """
+
+    def __init__(self, model: nn.Module, run_model: nn.Module, optimizer: torch.optim.Optimizer, scaler,
+                 batches: Iterator[dict], device: torch.device, dist_info: DistInfo = DistInfo(), *,
+                 max_iters: int, start_iter: int = 0, accum_steps: int = 1, grad_clip: float | None = None,
+                 amp: torch.dtype | None = None, best_miou: float = -1.0, hooks: Sequence[HookBase] = ()):
+        self.model, self.run_model, self.optimizer, self.scaler = model, run_model, optimizer, scaler
+        self.batches, self.device, self.dist_info = batches, device, dist_info
+        self.iter, self.max_iters = start_iter, max_iters
+        self.accum_steps, self.grad_clip, self.amp = accum_steps, grad_clip, amp
+        self.best_miou = best_miou
+        self.lr: float | None = None  # set by LRScheduleHook
+        self.loss_terms: dict[str, float] = {}  # the last step's losses (means over its micro-batches)
+        self.metrics: dict | None = None  # the last evaluation (EvalHook)
+        self.hooks: list[HookBase] = []
+        self.register(hooks)
+
+    def register(self, hooks: Sequence[HookBase]) -> None:
+        for hook in hooks:
+            hook.trainer = self
+            self.hooks.append(hook)
+
+    def train(self) -> None:
+        self.model.train()
+        for hook in self.hooks:
+            hook.before_train()
+        with IterationBoundaryInterrupt() as interrupt:
+            while self.iter < self.max_iters:
+                if interrupt.stop(self.dist_info):  # Ctrl-C: leave at this boundary, hooks first
+                    for hook in self.hooks:
+                        hook.on_interrupt()
+                    raise KeyboardInterrupt
+                for hook in self.hooks:
+                    hook.before_step()
+                self.run_step()
+                self.iter += 1
+                for hook in self.hooks:
+                    hook.after_step()
+        for hook in self.hooks:
+            hook.after_train()
+
+    def run_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_terms: dict[str, float] = {}
+        for micro in range(self.accum_steps):
+            batch = next(self.batches)
+            images = batch["image"].to(self.device, non_blocking=True)
+            labels = batch["label"].to(self.device, non_blocking=True)
+            last = micro == self.accum_steps - 1
+            sync = nullcontext() if (last or not self.dist_info.enabled) else self.run_model.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                    losses = self.run_model(images, labels)
+                loss = sum(losses.values())
+                self.scaler.scale(loss / self.accum_steps).backward()
+            for key, value in losses.items():
+                loss_terms[key] = loss_terms.get(key, 0.0) + float(value.detach()) / self.accum_steps
+        if not _finite_on_every_rank(sum(loss_terms.values()), self.dist_info):  # decided together: no rank waits
+            raise SegcliError(f"the loss became non-finite (nan or inf) at iteration {self.iter + 1}",
+                              "train.optimizer.lr", "lower the learning rate or enable grad_clip")
+        if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.loss_terms = loss_terms
 
 
 def run_training(
@@ -215,14 +246,12 @@ def run_training(
 
     core = model.to(device)
     init_warnings = init_weights_from(core, cfg.init_from) if cfg.init_from and not resume else []
+    run_model = core
     if dist_info.enabled:
         if device.type == "cuda" and recipe.model.sync_bn:
             core = nn.SyncBatchNorm.convert_sync_batchnorm(core)
-        ddp = nn.parallel.DistributedDataParallel(
+        run_model = nn.parallel.DistributedDataParallel(
             core, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
-        run_model = ddp
-    else:
-        run_model = core
     optimizer = build_optimizer(core, cfg.optimizer)
     dtype = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
@@ -237,53 +266,11 @@ def run_training(
         scaler.load_state_dict(payload["scaler"])
         start_iter = int(payload["iteration"])
         best_miou = float(payload.get("best_miou", -1.0))
-        _set_rng_state(payload["rng"], device)
+        set_rng_state(payload["rng"], device)
         if dist_info.is_main:
-            _truncate_jsonl(metrics_path, start_iter)
+            truncate_jsonl(metrics_path, start_iter)
     elif dist_info.is_main and metrics_path.exists():
         metrics_path.unlink()
-
-    def weights_at(iteration: int) -> dict:
-        """What best.pt holds: enough to evaluate, predict, prune or fine-tune from, not to resume."""
-        return {
-            "version": __version__,
-            "recipe": recipe.to_dict(),
-            "meta": meta,
-            "model": core.state_dict(),
-            "iteration": iteration,
-            "best_miou": best_miou,
-        }
-
-    def payload_at(iteration: int) -> dict:
-        """What last.pt (and iter_N.pt) hold: the weights and everything that resuming needs."""
-        return {
-            **weights_at(iteration),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": _rng_state(device),
-        }
-
-    saved_at = [start_iter if resume else -1]  # the iteration last.pt holds
-
-    def save_last(iteration: int) -> None:
-        saved_at[0] = iteration
-        if dist_info.is_main:
-            save_checkpoint(last_path, payload_at(iteration))
-            if cfg.keep_checkpoints:
-                keep_snapshot(last_path, iteration, cfg.keep_checkpoints)
-            callback("checkpoint", {"path": str(last_path), "iter": iteration})
-
-    def evaluate(iteration: int) -> dict:
-        nonlocal best_miou
-        metrics = evaluate_model(core, val_set, recipe, device, dist_info)
-        record = {"iter": iteration, "mIoU": metrics["mIoU"], "mAcc": metrics["mAcc"], "aAcc": metrics["aAcc"]}
-        if dist_info.is_main:
-            _append_jsonl(metrics_path, record)
-            if not math.isnan(metrics["mIoU"]) and metrics["mIoU"] > best_miou:
-                best_miou = metrics["mIoU"]
-                save_checkpoint(best_path, weights_at(iteration))
-        callback("eval", {"iter": iteration, **metrics})
-        return metrics
 
     loader = build_train_loader(train_set, recipe.data.batch_size, recipe.data.num_workers, cfg.seed,
                                 dist_info.rank, dist_info.world_size, start_iter=start_iter,
@@ -291,67 +278,19 @@ def run_training(
     for message in init_warnings:
         callback("warning", {"message": message})
     records = tuple(records) + tuple({"event": "warning", "message": message} for message in init_warnings)
-    if dist_info.is_main:
-        for record in records:
-            _append_jsonl(metrics_path, {"iter": start_iter, **record})
-    batches = iter(loader)
-    metrics = None
-    iteration = start_iter
-    core.train()
-    tic, tic_iter = time.perf_counter(), start_iter
-    with IterationBoundaryInterrupt() as interrupt:
-        while iteration < cfg.max_iters:
-            if interrupt.stop(dist_info):  # Ctrl-C: leave at this boundary, with last.pt at it
-                if saved_at[0] != iteration:
-                    save_last(iteration)
-                raise KeyboardInterrupt
-            lr = set_lr(optimizer, iteration, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss_terms: dict[str, float] = {}
-            for micro in range(cfg.accum_steps):
-                batch = next(batches)
-                images = batch["image"].to(device, non_blocking=True)
-                labels = batch["label"].to(device, non_blocking=True)
-                sync = nullcontext() if (micro == cfg.accum_steps - 1 or not dist_info.enabled) else run_model.no_sync()
-                with sync:
-                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                        losses = run_model(images, labels)
-                    loss = sum(losses.values())
-                    scaler.scale(loss / cfg.accum_steps).backward()
-                for key, value in losses.items():
-                    loss_terms[key] = loss_terms.get(key, 0.0) + float(value.detach()) / cfg.accum_steps
-            total = sum(loss_terms.values())
-            if not _finite_on_every_rank(total, dist_info):  # decided together: no rank waits for one that left
-                raise SegcliError(f"the loss became non-finite (nan or inf) at iteration {iteration + 1}",
-                                  "train.optimizer.lr", "lower the learning rate or enable grad_clip")
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(core.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            iteration += 1
-            if iteration % cfg.log_interval == 0 or iteration == cfg.max_iters:
-                if dist_info.enabled:  # log the global batch's loss, not rank 0's share
-                    loss_terms = _mean_across_ranks(loss_terms, dist_info)
-                    total = sum(loss_terms.values())
-                elapsed = time.perf_counter() - tic
-                speed = (iteration - tic_iter) / elapsed if elapsed > 0 else 0.0
-                record = {"iter": iteration, "lr": lr, "loss": total, **loss_terms, "it_per_s": speed}
-                if dist_info.is_main:
-                    _append_jsonl(metrics_path, record)
-                tic, tic_iter = time.perf_counter(), iteration
-            callback("step", {"iter": iteration, "max_iters": cfg.max_iters, "lr": lr, "loss": total})
-            if iteration % cfg.eval_interval == 0 or iteration == cfg.max_iters:
-                try:
-                    metrics = evaluate(iteration)
-                except SegcliError as err:  # e.g. a bad validation mask: keep what was trained
-                    save_last(iteration)
-                    hint = f"{err.hint}; " if err.hint else ""
-                    raise SegcliError(err.message, err.where,
-                                      f"{hint}the weights trained so far are in {last_path}: fix the data, then "
-                                      f"`segcli eval {last_path}`") from None
-                core.train()
-                save_last(iteration)
-            elif cfg.checkpoint_interval and iteration % cfg.checkpoint_interval == 0:
-                save_last(iteration)
-    return TrainResult(work_dir, last_path, best_path if best_path.exists() else None, best_miou, metrics, iteration)
+    header = {"version": __version__, "recipe": recipe.to_dict(), "meta": meta}
+    checkpointer = CheckpointHook(last_path, header, cfg.eval_interval, cfg.checkpoint_interval, cfg.keep_checkpoints,
+                                  callback, saved_at=start_iter if resume else -1)
+    hooks = [
+        LRScheduleHook(cfg),
+        LogHook(metrics_path, cfg.log_interval, callback, records),
+        EvalHook(lambda: evaluate_model(core, val_set, recipe, device, dist_info), cfg.eval_interval, metrics_path,
+                 best_path, checkpointer, callback),
+        checkpointer,  # after EvalHook: last.pt holds the evaluation's best_miou and the RNG after it
+    ]
+    trainer = Trainer(core, run_model, optimizer, scaler, iter(loader), device, dist_info, max_iters=cfg.max_iters,
+                      start_iter=start_iter, accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, amp=dtype,
+                      best_miou=best_miou, hooks=hooks)
+    trainer.train()
+    return TrainResult(work_dir, last_path, best_path if best_path.exists() else None, trainer.best_miou,
+                       trainer.metrics, trainer.iter)

@@ -128,6 +128,11 @@ class ConvertResult:
     recipe: str | None = None  # the released recipe picked from the tensors (None: given, or a backbone)
     architecture: str | None = None  # what the tensors say the model is
 
+    def to_dict(self) -> dict:
+        """The ``convert --json`` object."""
+        return {"path": str(self.path), "format": self.format, "tensors_in": self.tensors_in,
+                "tensors_out": self.tensors_out, "recipe": self.recipe, "architecture": self.architecture}
+
 
 # released formats recognised by their keys but not converted yet: an honest one-line refusal
 NOT_YET = (

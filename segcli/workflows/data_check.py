@@ -31,6 +31,12 @@ class DataCheckResult:
     def ok(self) -> bool:
         return not self.problems
 
+    def to_dict(self) -> dict:
+        """The ``data check --json`` object."""
+        return {"ok": self.ok, "images": self.images, "classes": list(self.classes), "pixels": self.pixels,
+                "ignored_pixels": self.ignored_pixels,
+                "problems": [{"where": where, "problem": problem} for where, problem in self.problems]}
+
 
 def check_data(recipe: Recipe | str | Path, overrides=(), splits: tuple[str, ...] = ("train", "val"),
                progress: Callable[[str, int, int], None] | None = None) -> DataCheckResult:

@@ -29,6 +29,12 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 class PredictResult:
     written: list[Path] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    out_dir: Path | None = None
+
+    def to_dict(self) -> dict:
+        """The ``predict --json`` object."""
+        return {"out": str(self.out_dir), "written": [str(p) for p in self.written],
+                "failed": [{"path": path, "reason": reason} for path, reason in self.failed]}
 
 
 def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]], dict[Path, str]]:
@@ -130,8 +136,8 @@ def predict(inputs: list[str], checkpoint: str | Path, out_dir: str | Path = "pr
         prepare_for_inference(loaded.model)
     if compile:  # torch.compile of backbone and head (engine/inference.py: worth it for many images of one size)
         compile_for_inference(loaded.model, dev)
-    result = PredictResult(failed=list(failed))
     out = Path(out_dir)
+    result = PredictResult(failed=list(failed), out_dir=out)
     if show_pruning and not hasattr(loaded.model, "exit_maps"):
         raise SegcliError("this model prunes no tokens: --show-pruning has nothing to show", str(checkpoint),
                           "give a DToP checkpoint, e.g. one written by `segcli prune`")

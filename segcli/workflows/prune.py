@@ -35,7 +35,7 @@ from ..models.dtop import DToPOptions
 from ..outputs import check_outputs
 from ..recipe import Recipe, recipe_from_dict
 
-__all__ = ["prune_checkpoint", "pruned_recipe", "parse_layers", "gflops_split", "PRUNE_OPTIONS"]
+__all__ = ["PruneResult", "prune", "prune_checkpoint", "pruned_recipe", "parse_layers", "gflops_split", "PRUNE_OPTIONS"]
 
 PRUNE_OPTIONS = ("p0", "k", "exit_layers")  # the DToPOptions fields that prune sets
 
@@ -122,6 +122,27 @@ def prune_checkpoint(checkpoint: str | Path, p0: float = 0.95, k: int = 5,
         "meta": payload["meta"],
         "model": model.state_dict(),
     })
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneResult:
+    checkpoint: Path  # the pruned checkpoint written
+    p0: float
+    k: int
+    exit_layers: tuple[int, ...] | None  # as given (None: every auxiliary head)
+
+    def to_dict(self) -> dict:
+        """The ``prune --json`` object."""
+        return {"checkpoint": str(self.checkpoint), "p0": self.p0, "k": self.k,
+                "exit_layers": list(self.exit_layers) if self.exit_layers is not None else None}
+
+
+def prune(checkpoint: str | Path, p0: float = 0.95, k: int = 5, exit_layers: str | tuple[int, ...] | None = None,
+          out: str | Path | None = None, overwrite: bool = False) -> PruneResult:
+    """:func:`prune_checkpoint`, returning what was written with the options it was written with."""
+    layers = parse_layers(exit_layers) if isinstance(exit_layers, str) else exit_layers
+    path = prune_checkpoint(checkpoint, p0=p0, k=k, exit_layers=layers, out=out, overwrite=overwrite)
+    return PruneResult(Path(path), p0, k, tuple(layers) if layers is not None else None)
 
 
 def gflops_split(model: nn.Module, *inputs: torch.Tensor) -> dict[str, float]:

@@ -20,7 +20,8 @@ from ..build import as_recipe, build_datasets, build_model, dataset_meta, pick_d
 from ..data.loader import micro_batch_size
 from ..engine.checkpoint import load_model_state, read_checkpoint
 from ..engine.distributed import DistInfo, barrier, cleanup, init_distributed
-from ..engine.trainer import Callback, TrainResult, run_training, snapshot_paths
+from ..engine.hooks import snapshot_paths
+from ..engine.trainer import Callback, TrainResult, run_training
 from ..errors import SegcliError
 from ..recipe import Recipe, dump_recipe, recipe_from_dict
 from .experiment import BOOKKEEPING_KEYS, ExperimentCheck, compare_to_published

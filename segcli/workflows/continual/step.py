@@ -33,6 +33,12 @@ class CLStepResult:
     metrics: dict  # the step-end evaluation (classes of later tasks ignored)
     iterations: int
 
+    def to_dict(self) -> dict:
+        """The ``cl-step --json`` object."""
+        return {"task": self.task, "num_tasks": self.num_tasks, "classes": list(self.classes),
+                "work_dir": str(self.work_dir), "checkpoint": str(self.checkpoint), "num_images": self.num_images,
+                "iterations": self.iterations, "metrics": self.metrics}
+
 
 def find_previous_step(task: int, work_dir: str | Path | None = None, runs: str | Path = "runs") -> tuple[Recipe, Path]:
     """The recipe and work dir to continue with ``--task N`` when no recipe is given.
