@@ -102,8 +102,8 @@ def test_dynamic_export_runs_two_sizes(name, synth_root, tmp_path):
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
-    ckpt_model = api.load_checkpoint(ckpt).model
-    recipe = api.load_checkpoint(ckpt).recipe
+    loaded = api.load_checkpoint(ckpt)
+    ckpt_model, recipe = loaded.model, loaded.recipe
     image = torch.rand(1, 3, 80 - 9, 96) * 255
     out = session.run(None, {"image": image.numpy()})[0]
     mean, std = torch.tensor(recipe.data.mean).view(1, 3, 1, 1), torch.tensor(recipe.data.std).view(1, 3, 1, 1)
@@ -192,26 +192,38 @@ def test_an_optimistic_declaration_is_caught_by_verification(synth_root, tmp_pat
     assert (tmp_path / "nrd_einsum.pt2.unverified").is_file() and not (tmp_path / "nrd_einsum.pt2").exists()
 
 
-def test_cli_export_refuses_to_overwrite_and_validates(cli, synth_root, tmp_path):
-    ckpt = make_checkpoint(synth_root, tmp_path, "bilinear")
-    res = cli("export", ckpt, "--json")
-    assert res.exit_code == 0, res.output
+def test_cli_export_parses_renders_and_refuses(cli, onnx_export, tmp_path, monkeypatch):
+    """The CLI's part: an existing file and bad options are refused in one line before anything
+    runs; the flags reach ``api.export`` and its result is rendered, as text and ``--json`` (the
+    export itself is tested above, and its real result is what is rendered here)."""
     import json
 
-    info = json.loads(res.stdout)
-    assert info["verified"] and info["path"] == str(tmp_path / "bilinear.onnx")
-    before = (tmp_path / "bilinear.onnx").stat().st_mtime_ns
-    res = cli("export", ckpt)
+    from segcli import api as api_module
+
+    exported = onnx_export("bilinear")  # static, scores
+    ckpt = exported.path.with_suffix(".pt")
+    before = exported.path.stat().st_mtime_ns
+    res = cli("export", ckpt, "--output", "scores")
     assert res.exit_code == 2 and "exists" in res.output and "--overwrite" in res.output
-    assert (tmp_path / "bilinear.onnx").stat().st_mtime_ns == before
-    res = cli("export", ckpt, "--overwrite", "--output", "scores")
-    assert res.exit_code == 0 and "max abs diff" in res.output and "labels agree" in res.output
+    assert exported.path.stat().st_mtime_ns == before
     for args, text in ((["--format", "onx"], "did you mean 'onnx'"), (["--opset", "9"], "opset 9"),
                        (["--format", "torchscript", "--dynamic"], "TorchScript")):
         res = cli("export", ckpt, "--out", tmp_path / "x.onnx", *args)
         assert res.exit_code == 2 and text in res.output, res.output
     res = cli("export", tmp_path / "missing.pt")
     assert res.exit_code == 2 and "checkpoint not found" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
+
+    calls = []
+    monkeypatch.setattr(api_module, "export", lambda checkpoint, **kw: calls.append((checkpoint, kw)) or exported)
+    res = cli("export", ckpt, "--json", "--output", "scores", "--shape", "64", "64", "--opset", "19", "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout) == json.loads(json.dumps(exported.to_dict()))
+    assert [(Path(c), kw) for c, kw in calls] == [(ckpt, {
+        "format": "onnx", "shape": (64, 64), "dynamic": False, "batch": 1, "output": "scores", "opset": 19,
+        "out": None, "overwrite": True})]
+    res = cli("export", ckpt, "--overwrite", "--output", "scores")
+    assert res.exit_code == 0 and "max abs diff" in res.output and "labels agree" in res.output
 
 
 def test_failed_verification_keeps_the_file_as_unverified(synth_root, tmp_path, monkeypatch):
