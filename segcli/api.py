@@ -9,6 +9,7 @@ prints; long operations report progress through an optional callback. User error
 from __future__ import annotations
 
 from .build import LoadedModel, build_datasets, build_model, load_checkpoint, pick_device, without_pretrained
+from .onnx_model import load_onnx
 from .recipe import Recipe, dump_recipe, load_recipe, resolved_recipe_yaml
 from .workflows.benchmark import benchmark
 from .workflows.continual import CLStepResult, cl_metrics, cl_step
@@ -17,7 +18,7 @@ from .workflows.data_show import DataShowResult, show_data
 from .workflows.convert import ConvertResult, convert
 from .workflows.evaluate import evaluate
 from .workflows.experiment import ExperimentCheck, RecipeShow, compare_to_published, show_recipe
-from .workflows.export import ExportResult, export_model, load_onnx
+from .workflows.export import ExportResult, export_model
 from .workflows.flops import flops
 from .workflows.plot import plot_run
 from .workflows.predict import PredictResult, predict

@@ -156,7 +156,7 @@ def _prepare_onnx(source, shape, batch, dev, compile, backbone_only, mode) -> _E
 
     Decision: its GFLOPs and parameters are those of the PyTorch model of the recipe embedded in
     the file (the graph computes the same thing; fvcore cannot count an ONNX graph)."""
-    from .export import load_onnx
+    from ..onnx_model import load_onnx
 
     if dev.type != "cpu":
         raise SegcliError("ONNX files are benchmarked with onnxruntime on the CPU", "--device", "use --device cpu")

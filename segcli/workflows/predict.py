@@ -18,9 +18,9 @@ from ..data import read_image
 from ..data.transforms import eval_view, image_tensor
 from ..engine.inference import compile_failures_reported, compile_for_inference, infer_labels, prepare_for_inference
 from ..errors import SegcliError
+from ..onnx_model import load_onnx
 from ..outputs import check_outputs as check_writes
 from ..viz import colorize, overlay_image, save_png, with_legend
-from .export import load_onnx
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -126,7 +126,7 @@ def predict(inputs: list[str], checkpoint: str | Path, out_dir: str | Path = "pr
         what = "; ".join(f"{item}: {reason}" for item, reason in failed) or "no input given"
         raise SegcliError(f"no images found ({what})", None, "give image files, folders of images or globs")
     dev = pick_device(device)
-    onnx = Path(checkpoint).suffix.lower() == ".onnx"  # an exported file: onnxruntime (workflows/export.py)
+    onnx = Path(checkpoint).suffix.lower() == ".onnx"  # an exported file: onnxruntime (onnx_model.py)
     loaded = load_onnx(checkpoint) if onnx else load_checkpoint(checkpoint, device=dev)
     if aug_test:  # MMSegmentation's --aug-test: multi-scale and flip
         loaded.recipe = with_aug_test(loaded.recipe)
