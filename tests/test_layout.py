@@ -18,7 +18,7 @@ LAYERS = [  # (module-name prefix, layer); the longest matching prefix wins
     ("segcli.cli", 0), ("segcli.__main__", 0),
     ("segcli.api", 1), ("segcli", 1),  # the package itself re-exports the API lazily
     ("segcli.workflows", 2),
-    ("segcli.build", 3),
+    ("segcli.build", 3), ("segcli.onnx_model", 3),
     ("segcli.engine", 4),
     ("segcli.recipe", 5),
     ("segcli.models", 6), ("segcli.data", 6), ("segcli.viz", 6), ("segcli.convert", 6),

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import SegcliError
+from .exportable import FULL, ExportSupport
 from .losses import cross_entropy
 from .scores import DenseScores, ScoreMap, UpsampledScores, resize  # noqa: F401 (resize: re-exported)
 
@@ -63,6 +64,10 @@ class Backbone(nn.Module):
     def no_weight_decay_names(self) -> set[str]:
         """Parameter names (relative to the backbone) that take no weight decay."""
         return set()
+
+    def export_support(self) -> ExportSupport:
+        """What an exported graph of this backbone can be (``models/exportable.py``). Default: all."""
+        return FULL
 
 
 class DecodeHead(nn.Module):
@@ -109,6 +114,10 @@ class DecodeHead(nn.Module):
         """The one backbone output this head reads (0-based position in the feature list), or None
         if it reads several. Wrappers that run heads between blocks (DToP) need it."""
         return None
+
+    def export_support(self) -> ExportSupport:
+        """What an exported graph of this head can be (``models/exportable.py``). Default: all."""
+        return FULL
 
     @property
     def supports_token_input(self) -> bool:
@@ -166,6 +175,13 @@ class LogitHead(DecodeHead):
     def score_map(self, outputs: dict, size: tuple[int, int]) -> UpsampledScores:
         logits = outputs["logits"]  # [B, K, h, w]
         return UpsampledScores(logits, upsample_extent(logits, self.logit_stride, size), size)
+
+    def export_support(self) -> ExportSupport:
+        """Static only: the upsampling extent (:func:`upsample_extent`; NRD also its patch grid) is
+        computed as Python ints, which a capture bakes into the graph's Resize/Reshape, so a dynamic
+        graph fails at run time (``tests/test_export.py``)."""
+        return ExportSupport(dynamic=False, reason=f"the {type(self).__name__} turns sizes into Python ints that "
+                             "a capture fixes", key="--dynamic", fix="export without --dynamic, at the --shape you run")
 
     def forward_tokens(self, tokens: torch.Tensor, pad_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """A per-token head on tokens ``[B, M, C]`` -> ``{"logits": [B, K, M]}``: the tokens go through

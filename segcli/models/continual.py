@@ -49,6 +49,7 @@ from ..configurable import PositiveInt
 from ..errors import SegcliError
 from ..registry import SEGMENTORS
 from .base import Backbone, FrozenPartsMixin, HeadContext
+from .exportable import ExportSupport
 from .heads.atm import ATMHead
 from .scores import ConcatScores
 
@@ -121,6 +122,13 @@ class ContinualSegmentor(FrozenPartsMixin, nn.Module):
         if labels is None:
             return self.scores(features, tuple(images.shape[-2:]))  # [B, ΣK_t, H, W]
         return self.losses(features, labels)
+
+    def export_support(self) -> ExportSupport:
+        """Inference runs the backbone and every task's head."""
+        support = self.backbone.export_support()
+        for head in self.heads:
+            support = support & head.export_support()
+        return support
 
     def forward_scores(self, images: torch.Tensor) -> ConcatScores:
         """``forward(images)``'s scores left unformed (``models/scores.py``)."""

@@ -92,6 +92,7 @@ from ..configurable import NonNegativeInt, Range
 from ..errors import SegcliError
 from ..registry import SEGMENTORS
 from .base import DecodeHead, FrozenPartsMixin, resize
+from .exportable import ExportSupport, data_dependent
 from .heads.atm import query_class_probs
 from .scores import ScoreMap, UpsampledScores, nearest_rows, resize_rows
 from .tokens import scatter_tokens, select_tokens
@@ -354,6 +355,17 @@ class DToPSegmentor(FrozenPartsMixin, nn.Module):
     @property
     def pruning(self) -> bool:
         return self.options.p0 < 1.0
+
+    def export_support(self) -> ExportSupport:
+        """At p0 < 1 which tokens exit depends on the image; at p0 = 1 nothing exits and the forward
+        is the unpruned model's (backbone blocks, then the decode head)."""
+        if self.pruning:
+            return data_dependent("DToP with p0 < 1", "model.options.p0",
+                                  "export at p0 = 1 (segcli prune --p0 1.0); see README Deploy")
+        staged = ExportSupport(dynamic=False, reason="DToP's staged forward (embed, run_block, heads on packed "
+                               "tokens) does not keep sizes symbolic: its dynamic graph fails at run time",
+                               key="--dynamic", fix="export without --dynamic, at the --shape you run")
+        return staged & self.backbone.export_support() & self.decode_head.export_support()
 
     def frozen_modules(self) -> list[nn.Module]:
         """Auxiliary heads that are no exit (kept for the checkpoint, never run) and, with

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..registry import SEGMENTORS
 from .base import Backbone, DecodeHead
+from .exportable import ExportSupport
 from .scores import ScoreMap
 
 
@@ -34,6 +35,10 @@ class EncoderDecoder(nn.Module):
         if labels is None:
             return self.decode_head.seg_logits(outputs, tuple(images.shape[-2:]))  # [B, K, H, W]
         return self.losses(features, outputs, labels)
+
+    def export_support(self) -> ExportSupport:
+        """Inference runs the backbone and the decode head (auxiliary heads only train)."""
+        return self.backbone.export_support() & self.decode_head.export_support()
 
     def forward_scores(self, images: torch.Tensor) -> ScoreMap:
         """``forward(images)``'s scores left unformed (``models/scores.py``): labels without them."""

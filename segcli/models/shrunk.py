@@ -83,6 +83,7 @@ from ..registry import SEGMENTORS
 from .heads.atm import ATMHead
 from .heads.edge import EdgeHead, edge_loss, edge_targets
 from .layers import ATMDecoderLayer
+from .exportable import ExportSupport, data_dependent
 from .segmentor import EncoderDecoder
 from .tokens import scatter_tokens, select_tokens
 
@@ -275,6 +276,14 @@ class ShrunkSegmentor(EncoderDecoder):
         self.edge_head = EdgeHead(channels, options.edge_hidden) if options.edge else None
         self.ignore_index = decode_head.ignore_index  # the edge targets' too
         self.last_stats: dict[str, float] = {}
+
+    def export_support(self) -> ExportSupport:
+        """QD keeps a fixed 2x2 subsample (a grid-sized token set); EQD adds the tokens its edge
+        head finds, which depend on the image."""
+        if self.edge_head is not None:
+            return data_dependent("Shrunk with EQD", "model.options.edge",
+                                  "export a Shrunk model with QD (edge: false); see README Deploy")
+        return super().export_support()
 
     # ------------------------------------------------------------------ encoder
     def keep_mask(self, grid: tuple[int, int], edge_logits: torch.Tensor | None,
