@@ -42,6 +42,7 @@ from segcli.api import build_datasets, load_checkpoint  # noqa: E402
 from segcli.engine.flops import count_flops  # noqa: E402
 from segcli.engine.inference import infer_labels  # noqa: E402
 from segcli.models.tokens import select_tokens  # noqa: E402
+from segcli.ops.scores import token_fractions  # noqa: E402
 from segcli.workflows.prune import gflops_split, prune_checkpoint  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -142,8 +143,7 @@ def main() -> None:
     stats = []
     with torch.no_grad():
         for i in range(count):
-            pruned(images[i:i + 1])
-            stats.append(pruned.last_stats)
+            stats.append(token_fractions(pruned.forward_scores(images[i:i + 1]).counts))
     exit_fraction = [statistics.fmean(s["exit_fraction"][m] for s in stats) for m in range(len(pruned.exit_layers))]
     print(f"GFLOPs/image: unpruned {unpruned_gflops:.3f}; pruned {pruned_gflops:.3f} with aux heads, "
           f"{without_aux:.3f} without  -> saving {100 * flops_saving:.1f}% (with aux), "

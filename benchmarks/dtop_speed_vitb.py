@@ -39,6 +39,7 @@ import segcli.models.backbones.vit as vit  # noqa: E402
 from segcli.allocator import retain_freed_memory  # noqa: E402
 from segcli.api import build_datasets, build_model, load_checkpoint  # noqa: E402
 from segcli.models.dtop import atm_token_probs  # noqa: E402
+from segcli.ops.scores import token_fractions  # noqa: E402
 from segcli.workflows.prune import gflops_split, prune_checkpoint  # noqa: E402
 from segcli.recipe import load_recipe  # noqa: E402
 
@@ -75,9 +76,9 @@ def trained_shares(checkpoint: Path, p0: float, images: int) -> list[list[float]
     per_image = []
     with torch.no_grad():
         for i in range(min(images, len(val_set))):
-            loaded.model(val_set[i]["image"][None])
+            counts = loaded.model.forward_scores(val_set[i]["image"][None]).counts
             left, shares = 1.0, []
-            for fraction in loaded.model.last_stats["exit_fraction"]:  # shares of the whole grid
+            for fraction in token_fractions(counts)["exit_fraction"]:  # shares of the whole grid
                 shares.append(fraction / left if left > 0 else 0.0)
                 left -= fraction
             per_image.append(shares)
@@ -136,9 +137,9 @@ def main() -> None:
     without = statistics.fmean(s["gflops_without_aux"] for s in splits)
     saving = 1 - with_aux / base
     with torch.no_grad():
-        pruned(images[:1])
+        kept = token_fractions(pruned.forward_scores(images[:1]).counts)["kept_fraction"]
     print(f"GFLOPs/image: unpruned {base:.2f}; pruned {with_aux:.2f} with aux heads ({100 * saving:.1f}% less), "
-          f"{without:.2f} without; kept to the decode head (image 0) {pruned.last_stats['kept_fraction']:.3f}")
+          f"{without:.2f} without; kept to the decode head (image 0) {kept:.3f}")
     print("\n| batch | unpruned s (min / median) | pruned s (min / median) | wall saving | / GFLOPs saving |")
     print("|---|---|---|---|---|")
     for batch in (int(b) for b in args.batch_sizes.split(",")):

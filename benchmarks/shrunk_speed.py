@@ -28,6 +28,7 @@ from segcli.api import without_pretrained  # noqa: E402
 from segcli.engine.flops import count_flops  # noqa: E402
 from segcli.models import build_segmentor  # noqa: E402
 from segcli.models import shrunk  # noqa: E402,F401  (registers model.type: shrunk)
+from segcli.ops.scores import token_fractions  # noqa: E402
 from segcli.recipe import load_recipe  # noqa: E402
 
 FULL = ["model.decode_head.mask_resolution=full"]
@@ -91,7 +92,8 @@ def main() -> None:
         gflops = count_flops(model, image)
         with torch.no_grad():
             median, fastest, cpu = timed(lambda m=model: m(image), args.repeats)
-        kept = getattr(model, "last_stats", {}).get("kept_fraction", 1.0)
+            counts = model.forward_scores(image).counts  # the token counts travel with the scores
+        kept = token_fractions(counts).get("kept_fraction", 1.0)
         rows.append((name, gflops, kept, median, fastest, cpu))
         del model
 

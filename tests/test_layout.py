@@ -1,7 +1,7 @@
 """The package's import graph: imports run one way and never in a circle (module-level and lazy alike).
 
 Layers, top to bottom (README "Development"): cli -> api -> workflows -> build -> engine -> recipe
--> models / data / viz -> configurable / registry / errors / zoo / version. A module may import its
+-> models / data / viz -> configurable / registry / errors / zoo / version / ops. A module may import its
 own layer or lower ones, never a higher one. The recipe sits above models and data because
 validating a recipe looks its components up in the registries that models and data fill.
 """
@@ -22,8 +22,9 @@ LAYERS = [  # (module-name prefix, layer); the longest matching prefix wins
     ("segcli.engine", 4),
     ("segcli.recipe", 5),
     ("segcli.models", 6), ("segcli.data", 6), ("segcli.viz", 6), ("segcli.convert", 6),
-    ("segcli.configurable", 7), ("segcli.registry", 7), ("segcli.errors", 7), ("segcli.zoo", 7),
+    ("segcli.configurable", 7), ("segcli.registry", 7), ("segcli.errors", 7), ("segcli.zoo", 7), ("segcli.download", 7),
     ("segcli.version", 7), ("segcli.allocator", 7), ("segcli.outputs", 7),
+    ("segcli.ops", 7),  # score maps, token counts, BatchNorm folding: shared by models and the engine
 ]
 
 
@@ -76,6 +77,14 @@ def test_every_module_has_a_layer():
 def test_imports_run_one_way(name):
     upward = sorted(target for target in GRAPH[name] if layer(target) < layer(name))
     assert upward == [], f"{name} (layer {layer(name)}) imports a higher layer: {upward}"
+
+
+def test_the_engine_imports_no_model_module():
+    """The engine knows no model (STYLE: detectron2's trainer): it runs whatever ``nn.Module`` it is
+    given through its scores (``segcli.ops``), never a class or helper of ``segcli.models``."""
+    found = sorted(f"{name} -> {target}" for name in GRAPH if layer(name) == layer("segcli.engine")
+                   for target in GRAPH[name] if target == "segcli.models" or target.startswith("segcli.models."))
+    assert found == []
 
 
 def test_no_import_cycle():

@@ -232,7 +232,7 @@ def test_prepare_for_inference_folds_batchnorms_and_keeps_the_scores(head):
 
 
 def test_fold_batchnorms_leaves_unpaired_and_batch_statistics_norms():
-    from segcli.models.layers import fold_batchnorms
+    from segcli.ops.batchnorm import fold_batchnorms
 
     seq = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.Conv2d(3, 4, 1),
                               torch.nn.BatchNorm2d(4, track_running_stats=False), torch.nn.ReLU())

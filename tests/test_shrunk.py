@@ -14,6 +14,7 @@ from segcli.models.backbones.vit import ViTBackbone, ViTConfig, block_forward
 from segcli.models.heads.atm import ATMConfig
 from segcli.models.heads.edge import EdgeHead, edge_loss, edge_targets
 from segcli.models.shrunk import ShrunkOptions, ShrunkSegmentor, shrunk_grid, subsample_mask
+from segcli.ops.scores import token_fractions
 from segcli.recipe import ModelConfig, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ def _model(out_indices=(3,), head=None, **options) -> ShrunkSegmentor:
     head = head or ATMConfig(in_index=(0,), num_layers=2, dropout=0.0)
     options.setdefault("qu_dropout", 0.0)
     cfg = ModelConfig(backbone=Component("vit", backbone), decode_head=Component("atm", head), type="shrunk",
-                      options=options)
+                      options=ShrunkOptions(**options))  # typed, as a recipe's are at load
     return build_segmentor(cfg, NUM_CLASSES)
 
 
@@ -83,7 +84,8 @@ def test_grid_after_qd_is_ceil_half(size, grid):
     features, extras = model.encode(torch.randn(2, 3, *size))
     assert tuple(features[0].shape) == (2, 192, *shrunk_grid(grid))  # block 1 is the QD block
     assert tuple(features[1].shape) == (2, 192, *shrunk_grid(grid))
-    assert model.last_stats["kept_fraction"] == pytest.approx(extras["keep"].float().mean().item())
+    counts = model.token_counts(extras)
+    assert int(counts["kept"]) == int(extras["keep"].sum()) and int(counts["tokens"]) == 2 * grid[0] * grid[1]
     assert model(torch.randn(1, 3, *size)).shape == (1, NUM_CLASSES, *size)
 
 
@@ -141,8 +143,10 @@ def test_eqd_keeps_subsample_and_every_edge_token_per_image():
     assert torch.equal(extras["keep"], expected)
     counts = extras["keep"].sum(1).tolist()
     assert counts[0] == 20 + 4 and counts[0] != counts[1]  # variable per image
-    assert model.last_stats["kept_fraction"] == pytest.approx(expected.float().mean().item())
-    assert model.last_stats["edge_fraction"] == pytest.approx(edges.float().mean().item())
+    with torch.no_grad():
+        fractions = token_fractions(model.forward_scores(torch.randn(2, 3, 72, 56)).counts)
+    assert fractions["kept_fraction"] == pytest.approx(expected.float().mean().item())
+    assert fractions["edge_fraction"] == pytest.approx(edges.float().mean().item())
 
 
 @pytest.mark.parametrize("qu", ["inherit", "learned"])

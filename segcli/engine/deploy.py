@@ -7,7 +7,7 @@ labels or class scores out. Decisions:
   with one cast). The recipe's mean/std are constants inside the graph, so a caller needs to know
   nothing about the training normalisation.
 * **Padding inside**: the normalised image is zero-padded to the backbone's size divisor and the
-  scores cropped back, or resized back for a ViT (as :func:`segcli.engine.inference.forward_padded`),
+  scores cropped back, or resized back for a ViT (as :func:`segcli.engine.inference.scores_padded`),
   so a dynamic graph takes any H, W.
 * **Output**: ``labels`` int64 ``[B, H, W]`` (argmax) or ``scores`` float32 ``[B, K, H, W]``.
 

@@ -5,6 +5,11 @@ flips, windows) with fvcore, so input-dependent models (DToP, EQD) report what t
 the dataset average is ``gflops_avg``. A model that names some of its submodules in
 ``aux_flop_modules`` (DToP: its auxiliary heads and grading) also gets ``gflops_avg_without_aux``,
 the average without them (how the thesis' DToP tables count).
+
+Token statistics (DToP's exit and kept fractions, Shrunk's kept and edge fractions) come with
+each image's score map as counts (``ops/scores.py``), summed over windows, flips, scales, images
+and DDP ranks, and reported as fractions of all tokens (:func:`~segcli.ops.scores.token_fractions`):
+every token of every forward weighs the same.
 """
 from __future__ import annotations
 
@@ -13,10 +18,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .distributed import DistInfo
+from ..ops.scores import token_fractions
+from .distributed import DistInfo, all_reduce_numbers
 from .evaluator import SegEvaluator
 from .flops import aux_flop_prefixes, count_flops_split
-from .inference import infer, infer_labels
+from .inference import infer, labels_of, tta_scores
 
 
 class TestTimeModel(nn.Module):
@@ -62,19 +68,20 @@ def evaluate_model(
     was_training = core.training
     core.eval()
     gflops = []
-    stats: dict[str, list] = {}
+    counts: dict[str, float] = {}  # token counts of every forward, summed (module doc)
     total = len(loader)
     with torch.no_grad():
         for step, batch in enumerate(loader):
             images = batch["image"].to(device, non_blocking=True)  # [1, 3, H, W] uint8 (EvalTransform)
             labels = batch["label"].to(device, non_blocking=True)
             mean, std = recipe.data.mean, recipe.data.std
-            predicted = infer_labels(core, images, recipe.test, recipe.data.crop_size, mean=mean, std=std)  # [1, H, W]
+            scores = tta_scores(core, images, recipe.test, recipe.data.crop_size, mean=mean, std=std)
+            predicted = labels_of(scores)  # [1, H, W]; every window has run, so the counts are complete
             evaluator.process(predicted, labels)
             if on_image is not None:
                 on_image(int(batch["index"][0]), predicted[0])
-            for key, value in getattr(core, "last_stats", {}).items():
-                stats.setdefault(key, []).append(value)
+            for key, value in scores.counts.items():
+                counts[key] = counts.get(key, 0.0) + float(value)
             if count_gflops:
                 everything, aux = count_flops_split(TestTimeModel(core, recipe.test, recipe.data.crop_size, mean, std),
                                                     images)
@@ -97,12 +104,18 @@ def evaluate_model(
         result["gflops_avg"] = float(gflops_t[0] / gflops_t[2].clamp(min=1))
         if aux_flop_prefixes(core):
             result["gflops_avg_without_aux"] = float(gflops_t[1] / gflops_t[2].clamp(min=1))
-    for key, values in stats.items():  # e.g. DToP's exit fractions, averaged over images
-        result[key] = _mean_nested(values)
+    result.update(token_fractions(_sum_across_ranks(counts, dist_info)))
     return result
 
 
-def _mean_nested(values: list):
-    if isinstance(values[0], (list, tuple)):
-        return [sum(v[i] for v in values) / len(values) for i in range(len(values[0]))]
-    return sum(values) / len(values)
+def _sum_across_ranks(counts: dict[str, float], dist_info: DistInfo) -> dict[str, float]:
+    """Token counts summed over the ranks. Every rank runs the same model, so the names agree,
+    except on a rank that got no image (fewer images than ranks): the names are agreed on first."""
+    if not dist_info.enabled:
+        return counts
+    import torch.distributed as dist
+
+    names: list = [None] * dist_info.world_size
+    dist.all_gather_object(names, sorted(counts))
+    keys = sorted(set().union(*names))
+    return dict(zip(keys, all_reduce_numbers([counts.get(key, 0.0) for key in keys]), strict=True))

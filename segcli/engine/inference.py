@@ -22,16 +22,21 @@ The test-time computation is MMSegmentation 0.24.1's, step for step (its pipelin
   image, *then* reduced: one view -> its scores (arg-max = ``simple_test``); several views (scales,
   flips) -> the mean of each view's softmax probabilities, flipped back (``aug_test``).
 
-Two entry points compute the same thing:
+One pipeline: the test-time computation is a tree of :class:`~segcli.ops.scores.ScoreMap` s
+(:func:`tta_scores`: a model's ``forward_scores`` - low-resolution scores and their upsampling -
+or, for a model without one, its full scores; slide windows; flips; resizes to the image; the TTA
+mean). What a caller asks of it decides what is formed:
 
-* :func:`infer` returns the scores ``[B, K, H, W]`` (what probabilities and FLOPs need);
-* :func:`infer_labels` returns only the labels ``[B, H, W]`` and never holds the full score
-  tensor: the test-time computation is a tree of :class:`~segcli.models.scores.ScoreMap` s
-  (a model's ``forward_scores`` - low-resolution scores and their upsampling - or, for a model
-  without one, its full scores; slide windows; flips; resizes to the image; the TTA mean) asked
-  for a band of output rows at a time, and the arg-max is taken per band. Slide windows run
-  lazily as the bands reach them and are dropped once every band they overlap is done, so a
-  6000² image holds two rows of windows' low-resolution scores and one band.
+* :func:`infer_labels` / :func:`labels_of`: the labels ``[B, H, W]``, a band of output rows at a
+  time, never the full score tensor. Slide windows run lazily as the bands reach them and are
+  dropped once every band they overlap is done, so a 6000² image holds two rows of windows'
+  low-resolution scores and one band;
+* :func:`infer`: the whole map's ``full()``, the scores ``[B, K, H, W]`` (probabilities, FLOPs
+  tracing), formed with whole-tensor operations as mmseg forms them.
+
+The map also carries the token counts of every forward it ran (``ScoreMap.counts``: DToP's exits,
+Shrunk's kept queries), summed over windows and views; they are complete once every row has
+been formed.
 """
 from __future__ import annotations
 
@@ -45,15 +50,14 @@ from torch import nn
 from ..data.resize import tta_sizes
 from ..data.transforms import eval_view
 from ..errors import SegcliError
-from ..models.base import resize
-from ..models.layers import fold_batchnorms
-from ..models.scores import DenseScores, ResizedScores, ScoreMap
+from ..ops.batchnorm import fold_batchnorms
+from ..ops.scores import Counts, DenseScores, ResizedScores, ScoreMap, add_counts, resize
 
 
 def prepare_for_inference(model: nn.Module) -> nn.Module:
     """Eval mode and the inference-only rewrites, in place, for a model that will not be trained
     again (``predict``, ``eval``, ``benchmark``, :class:`~segcli.Segmenter`): BatchNorms folded into
-    the convolutions they follow (:func:`~segcli.models.layers.fold_batchnorms`) and whatever a
+    the convolutions they follow (:func:`~segcli.ops.batchnorm.fold_batchnorms`) and whatever a
     module does in its ``fuse_for_inference()`` (timm's ``reparameterize`` habit; the ResNets fold
     the BatchNorms of their blocks). Scores change by float rounding only. Not applied by
     ``export`` (the exporters fold on their own and the graph is checked against this model) nor to
@@ -135,18 +139,9 @@ def resizes_padded_scores(model) -> bool:
     return bool(getattr(getattr(core, "backbone", None), "resize_padded_scores", False))
 
 
-def forward_padded(model, images: torch.Tensor) -> torch.Tensor:
-    """Scores [B, K, H, W] for images of any size (zero-padded to the size divisor, then cropped,
-    or resized where the backbone says so)."""
-    height, width = images.shape[-2:]
-    scores = model(_pad(model, images))
-    if tuple(scores.shape[-2:]) != (height, width) and resizes_padded_scores(model):
-        return resize(scores, (int(height), int(width)))
-    return scores[..., :height, :width]
-
-
 def scores_padded(model, images: torch.Tensor) -> ScoreMap:
-    """:func:`forward_padded` unformed: the model's ``forward_scores`` if it has one, else its scores."""
+    """The scores of images of any size: zero-padded to the size divisor, then cropped (or resized
+    where the backbone says so); the model's ``forward_scores`` if it has one, else its scores."""
     height, width = (int(n) for n in images.shape[-2:])
     padded = _pad(model, images)
     forward_scores = getattr(model, "forward_scores", None)
@@ -164,20 +159,6 @@ def _windows(size: int, crop: int, stride: int) -> list[tuple[int, int]]:
         end = min(i * stride + crop, size)
         out.append((max(end - crop, 0), end))
     return out
-
-
-def slide_inference(model, images: torch.Tensor, crop: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
-    batch, _, height, width = images.shape
-    total = None
-    count = images.new_zeros(batch, 1, height, width)
-    for y1, y2 in _windows(height, crop[0], stride[0]):
-        for x1, x2 in _windows(width, crop[1], stride[1]):
-            scores = forward_padded(model, images[:, :, y1:y2, x1:x2])  # [B, K, h, w]
-            if total is None:
-                total = images.new_zeros(batch, scores.shape[1], height, width)
-            total[:, :, y1:y2, x1:x2] += scores
-            count[:, :, y1:y2, x1:x2] += 1
-    return total / count
 
 
 def _settings(images: torch.Tensor, test_cfg, default_crop) -> tuple:
@@ -203,46 +184,17 @@ def _view(images: torch.Tensor, size: tuple[int, int], flip: bool, mean, std) ->
     return x.flip(-1) if flip else x
 
 
-def infer(model, images: torch.Tensor, test_cfg, default_crop: tuple[int, int], mean=None, std=None) -> torch.Tensor:
-    """Scores [B, K, H, W] at the size of ``images`` under ``test_cfg`` (mode, scales, flip): one
-    view's scores, or for several views the mean of their softmax probabilities (module doc)."""
-    height, width = images.shape[-2:]
-    crop, stride, runs = _settings(images, test_cfg, default_crop)
-    merged = None
-    for size, flip in runs:
-        x = _view(images, size, flip, mean, std)
-        if test_cfg.mode == "slide":
-            scores = slide_inference(model, x, crop, stride)
-        else:
-            scores = forward_padded(model, x)
-        scores = resize(scores.float(), (height, width))
-        if len(runs) > 1:
-            scores = scores.softmax(dim=1)
-        if flip:
-            scores = scores.flip(-1)
-        merged = scores if merged is None else merged + scores
-    return merged / len(runs)
-
-
-def infer_probabilities(model, images: torch.Tensor, test_cfg, default_crop: tuple[int, int], mean=None,
-                        std=None) -> torch.Tensor:
-    """Class probabilities [B, K, H, W]: what mmseg's ``inference`` / ``aug_test`` average."""
-    scores = infer(model, images, test_cfg, default_crop, mean, std)
-    return scores if len(_settings(images, test_cfg, default_crop)[2]) > 1 else scores.softmax(dim=1)
-
-
-# --------------------------------------------------------------------------- labels, band by band
-
-
 def tta_scores(model, images: torch.Tensor, test_cfg, default_crop: tuple[int, int], mean=None,
                std=None) -> ScoreMap:
-    """:func:`infer`'s scores as a :class:`ScoreMap` (formed by rows when asked; see the module doc)."""
+    """The recipe's test-time scores of ``images`` under ``test_cfg`` (mode, scales, flip) as a
+    :class:`ScoreMap` at the size of ``images``: one view's scores, or for several views the mean
+    of their softmax probabilities (module doc). Formed by rows when asked."""
     height, width = (int(n) for n in images.shape[-2:])
     crop, stride, runs = _settings(images, test_cfg, default_crop)
     parts = []
     for size, flip in runs:
         x = _view(images, size, flip, mean, std)
-        part = SlideScores(model, x, crop, stride) if test_cfg.mode == "slide" else scores_padded(model, x)
+        part = slide_scores(model, x, crop, stride) if test_cfg.mode == "slide" else scores_padded(model, x)
         if tuple(part.size) != (height, width):
             part = ResizedScores(part, (height, width), dtype=torch.float32)
         if len(runs) > 1:
@@ -251,6 +203,21 @@ def tta_scores(model, images: torch.Tensor, test_cfg, default_crop: tuple[int, i
             part = FlippedScores(part)
         parts.append(part)
     return parts[0] if len(parts) == 1 else MeanScores(parts)
+
+
+def infer(model, images: torch.Tensor, test_cfg, default_crop: tuple[int, int], mean=None, std=None) -> torch.Tensor:
+    """Scores [B, K, H, W] (float32): :func:`tta_scores` formed whole."""
+    return tta_scores(model, images, test_cfg, default_crop, mean, std).full().float()
+
+
+def infer_probabilities(model, images: torch.Tensor, test_cfg, default_crop: tuple[int, int], mean=None,
+                        std=None) -> torch.Tensor:
+    """Class probabilities [B, K, H, W]: what mmseg's ``inference`` / ``aug_test`` average."""
+    scores = tta_scores(model, images, test_cfg, default_crop, mean, std)
+    return scores.full() if isinstance(scores, MeanScores) else scores.full().float().softmax(dim=1)
+
+
+# --------------------------------------------------------------------------- labels, band by band
 
 
 def labels_of(scores: ScoreMap, band_bytes: int = BAND_BYTES) -> torch.Tensor:
@@ -281,29 +248,65 @@ class SoftmaxScores(ScoreMap):
     def rows(self, start: int, stop: int) -> torch.Tensor:
         return self.inner.rows(start, stop).float().softmax(dim=1)
 
+    def full(self) -> torch.Tensor:
+        return self.inner.full().float().softmax(dim=1)
+
+    def children(self) -> list[ScoreMap]:
+        return [self.inner]
+
 
 class FlippedScores(ScoreMap):
+    """A map mirrored left-right: a flipped view's scores brought back to the image."""
+
     def __init__(self, inner: ScoreMap):
         self.inner, self.batch, self.channels, self.size = inner, inner.batch, inner.channels, tuple(inner.size)
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         return self.inner.rows(start, stop).flip(-1)
 
+    def full(self) -> torch.Tensor:
+        return self.inner.full().flip(-1)
+
+    def children(self) -> list[ScoreMap]:
+        return [self.inner]
+
 
 class MeanScores(ScoreMap):
+    """The mean of maps of one size (float32): the TTA mean over views."""
+
     def __init__(self, parts: list[ScoreMap]):
         self.parts, self.batch, self.channels, self.size = parts, parts[0].batch, parts[0].channels, parts[0].size
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
-        total = self.parts[0].rows(start, stop).float()
-        for part in self.parts[1:]:
-            total = total + part.rows(start, stop)
-        return total / len(self.parts)
+        return self._mean([part.rows(start, stop) for part in self.parts])
+
+    def full(self) -> torch.Tensor:
+        return self._mean([part.full() for part in self.parts])
+
+    def _mean(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        total = tensors[0].float()
+        for tensor in tensors[1:]:
+            total = total + tensor
+        return total / len(tensors)
+
+    def children(self) -> list[ScoreMap]:
+        return list(self.parts)
+
+
+def slide_scores(model, images: torch.Tensor, crop: tuple[int, int], stride: tuple[int, int]) -> ScoreMap:
+    """MMSegmentation's ``slide_inference`` as a map: :class:`SlideScores`, or, where one window
+    covers the image, that window's own scores (the same numbers: a sum of one divided by one),
+    so that one window costs what ``whole`` mode costs."""
+    height, width = (int(n) for n in images.shape[-2:])
+    if len(_windows(height, crop[0], stride[0])) == 1 and len(_windows(width, crop[1], stride[1])) == 1:
+        return scores_padded(model, images)
+    return SlideScores(model, images, crop, stride)
 
 
 class SlideScores(ScoreMap):
-    """:func:`slide_inference` by rows: a row of windows runs when a band first reaches it, and is
-    dropped when a band starts below it (a band asked for out of order recomputes it)."""
+    """Windows of ``crop`` every ``stride``, overlapping scores averaged, by rows: a row of windows
+    runs when a band first reaches it, and is dropped when a band starts below it (a band asked
+    for out of order recomputes it). ``counts`` sums the windows that have run (each row once)."""
 
     def __init__(self, model, images: torch.Tensor, crop: tuple[int, int], stride: tuple[int, int]):
         self.model, self.images = model, images
@@ -319,13 +322,25 @@ class SlideScores(ScoreMap):
             col_count[x1:x2] += 1
         self.row_count, self.col_count = row_count, col_count
         self.cache: dict[int, list[ScoreMap]] = {}
+        self.counted: set[int] = set()
+        self.window_counts: dict[str, torch.Tensor] = {}
         self.channels = self._window_row(0)[0].channels
+
+    @property
+    def counts(self) -> Counts:
+        return self.window_counts
 
     def _window_row(self, r: int) -> list[ScoreMap]:
         if r not in self.cache:
             y1, y2 = self.row_windows[r]
             self.cache[r] = [scores_padded(self.model, self.images[:, :, y1:y2, x1:x2]) for x1, x2 in self.col_windows]
+            if r not in self.counted:
+                self.counted.add(r)
+                self.window_counts = add_counts(self.window_counts, *(window.counts for window in self.cache[r]))
         return self.cache[r]
+
+    def _count(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        return (self.row_count[start:stop, None] * self.col_count[None, :]).to(dtype)  # [n, W]
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         for r in [r for r in self.cache if self.row_windows[r][1] <= start]:
@@ -340,5 +355,15 @@ class SlideScores(ScoreMap):
                 if total is None:
                     total = band.new_zeros(self.batch, band.shape[1], stop - start, self.size[1])
                 total[:, :, a - start:b - start, x1:x2] += band
-        count = self.row_count[start:stop, None] * self.col_count[None, :]  # [n, W]
-        return total / count.to(total.dtype)
+        return total / self._count(start, stop, total.dtype)
+
+    def full(self) -> torch.Tensor:
+        total = None
+        for r, (y1, y2) in enumerate(self.row_windows):
+            for (x1, x2), window in zip(self.col_windows, self._window_row(r)):
+                scores = window.full()  # [B, K, y2 - y1, x2 - x1]
+                if total is None:
+                    total = scores.new_zeros(self.batch, scores.shape[1], *self.size)
+                total[:, :, y1:y2, x1:x2] += scores
+            del self.cache[r]
+        return total / self._count(0, self.size[0], total.dtype)

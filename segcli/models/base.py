@@ -6,7 +6,7 @@ meta-architecture idea):
 * a **backbone** maps images ``[B, 3, H, W]`` to a list of feature maps ``[B, C_i, H/s_i, W/s_i]``
   (``out_channels``/``out_strides`` describe them);
 * a **decode head** maps that list to a dict of outputs, computes its own weighted losses from
-  them (``loss``) and turns them into per-class scores at a requested size (``seg_logits``).
+  them (``loss``) and turns them into per-class scores at a requested size (``score_map``).
   What a wrapper needs from a head is on the same contract: the one backbone output it reads
   (``input_layer``), whether and how it runs on a packed subset of tokens
   (``supports_token_input``, ``forward_tokens``), the format of its outputs (``output_format``)
@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from ..errors import SegcliError
+from ..ops.scores import ScoreMap, UpsampledScores, resize  # noqa: F401 (resize: re-exported)
 from .exportable import FULL, ExportSupport
 from .losses import cross_entropy
-from .scores import DenseScores, ScoreMap, UpsampledScores, resize  # noqa: F401 (resize: re-exported)
 
 
 @dataclass(frozen=True)
@@ -100,15 +100,17 @@ class DecodeHead(nn.Module):
         """Weighted loss terms; ``labels`` is ``[B, H, W]`` long with ignore = ``ignore_index``."""
         raise NotImplementedError
 
-    def seg_logits(self, outputs: dict, size: tuple[int, int]) -> torch.Tensor:  # pragma: no cover
-        """Per-class scores ``[B, K, *size]`` whose argmax is the prediction."""
+    def score_map(self, outputs: dict, size: tuple[int, int]) -> ScoreMap:  # pragma: no cover - interface
+        """The head's one scoring entry: per-class scores ``[B, K, *size]`` whose argmax is the
+        prediction, left unformed (``ops/scores.py``) so that labels can be taken band by band; a
+        head whose scores are an upsampled low-resolution map returns
+        :class:`~segcli.ops.scores.UpsampledScores`, one that only has the full tensor a
+        :class:`~segcli.ops.scores.DenseScores`."""
         raise NotImplementedError
 
-    def score_map(self, outputs: dict, size: tuple[int, int]) -> ScoreMap:
-        """:meth:`seg_logits` left unformed (``models/scores.py``), so that labels can be taken band by
-        band. Default: the full tensor; a head whose scores are an upsampled low-resolution map
-        returns :class:`~segcli.models.scores.UpsampledScores` instead."""
-        return DenseScores(self.seg_logits(outputs, size))
+    def seg_logits(self, outputs: dict, size: tuple[int, int]) -> torch.Tensor:
+        """:meth:`score_map` formed whole: ``[B, K, *size]`` (losses, and wrappers that need a full map)."""
+        return self.score_map(outputs, size).full()
 
     def input_layer(self) -> int | None:
         """The one backbone output this head reads (0-based position in the feature list), or None
@@ -138,7 +140,7 @@ class LogitHead(DecodeHead):
     dropout + 1×1 classifier (a head that makes its logits otherwise, NRD, skips it), sets
     ``logit_stride`` and writes ``forward``; the loss and the scores come from here:
 
-    * :meth:`seg_logits` upsamples the logits to the requested size, grid-aligned
+    * :meth:`score_map` upsamples the logits to the requested size, grid-aligned
       (:func:`upsample_to_input`) when ``logit_stride`` (input pixels per logit pixel) is set,
       with a plain bilinear resize when it is None;
     * :meth:`loss` is ``loss_weight`` × CE of those scores at label size, skipping ``ignore_index``.
@@ -168,9 +170,6 @@ class LogitHead(DecodeHead):
     def loss(self, outputs: dict, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self.seg_logits(outputs, tuple(labels.shape[-2:]))  # [B, K, H, W]
         return {"loss_ce": self.loss_weight * cross_entropy(logits, labels, self.ignore_index)}
-
-    def seg_logits(self, outputs: dict, size: tuple[int, int]) -> torch.Tensor:
-        return self.score_map(outputs, size).full()  # [B, K, *size]
 
     def score_map(self, outputs: dict, size: tuple[int, int]) -> UpsampledScores:
         logits = outputs["logits"]  # [B, K, h, w]

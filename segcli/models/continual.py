@@ -47,11 +47,11 @@ from torch import nn
 
 from ..configurable import PositiveInt
 from ..errors import SegcliError
+from ..ops.scores import ConcatScores
 from ..registry import SEGMENTORS
 from .base import Backbone, FrozenPartsMixin, HeadContext
 from .exportable import ExportSupport
 from .heads.atm import ATMHead
-from .scores import ConcatScores
 
 BACKGROUND = 254  # label value for "a valid pixel of none of the trained head's classes"
 IGNORE = 255
@@ -85,7 +85,7 @@ def head_label_map(offset: int, num_classes: int) -> torch.Tensor:
 class ContinualSegmentor(FrozenPartsMixin, nn.Module):
     """A shared backbone and one ATM head per task; only the last head learns (thesis fig. 4.6)."""
 
-    compilable_parts = ("backbone",)  # the heads run through score_map/task_scores as well as forward()
+    compilable_parts = ("backbone",)  # the heads run through score_map as well as forward()
 
     def __init__(self, backbone: Backbone, heads: list[ATMHead]):
         super().__init__()
@@ -118,10 +118,9 @@ class ContinualSegmentor(FrozenPartsMixin, nn.Module):
         return [self.backbone, *self.heads[:-1]]
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None):
-        features = self.backbone(images)
         if labels is None:
-            return self.scores(features, tuple(images.shape[-2:]))  # [B, ΣK_t, H, W]
-        return self.losses(features, labels)
+            return self.forward_scores(images).full()  # [B, ΣK_t, H, W]
+        return self.losses(self.backbone(images), labels)
 
     def export_support(self) -> ExportSupport:
         """Inference runs the backbone and every task's head."""
@@ -131,17 +130,10 @@ class ContinualSegmentor(FrozenPartsMixin, nn.Module):
         return support
 
     def forward_scores(self, images: torch.Tensor) -> ConcatScores:
-        """``forward(images)``'s scores left unformed (``models/scores.py``)."""
+        """The one scoring entry: every task's per-class scores, each from its own head alone (eq.
+        4.8), concatenated along the class axis (global class order), unformed (``ops/scores.py``)."""
         features, size = self.backbone(images), tuple(images.shape[-2:])
         return ConcatScores([head.score_map(head(features), size) for head in self.heads])
-
-    def task_scores(self, features: list[torch.Tensor], size: tuple[int, int]) -> list[torch.Tensor]:
-        """Every task's per-class scores ``[B, K_t, *size]``, each from its own head alone (eq. 4.8)."""
-        return [head.seg_logits(head(features), size) for head in self.heads]
-
-    def scores(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        """All tasks' scores concatenated along the class axis: ``[B, ΣK_t, *size]`` (global class order)."""
-        return torch.cat(self.task_scores(features, size), dim=1)  # [B, ΣK_t, H, W]
 
     def losses(self, features: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The learning head's ATM loss on labels mapped to its classes (old heads are not run)."""

@@ -90,11 +90,11 @@ from torch import nn
 
 from ..configurable import NonNegativeInt, Range
 from ..errors import SegcliError
+from ..ops.scores import ScoreMap, UpsampledScores, nearest_rows, resize_rows
 from ..registry import SEGMENTORS
 from .base import DecodeHead, FrozenPartsMixin, resize
 from .exportable import ExportSupport, data_dependent
 from .heads.atm import query_class_probs
-from .scores import ScoreMap, UpsampledScores, nearest_rows, resize_rows
 from .tokens import scatter_tokens, select_tokens
 
 AUX_MODULES = ("aux_heads", "graders")  # module names whose FLOPs are the auxiliary heads' cost
@@ -243,7 +243,7 @@ class PruneTrace:
     grid: tuple[int, int]
     heads: list = field(default_factory=list)
     token_scores: torch.Tensor | None = None
-    score_map: ScoreMap | None = None  # inference: the combined scores, unformed (models/scores.py)
+    score_map: ScoreMap | None = None  # inference: the combined scores, unformed (ops/scores.py)
 
     @property
     def scores(self) -> torch.Tensor | None:
@@ -346,7 +346,6 @@ class DToPSegmentor(FrozenPartsMixin, nn.Module):
             head_kind(self.aux_heads[i]) == "map" for i in self.exit_heads)
         self.graders = nn.ModuleList(TokenGrader(options) for _ in exits)
         self.freeze_parts()
-        self.last_stats: dict = {}
 
     @property
     def num_classes(self) -> int:
@@ -510,15 +509,13 @@ class DToPSegmentor(FrozenPartsMixin, nn.Module):
         return self.forward_scores(images).full()
 
     def forward_scores(self, images: torch.Tensor) -> ScoreMap:
-        """``forward(images)``'s scores left unformed (``models/scores.py``)."""
+        """The scores, unformed, carrying the token counts (``ops/scores.py``): ``exited.<m>`` (tokens
+        that left at stage m), ``kept`` (reached the decode head), ``tokens``."""
         trace = self.run(images)
-        if not self.training and not torch.compiler.is_compiling():  # host syncs; none in an exported graph
-            stage = trace.exit_stage
-            self.last_stats = {
-                "exit_fraction": [float((stage == m).float().mean()) for m in range(len(self.exit_layers))],
-                "kept_fraction": float((stage < 0).float().mean()),
-            }
-        return trace.score_map
+        stage = trace.exit_stage  # [B, N]
+        counts = {f"exited.{m}": (stage == m).sum() for m in range(len(self.exit_layers))}
+        counts.update(kept=(stage < 0).sum(), tokens=torch.tensor(stage.numel()))
+        return trace.score_map.with_counts(counts)
 
     def losses(self, trace: PruneTrace, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each head's own loss on the whole image: exited tokens with the outputs they left with

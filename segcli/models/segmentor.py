@@ -1,18 +1,19 @@
 """The encoder-decoder meta-architecture: backbone -> decode head (+ auxiliary heads).
 
 ``forward(images, labels)`` returns the loss dict when labels are given (so DDP wraps one
-forward), otherwise per-class scores at the input size. Whole/slide inference and test-time
-augmentation live in ``engine/inference.py`` and call :meth:`EncoderDecoder.forward`.
+forward), otherwise per-class scores at the input size: the full form of ``forward_scores``, the
+one scoring entry, which whole/slide inference and test-time augmentation in
+``engine/inference.py`` call.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from ..ops.scores import ScoreMap
 from ..registry import SEGMENTORS
 from .base import Backbone, DecodeHead
 from .exportable import ExportSupport
-from .scores import ScoreMap
 
 
 class EncoderDecoder(nn.Module):
@@ -30,18 +31,19 @@ class EncoderDecoder(nn.Module):
         return self.decode_head.num_classes
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None):
-        features = self.backbone(images)
-        outputs = self.decode_head(features)
+        """The loss dict with ``labels``; without, the scores ``[B, K, H, W]`` (:meth:`forward_scores`
+        formed whole: what ONNX export and FLOPs counting trace)."""
         if labels is None:
-            return self.decode_head.seg_logits(outputs, tuple(images.shape[-2:]))  # [B, K, H, W]
-        return self.losses(features, outputs, labels)
+            return self.forward_scores(images).full()  # [B, K, H, W]
+        features = self.backbone(images)
+        return self.losses(features, self.decode_head(features), labels)
 
     def export_support(self) -> ExportSupport:
         """Inference runs the backbone and the decode head (auxiliary heads only train)."""
         return self.backbone.export_support() & self.decode_head.export_support()
 
     def forward_scores(self, images: torch.Tensor) -> ScoreMap:
-        """``forward(images)``'s scores left unformed (``models/scores.py``): labels without them."""
+        """The segmentor's one scoring entry: the scores at the input size, unformed (``ops/scores.py``)."""
         return self.decode_head.score_map(self.decode_head(self.backbone(images)), tuple(images.shape[-2:]))
 
     def losses(self, features: list[torch.Tensor], outputs: dict, labels: torch.Tensor) -> dict[str, torch.Tensor]:

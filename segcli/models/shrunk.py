@@ -56,10 +56,10 @@ and ``decode_heads/tpn_atm_head.py``, differs):
 * **Outputs after QD.** ``out_indices`` before ``qd_index`` give 1/16 maps; the deepest index
   gives the QU map; indices in between give 1/32 maps (QD only; with EQD they are ragged token
   sets, which no head reads, so a recipe asking for them is rejected).
-* **Statistics.** After every forward in eval mode ``last_stats`` holds ``kept_fraction`` (tokens
-  after QD / tokens at 1/16, batch mean) and, with EQD, ``edge_fraction`` (predicted edge tokens /
-  tokens); the evaluation loop averages them over the dataset. (With slide inference it is the
-  last window's value.)
+* **Statistics.** The score map of :meth:`ShrunkSegmentor.forward_scores` carries token counts
+  (``ops/scores.py``): ``kept`` (queries after QD), ``edges`` (EQD's predicted edge tokens) and
+  ``tokens`` (at 1/16); ``eval`` sums them over windows, views, images and processes and reports
+  ``kept_fraction`` and ``edge_fraction``.
 
 FLOPs: table 4.7's rows count ``mask_resolution: full`` and one ATM stage with query
 self-attention; ``benchmarks/shrunk_speed.py`` counts (fvcore + the SDPA handle) and times the
@@ -79,6 +79,7 @@ from torch import nn
 
 from ..configurable import NonNegativeFloat, NonNegativeInt, PositiveInt, UnitFloat
 from ..errors import SegcliError
+from ..ops.scores import ScoreMap
 from ..registry import SEGMENTORS
 from .heads.atm import ATMHead
 from .heads.edge import EdgeHead, edge_loss, edge_targets
@@ -275,7 +276,6 @@ class ShrunkSegmentor(EncoderDecoder):
                                      resize=options.qu_resize, out_proj=options.qu_out_proj, heads=options.qu_heads)
         self.edge_head = EdgeHead(channels, options.edge_hidden) if options.edge else None
         self.ignore_index = decode_head.ignore_index  # the edge targets' too
-        self.last_stats: dict[str, float] = {}
 
     def export_support(self) -> ExportSupport:
         """QD keeps a fixed 2x2 subsample (a grid-sized token set); EQD adds the tokens its edge
@@ -340,16 +340,16 @@ class ShrunkSegmentor(EncoderDecoder):
             if self.options.qu_skip:
                 restored = restored + nearest_grid(tokens, index, pad_mask, keep, grid)  # [B, N, C]
             saved[deepest] = backbone.tokens_to_map(restored, self.qu.output_grid(grid))  # [B, C, h, w]
-        if not self.training and not torch.compiler.is_compiling():  # host syncs; none in an exported graph
-            self.last_stats = self._stats(keep, extras.get("edge_logits"))
         return [saved[i] for i in backbone.out_indices], extras
 
-    def _stats(self, keep: torch.Tensor, edge_logits: torch.Tensor | None) -> dict[str, float]:
-        stats = {"kept_fraction": float(keep.float().mean())}
-        if edge_logits is not None:
-            edges = EdgeHead.edge_probability(edge_logits) > self.options.edge_threshold
-            stats["edge_fraction"] = float(edges.float().mean())
-        return stats
+    def token_counts(self, extras: dict) -> dict[str, torch.Tensor]:
+        """What :meth:`encode` did to the tokens, as counts (``ops/scores.py``): queries kept by QD,
+        EQD's predicted edge tokens, all tokens at 1/16."""
+        keep = extras["keep"]  # [B, N]
+        counts = {"tokens": torch.tensor(keep.numel()), "kept": keep.sum()}
+        if "edge_logits" in extras:
+            counts["edges"] = (EdgeHead.edge_probability(extras["edge_logits"]) > self.options.edge_threshold).sum()
+        return counts
 
     # ------------------------------------------------------------------ decoder
     def decode(self, features: list[torch.Tensor]) -> dict:
@@ -358,16 +358,17 @@ class ShrunkSegmentor(EncoderDecoder):
         return self.decode_head.forward_layerwise(features)  # released ``ATMSingleHead``
 
     # ------------------------------------------------------------------ forward
-    def forward_scores(self, images: torch.Tensor):
-        """``forward(images)``'s scores left unformed (``models/scores.py``)."""
-        features, _ = self.encode(images, None)
-        return self.decode_head.score_map(self.decode(features), tuple(images.shape[-2:]))
+    def forward_scores(self, images: torch.Tensor) -> ScoreMap:
+        """The one scoring entry: the scores, unformed, carrying the token counts (``ops/scores.py``)."""
+        features, extras = self.encode(images, None)
+        scores = self.decode_head.score_map(self.decode(features), tuple(images.shape[-2:]))
+        return scores.with_counts(self.token_counts(extras))
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None):
+        if labels is None:
+            return self.forward_scores(images).full()  # [B, K, H, W]
         features, extras = self.encode(images, labels)
         outputs = self.decode(features)
-        if labels is None:
-            return self.decode_head.seg_logits(outputs, tuple(images.shape[-2:]))  # [B, K, H, W]
         losses = self.losses(features, outputs, labels)
         if self.edge_head is not None:
             targets = extras["edge_targets"].flatten(1)  # [B, N]

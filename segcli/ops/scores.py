@@ -1,40 +1,96 @@
 """Per-class scores at the input size, formed on demand, a band of rows at a time.
 
-Every model upsamples low-resolution scores to the input size at the very end (a head's
-``seg_logits``). When only the label map is wanted (``eval``, ``predict``) the full
-``[B, K, H, W]`` tensor is the largest thing a forward makes: 2.5 GB for 150 classes at 2048²,
-21 GB at 6000². A :class:`ScoreMap` is that tensor left unformed: ``rows(start, stop)`` gives
-``[B, K, stop - start, W]`` and ``full()`` the whole tensor, so the engine can take the arg-max
-band by band (``engine/inference.py`` ``infer_labels``) and keep only ``[B, H, W]`` labels.
+Every model upsamples low-resolution scores to the input size at the very end. When only the
+label map is wanted (``eval``, ``predict``) the full ``[B, K, H, W]`` tensor is the largest thing
+a forward makes: 2.5 GB for 150 classes at 2048², 21 GB at 6000². A :class:`ScoreMap` is that
+tensor left unformed: ``rows(start, stop)`` gives ``[B, K, stop - start, W]`` and ``full()`` the
+whole tensor, so the engine can take the arg-max band by band (``engine/inference.py``
+``labels_of``) and keep only ``[B, H, W]`` labels, and the full tensor (probabilities, FLOPs
+tracing) is the same map asked for whole.
 
 The contract between models and the engine: a segmentor's ``forward_scores(images)`` returns a
-:class:`ScoreMap` whose ``full()`` is what ``forward(images)`` returns; a head's ``score_map(outputs,
-size)`` is the lazy form of its ``seg_logits(outputs, size)``. Most maps are
+:class:`ScoreMap` (its ``forward(images)`` is that map's ``full()``); a head's ``score_map(outputs,
+size)`` is its one scoring entry (``DecodeHead.seg_logits`` is its ``full()``). Most maps are
 :class:`UpsampledScores`: low-resolution scores and the extent they are bilinearly resized to
-before cropping to the input (:func:`~segcli.models.base.upsample_to_input`'s rule). A head
-without a lazy form falls back to :class:`DenseScores` (its full tensor).
+before cropping to the input (:func:`~segcli.models.base.upsample_to_input`'s rule).
 
-``full()`` runs the very operations ``seg_logits`` always ran (bit-identical); ``rows`` computes
-the same bilinear interpolation for a band only (:func:`resize_rows`: PyTorch's
-``align_corners=False`` source-index rule, horizontal pass then vertical, as ATen does), so the
-two agree to float rounding.
+``full()`` runs whole-tensor operations (``F.interpolate``, as the heads always did, and what
+FLOPs counters trace); ``rows`` computes the same bilinear interpolation for a band only
+(:func:`resize_rows`: PyTorch's ``align_corners=False`` source-index rule, horizontal pass then
+vertical, as ATen does), so the two agree to float rounding.
+
+**Token counts.** A map also carries what the forward that made it did to its tokens, as counts
+(``counts``: name -> 0-dim tensor, e.g. DToP's ``exited.0``, ``kept``, ``tokens``; Shrunk's ``kept``,
+``edges``, ``tokens``). Counts add: a map made of others (slide windows, flips, scales) carries
+the sum of theirs, so the fractions :func:`token_fractions` reports are weighted by token count
+over every window and view, and summed across processes they stay exact. They travel with the
+outputs rather than on the module, where only the last forward's would survive.
 """
 from __future__ import annotations
 
-from typing import Callable
+from types import MappingProxyType
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 
 RowFetch = Callable[[int, int], torch.Tensor]  # (start, stop) -> rows [B, C, stop - start, w]
+Counts = Mapping[str, torch.Tensor]  # token counts by name (0-dim tensors); they add (module doc)
+NO_COUNTS: Counts = MappingProxyType({})
+
+
+def add_counts(*parts: Counts) -> dict[str, torch.Tensor]:
+    """The key-wise sum of token counts (a key missing from a part counts 0)."""
+    total: dict[str, torch.Tensor] = {}
+    for part in parts:
+        for key, value in part.items():
+            total[key] = total[key] + value if key in total else value
+    return total
+
+
+def token_fractions(counts: Mapping[str, float]) -> dict:
+    """What ``eval`` reports from summed counts: ``kept_fraction`` (tokens that reached the decode
+    head, DToP; that stayed queries in the QD block, Shrunk), ``exit_fraction`` (one share per
+    DToP exit stage, ``exited.<m>``) and ``edge_fraction`` (EQD's edge tokens), each over ``tokens``."""
+    total = float(counts.get("tokens", 0))
+    if total <= 0:
+        return {}
+    out: dict = {}
+    stages = sorted(int(key.split(".", 1)[1]) for key in counts if key.startswith("exited."))
+    if stages:
+        out["exit_fraction"] = [float(counts[f"exited.{m}"]) / total for m in range(max(stages) + 1)]
+    if "kept" in counts:
+        out["kept_fraction"] = float(counts["kept"]) / total
+    if "edges" in counts:
+        out["edge_fraction"] = float(counts["edges"]) / total
+    return out
 
 
 class ScoreMap:
-    """Scores ``[batch, channels, *size]`` produced by rows; subclasses implement :meth:`rows`."""
+    """Scores ``[batch, channels, *size]`` produced by rows; subclasses implement :meth:`rows`.
+
+    Sizes are kept as they are given, never turned into Python ints: under ``torch.export`` they
+    are symbolic, and ``full()`` must stay a graph that runs at any input size (``export
+    --dynamic``); the band-by-band path runs eagerly only."""
 
     batch: int
     channels: int
     size: tuple[int, int]
+    own_counts: Counts = NO_COUNTS  # set by the segmentor whose forward made this map (with_counts)
+
+    def children(self) -> list["ScoreMap"]:
+        """The maps this one is made of (whose counts it carries too)."""
+        return []
+
+    @property
+    def counts(self) -> Counts:
+        """The token counts of every forward behind this map (module doc): its own and its children's."""
+        return add_counts(self.own_counts, *(child.counts for child in self.children()))
+
+    def with_counts(self, counts: Counts) -> "ScoreMap":
+        """This map, carrying ``counts`` (set by the segmentor whose forward made it)."""
+        self.own_counts = dict(counts)
+        return self
 
     def rows(self, start: int, stop: int) -> torch.Tensor:  # pragma: no cover - interface
         """Rows ``start:stop`` of the scores: ``[B, K, stop - start, W]``."""
@@ -60,8 +116,8 @@ class DenseScores(ScoreMap):
 
     def __init__(self, scores: torch.Tensor):
         self.scores = scores  # [B, K, H, W]
-        self.batch, self.channels = int(scores.shape[0]), int(scores.shape[1])
-        self.size = (int(scores.shape[-2]), int(scores.shape[-1]))
+        self.batch, self.channels = scores.shape[0], scores.shape[1]
+        self.size = tuple(scores.shape[-2:])
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         return self.scores[:, :, start:stop]
@@ -70,7 +126,7 @@ class DenseScores(ScoreMap):
         return self.scores
 
     def crop(self, height: int, width: int) -> ScoreMap:
-        return DenseScores(self.scores[..., :height, :width])
+        return DenseScores(self.scores[..., :height, :width]).with_counts(self.own_counts)
 
 
 class UpsampledScores(ScoreMap):
@@ -78,9 +134,9 @@ class UpsampledScores(ScoreMap):
 
     def __init__(self, scores: torch.Tensor, extent: tuple[int, int], size: tuple[int, int] | None = None):
         self.scores = scores  # [B, K, h, w]
-        self.extent = (int(extent[0]), int(extent[1]))
-        self.size = self.extent if size is None else (int(size[0]), int(size[1]))
-        self.batch, self.channels = int(scores.shape[0]), int(scores.shape[1])
+        self.extent = tuple(extent)
+        self.size = self.extent if size is None else tuple(size)
+        self.batch, self.channels = scores.shape[0], scores.shape[1]
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         band = resize_rows(lambda a, b: self.scores[:, :, a:b], int(self.scores.shape[-2]), self.extent, start, stop)
@@ -90,7 +146,7 @@ class UpsampledScores(ScoreMap):
         return resize(self.scores, self.extent)[..., : self.size[0], : self.size[1]]  # [B, K, H, W]
 
     def crop(self, height: int, width: int) -> ScoreMap:
-        return UpsampledScores(self.scores, self.extent, (height, width))
+        return UpsampledScores(self.scores, self.extent, (height, width)).with_counts(self.own_counts)
 
     def argmax_rows(self, start: int, stop: int) -> torch.Tensor:
         """Labels of rows ``start:stop`` upsampling only the classes that can win there.
@@ -136,7 +192,7 @@ class UpsampledScores(ScoreMap):
 
 class CroppedScores(ScoreMap):
     def __init__(self, inner: ScoreMap, height: int, width: int):
-        self.inner, self.size = inner, (int(height), int(width))
+        self.inner, self.size = inner, (height, width)
         self.batch, self.channels = inner.batch, inner.channels
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
@@ -145,13 +201,19 @@ class CroppedScores(ScoreMap):
     def argmax_rows(self, start: int, stop: int) -> torch.Tensor:
         return self.inner.argmax_rows(start, stop)[..., : self.size[1]]  # a pixel's arg-max ignores other columns
 
+    def full(self) -> torch.Tensor:
+        return self.inner.full()[..., : self.size[0], : self.size[1]]
+
+    def children(self) -> list[ScoreMap]:
+        return [self.inner]
+
 
 class ResizedScores(ScoreMap):
     """``resize(inner, size)`` (in ``dtype`` if given): a map brought to another size."""
 
     def __init__(self, inner: ScoreMap, size: tuple[int, int], dtype: torch.dtype | None = None):
         self.inner, self.dtype = inner, dtype
-        self.batch, self.channels, self.size = inner.batch, inner.channels, (int(size[0]), int(size[1]))
+        self.batch, self.channels, self.size = inner.batch, inner.channels, tuple(size)
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         def fetch(a: int, b: int) -> torch.Tensor:
@@ -163,6 +225,9 @@ class ResizedScores(ScoreMap):
     def full(self) -> torch.Tensor:
         inner = self.inner.full()
         return resize(inner if self.dtype is None else inner.to(self.dtype), self.size)
+
+    def children(self) -> list[ScoreMap]:
+        return [self.inner]
 
 
 class ConcatScores(ScoreMap):
@@ -178,6 +243,9 @@ class ConcatScores(ScoreMap):
 
     def full(self) -> torch.Tensor:
         return torch.cat([p.full() for p in self.parts], dim=1)
+
+    def children(self) -> list[ScoreMap]:
+        return list(self.parts)
 
 
 def resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:

@@ -47,8 +47,9 @@ from torch import nn
 
 from ...configurable import NonNegativeInt, PositiveInt
 from ...errors import SegcliError, did_you_mean
+from ...ops.batchnorm import fold_batchnorm, foldable_batchnorm
 from ...registry import BACKBONES
-from ..layers import ConvBNReLU, SeparableConvBNReLU, fold_batchnorm, foldable_batchnorm
+from ..layers import ConvBNReLU, SeparableConvBNReLU
 from ..base import Backbone
 from .weights import load_state_dict_file
 

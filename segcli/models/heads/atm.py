@@ -62,10 +62,10 @@ from torch import nn
 
 from ...configurable import AnyInt, NonNegativeFloat, PositiveInt, UnitFloat
 from ...errors import SegcliError
+from ...ops.scores import ResizedScores, ScoreMap, UpsampledScores, resize_rows
 from ...registry import HEADS
 from ..atm_criterion import ATMCriterion
 from ..base import DecodeHead, HeadContext, resize
-from ..scores import ResizedScores, ScoreMap, UpsampledScores, resize_rows
 from ..layers import ATMDecoderLayer
 
 HEAD_DIM = 32  # thesis' ViT-B (384/12) and ViT-L (512/16) heads
@@ -209,8 +209,8 @@ class MaskAssemblyScores(ScoreMap):
     def __init__(self, class_logits: torch.Tensor, mask_logits: torch.Tensor, size: tuple[int, int]):
         self.class_logits, self.mask_logits = class_logits, mask_logits  # [B, Q, K+1], [B, Q, h, w]
         self.probs = query_class_probs(class_logits)  # [B, Q, K]
-        self.batch, self.channels = int(mask_logits.shape[0]), int(self.probs.shape[-1])
-        self.size = (int(size[0]), int(size[1]))
+        self.batch, self.channels = mask_logits.shape[0], self.probs.shape[-1]
+        self.size = tuple(size)  # as given: symbolic under torch.export (ScoreMap)
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         masks = resize_rows(lambda a, b: self.mask_logits[:, :, a:b], int(self.mask_logits.shape[-2]), self.size,
@@ -345,16 +345,12 @@ class ATMHead(DecodeHead):
             outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         return self.criterion(outputs, labels)
 
-    def seg_logits(self, outputs: dict, size: tuple[int, int]) -> torch.Tensor:
-        return semantic_scores(outputs["pred_logits"], outputs["pred_masks"], tuple(size), self.mask_resolution,
-                               self.cfg.mask_size)
-
     def score_map(self, outputs: dict, size: tuple[int, int]) -> ScoreMap:
         """``"low"``: the 1/16 scores and their bilinear resize; ``"full"``: the released assembly,
         a band of rows of upsampled masks at a time (:class:`MaskAssemblyScores`)."""
         if self.mask_resolution == "low":
             return UpsampledScores(low_resolution_scores(outputs["pred_logits"], outputs["pred_masks"]), size)
-        size = (int(size[0]), int(size[1]))
+        size = tuple(size)
         mask_size = (self.cfg.mask_size,) * 2 if self.cfg.mask_size else size  # where the released code forms them
         scores = MaskAssemblyScores(outputs["pred_logits"], outputs["pred_masks"], mask_size)
         return scores if mask_size == size else ResizedScores(scores, size)
