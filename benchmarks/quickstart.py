@@ -14,7 +14,9 @@ the CLI calls), and reports when each phase ended through the training callback:
 round-robin with the recipe itself (``--rounds`` times each), so that on a shared machine they
 see the same load: compare the ratios, not the seconds. The table gives the median of each
 column and the mIoU of each run (the runs of one variant repeat the same seed unless its
-overrides set ``train.seed``).
+overrides set ``train.seed``). Time on an otherwise idle machine: on busy cores the compute threads
+of one process wait for one another at every operator, which makes the runs many times slower and
+even the ratios meaningless (``OMP_NUM_THREADS=1`` suffers far less).
 
 To time the AVX2-only machine the README quotes, emulate it on any x86 CPU:
 
