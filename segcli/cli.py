@@ -26,6 +26,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Semantic segmentation: NRD, SegViT (ATM, Shrunk, CL) and DToP from one engine.")
 data_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Dataset utilities.")
 app.add_typer(data_app, name="data")
+zoo_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Named models (--model NAME).")
+app.add_typer(zoo_app, name="zoo")
 
 SetOpt = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help="Override a recipe key: --set train.max_iters=100 (repeatable).")
 DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda if available)."
@@ -63,6 +65,51 @@ def _guard(ctx: typer.Context, fn, *args, **kwargs):
     except KeyboardInterrupt:
         _console(stderr=True).print("interrupted")
         raise typer.Exit(130) from None
+
+
+MODEL_HELP = "A named model instead (`segcli zoo list`): a released one is downloaded and converted on first use."
+
+
+def _size(num_bytes: int | None) -> str:
+    return "size unknown" if num_bytes is None else f"{num_bytes / 2**20:.1f} MiB"
+
+
+class _DownloadReporter:
+    """Renders download.Transfer reports: one line saying what, from where, its size and where it
+    is cached, then a progress bar on a terminal, then the cached path."""
+
+    def __init__(self, console: Console):
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+        self.console = console
+        self.progress = Progress(TextColumn("[bold]download"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                                 console=console, disable=not console.is_terminal)
+        self.tasks: dict[str, int] = {}
+
+    def __call__(self, transfer) -> None:
+        key = transfer.source
+        if key not in self.tasks:
+            if transfer.finished:  # nothing was transferred (a cache answered)
+                return
+            resumed = f", resuming at {_size(transfer.done)}" if transfer.done else ""
+            self.console.print(escape(f"download {transfer.what} from {transfer.source} ({_size(transfer.size)}"
+                                      f"{resumed}) -> {transfer.dest}"))
+            self.tasks[key] = self.progress.add_task(transfer.what, total=transfer.size, completed=transfer.done)
+            self.progress.start()
+        self.progress.update(self.tasks[key], completed=transfer.done, total=transfer.size)
+        if transfer.finished:
+            self.progress.stop()
+            self.console.print(escape(f"cached {transfer.dest}"))
+
+
+def _checkpoint_or_model(checkpoint: Optional[Path], model: Optional[str], console: Console) -> Path:
+    """The checkpoint file of ``--checkpoint``/CHECKPOINT or ``--model NAME`` (exactly one)."""
+    from . import api
+
+    if (checkpoint is None) == (model is None):
+        raise SegcliError("give a checkpoint or --model NAME" + (", not both" if model else ""), "--model",
+                          "`segcli zoo list` shows the names")
+    return checkpoint if checkpoint is not None else api.resolve_model(model, progress=_DownloadReporter(console))
 
 
 def _print_version(value: bool) -> None:
@@ -129,6 +176,7 @@ class _TrainReporter:
         self.saved: dict | None = None  # the last "checkpoint" event: what an interruption leaves
         self.log_path: Path | None = None
         self.unwritten: list[str] = []  # lines shown before the work dir existed
+        self.downloads: _DownloadReporter | None = None  # renders "download" events (pretrained weights)
 
     def _log(self, markup: str) -> None:
         from rich.text import Text
@@ -161,6 +209,12 @@ class _TrainReporter:
                     self._show(f"  [bold yellow]differs:[/] {escape(line)}")
         elif event == "warning":
             self._show(f"[bold yellow]warning:[/] {escape(info['message'])}", self.progress.console)
+        elif event == "download":  # the backbone's pretrained weights, before the run starts
+            from .download import Transfer
+
+            if self.downloads is None:
+                self.downloads = _DownloadReporter(self.console)
+            self.downloads(Transfer(**info))
         elif event == "checkpoint":
             self.saved = info
         elif event == "step":
@@ -207,6 +261,47 @@ def _command(*parts, sets=(), device: str | None = None) -> str:
     return " ".join(shlex.quote(w) for w in words)
 
 
+def _train_reported(json_out: bool, start, resume_command, closing):
+    """The one way ``train`` and ``cl-step`` run: ``start(callback)`` with a :class:`_TrainReporter`
+    on rank 0 (on stderr with ``--json``; no output on other ranks), and one Ctrl-C handler: the
+    trainer leaves at an iteration boundary with ``last.pt`` written, the reporter says what was
+    saved and how to go on (``resume_command()``), exit 130. ``closing(result)`` gives the closing
+    lines, which go to ``train.log`` too."""
+    reporter = _TrainReporter(_console(stderr=json_out)) if _is_main_process() else None
+    try:
+        result = start(reporter)
+    except KeyboardInterrupt:
+        if reporter:
+            reporter.close()
+            reporter.interrupted(resume_command())
+        raise typer.Exit(130) from None
+    finally:
+        if reporter:
+            reporter.close()
+    if reporter:
+        reporter.finished(closing(result))
+    return result
+
+
+def _closing_lines(iterations: int, metrics: dict | None, written: str) -> list[str]:
+    return ([f"final @ {iterations}: {_summary_line(metrics)}"] if metrics else []) + [f"wrote {written}"]
+
+
+def _train_summary(result, json_out: bool, title: str, lines: list[str]) -> None:
+    """The end of ``train`` and ``cl-step`` (rank 0 only): ``result.to_dict()`` as JSON, or the final
+    metrics table titled ``title`` and ``lines``."""
+    if not _is_main_process():
+        return
+    if json_out:
+        typer.echo(json.dumps(result.to_dict()))
+        return
+    console = _console()
+    if result.metrics:
+        console.print(_metrics_table(result.metrics, title))
+    for line in lines:
+        console.print(line)
+
+
 @app.command()
 def train(
     ctx: typer.Context,
@@ -221,43 +316,23 @@ def train(
     """Train a recipe; evaluate it; write last.pt, best.pt, metrics.jsonl and recipe.yaml."""
     from . import api
 
-    console = _console(stderr=json_out)
-    main = _is_main_process()
-
     def run():
         rec = api.load_recipe(recipe, set_ or [])
-        reporter = _TrainReporter(console) if main else None
-        try:
-            result = api.train(recipe, work_dir=work_dir, overrides=set_ or [], resume=resume, device=device,
-                               callback=reporter, overwrite=overwrite)
-        except KeyboardInterrupt:
-            if reporter:
-                reporter.close()
-                reporter.interrupted(_command("segcli", "train", recipe, "--work-dir", work_dir or Path("runs") / rec.name,
-                                              "--resume", sets=set_, device=device))
-            raise typer.Exit(130) from None
-        finally:
-            if reporter:
-                reporter.close()
-        if reporter:
-            reporter.finished(([f"final @ {result.iterations}: {_summary_line(result.metrics)}"] if result.metrics else [])
-                              + [f"wrote {result.last}" + (f" and {result.best}" if result.best else "")])
+        result = _train_reported(
+            json_out, lambda callback: api.train(recipe, work_dir=work_dir, overrides=set_ or [], resume=resume,
+                                                device=device, callback=callback, overwrite=overwrite),
+            lambda: _command("segcli", "train", recipe, "--work-dir", work_dir or Path("runs") / rec.name, "--resume",
+                             sets=set_, device=device),
+            lambda result: _closing_lines(result.iterations, result.metrics,
+                                          f"{result.last}" + (f" and {result.best}" if result.best else "")))
         return rec, result
 
     rec, result = _guard(ctx, run)
-    if not main:
-        return
-    if json_out:
-        typer.echo(json.dumps({"work_dir": str(result.work_dir), "last": str(result.last),
-                               "best": str(result.best) if result.best else None, "best_mIoU": result.best_miou,
-                               "iterations": result.iterations, "metrics": result.metrics}))
-        return
-    if result.metrics:
-        console.print(_metrics_table(result.metrics, f"{rec.name} @ {result.iterations} iterations"))
-    console.print(f"wrote {result.last}" + (f" and {result.best} (best mIoU {result.best_miou:.2f})" if result.best else ""))
     best = result.best or result.last
-    console.print(f"next: segcli predict {_val_images(rec)} --checkpoint {best} --overlay")
-    console.print(f"      segcli eval {best} --json")
+    _train_summary(result, json_out, f"{rec.name} @ {result.iterations} iterations", [
+        f"wrote {result.last}" + (f" and {result.best} (best mIoU {result.best_miou:.2f})" if result.best else ""),
+        f"next: segcli predict {_val_images(rec)} --checkpoint {best} --overlay",
+        f"      segcli eval {best} --json"])
 
 
 def _val_images(rec) -> str:
@@ -276,7 +351,8 @@ def _val_images(rec) -> str:
 @app.command("eval")
 def eval_(
     ctx: typer.Context,
-    checkpoint: Path = typer.Argument(..., help="A checkpoint written by segcli (its recipe is embedded)."),
+    checkpoint: Optional[Path] = typer.Argument(None, help="A checkpoint written by segcli (its recipe is embedded)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="Use this recipe instead of the embedded one."),
     set_: Optional[List[str]] = SetOpt,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
@@ -297,6 +373,7 @@ def eval_(
     from . import api
 
     console = _console(stderr=json_out)
+    checkpoint = _guard(ctx, _checkpoint_or_model, checkpoint, model, _console(stderr=True))
     metrics = _guard(ctx, api.evaluate, checkpoint, recipe=recipe, overrides=set_ or [], device=device,
                      trimap=trimap, flops=flops, limit=limit, compile=compile_, aug_test=aug_test,
                      show_dir=show_dir, confusion=confusion, opacity=opacity, overwrite=overwrite,
@@ -326,7 +403,7 @@ def predict(
     ctx: typer.Context,
     inputs: List[str] = typer.Argument(..., help="Images, folders or globs."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="A segcli checkpoint."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="A named model from the cache (see README)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     out: Path = typer.Option(Path("predictions"), "--out", "-o", help="Output folder."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write <stem>_overlay.png (image blended with colours, legend beside)."),
     opacity: float = typer.Option(0.5, "--opacity", help="Colour weight in the overlay: 0 = image, 1 = colours."),
@@ -338,19 +415,16 @@ def predict(
     aug_test: bool = typer.Option(False, "--aug-test", help=AUG_TEST_HELP),
 ):
     """Segment images; writes <stem>.png (class ids) and <stem>_color.png to --out."""
-    from . import api, zoo
+    from . import api
 
     def run():
-        if (checkpoint is None) == (model is None):
-            raise SegcliError("give exactly one of --checkpoint or --model", "predict")
-        path = checkpoint if checkpoint is not None else zoo.resolve(model)
+        path = _checkpoint_or_model(checkpoint, model, _console(stderr=True))
         return api.predict(list(inputs), path, out_dir=out, overlay=overlay, device=device, show_pruning=show_pruning,
                            overwrite=overwrite, opacity=opacity, compile=compile_, aug_test=aug_test)
 
     result = _guard(ctx, run)
     if json_out:
-        typer.echo(json.dumps({"out": str(out), "written": [str(p) for p in result.written],
-                               "failed": [{"path": path, "reason": reason} for path, reason in result.failed]}))
+        typer.echo(json.dumps(result.to_dict()))
         raise typer.Exit(2 if result.failed else 0)
     console = _console()
     err = _console(stderr=True)
@@ -387,7 +461,8 @@ def flops(
 @app.command()
 def benchmark(
     ctx: typer.Context,
-    sources: List[Path] = typer.Argument(..., help="Recipes (random weights), segcli checkpoints and/or exported .onnx files."),
+    sources: Optional[List[Path]] = typer.Argument(None, help="Recipes (random weights), segcli checkpoints and/or exported .onnx files."),
+    models: Optional[List[str]] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " Repeatable; timed after SOURCES."),
     shape: Optional[Tuple[int, int]] = typer.Option(None, "--shape", help="Input H W (default: each crop size)."),
     batch: int = typer.Option(1, "--batch", help="Images per call."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: as is)."),
@@ -404,7 +479,10 @@ def benchmark(
     from . import api
 
     err = _console(stderr=True)
-    result = _guard(ctx, api.benchmark, list(sources), shape=tuple(shape) if shape else None, batch=batch,
+    if not sources and not models:
+        _guard(ctx, _checkpoint_or_model, None, None, err)  # the one "give a checkpoint or --model" error
+    sources = list(sources or []) + [_guard(ctx, _checkpoint_or_model, None, name, err) for name in models or []]
+    result = _guard(ctx, api.benchmark, sources, shape=tuple(shape) if shape else None, batch=batch,
                     threads=threads, device=device, repeats=repeats, warmup=warmup, compile=compile_,
                     backbone_only=backbone_only, mode=mode, overrides=set_ or [],
                     progress=lambda done, total: err.print(f"\rbenchmark: call {done}/{total}", end=""))
@@ -436,7 +514,8 @@ def benchmark(
 @app.command()
 def prune(
     ctx: typer.Context,
-    checkpoint: Path = typer.Argument(..., help="A trained checkpoint with auxiliary heads on the exit blocks."),
+    checkpoint: Optional[Path] = typer.Argument(None, help="A trained checkpoint with auxiliary heads on the exit blocks."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     p0: float = typer.Option(0.95, "--p0", help="Exit threshold on a token's max class probability (1.0 = no pruning)."),
     k: int = typer.Option(5, "--k", help="Top-k most confident exiting tokens per class kept for context."),
     exit_layers: Optional[str] = typer.Option(None, "--exit-layers", "--layers",
@@ -448,6 +527,8 @@ def prune(
     """DToP@Direct: write a pruned checkpoint that eval/predict/flops use as is (thesis ch. 5)."""
     from . import api
 
+    checkpoint = _guard(ctx, _checkpoint_or_model, checkpoint, model, _console(stderr=True))
+
     def run():
         try:
             return api.prune(checkpoint, p0=p0, k=k, exit_layers=exit_layers, out=out, overwrite=overwrite)
@@ -456,11 +537,10 @@ def prune(
                 raise SegcliError(err.message, "--" + err.where.replace("_", "-"), err.hint) from None
             raise
 
-    path = _guard(ctx, run)
+    result = _guard(ctx, run)
+    path = result.checkpoint
     if json_out:
-        layers = api.parse_layers(exit_layers) if exit_layers else None
-        typer.echo(json.dumps({"checkpoint": str(path), "p0": p0, "k": k,
-                               "exit_layers": list(layers) if layers is not None else None}))
+        typer.echo(json.dumps(result.to_dict()))
         return
     _console().print(f"wrote {path} (p0={p0}, k={k})")
     _console().print(f"next: segcli eval {path} --flops")
@@ -484,41 +564,18 @@ def cl_step(
     """SegViT-CL: train one continual-learning step with every earlier parameter frozen (thesis 4.2.3)."""
     from . import api
 
-    console = _console(stderr=json_out)
-    main = _is_main_process()
-
-    def run():
-        reporter = _TrainReporter(console) if main else None
-        try:
-            return api.cl_step(recipe, task, work_dir=work_dir, overrides=set_ or [], device=device, resume=resume,
-                               callback=reporter, overwrite=overwrite)
-        except KeyboardInterrupt:
-            if reporter:
-                reporter.close()
-                reporter.interrupted(_command("segcli", "cl-step", recipe, "--task", task,
-                                              *(["--work-dir", work_dir] if work_dir else []), "--resume",
-                                              sets=set_, device=device))
-            raise typer.Exit(130) from None
-        finally:
-            if reporter:
-                reporter.close()
-
-    result = _guard(ctx, run)
-    if not main:
-        return
-    if json_out:
-        typer.echo(json.dumps({"task": result.task, "num_tasks": result.num_tasks, "classes": list(result.classes),
-                               "work_dir": str(result.work_dir), "checkpoint": str(result.checkpoint),
-                               "num_images": result.num_images, "iterations": result.iterations,
-                               "metrics": result.metrics}))
-        return
-    if result.metrics:
-        console.print(_metrics_table(result.metrics, f"task {result.task}/{result.num_tasks} @ {result.iterations} iterations"))
-    console.print(f"task {result.task}/{result.num_tasks}: learnt classes {list(result.classes)} on "
-                  f"{result.num_images} images; wrote {result.checkpoint}")
-    if result.task < result.num_tasks:
-        console.print(f"next: segcli cl-step --task {result.task + 1} --work-dir {result.work_dir.parent}")
-    console.print(f"eval: segcli eval {result.checkpoint} --json   (adds base/new/all mIoU and forgetting)")
+    result = _guard(ctx, _train_reported, json_out,
+                    lambda callback: api.cl_step(recipe, task, work_dir=work_dir, overrides=set_ or [], device=device,
+                                                 resume=resume, callback=callback, overwrite=overwrite),
+                    lambda: _command("segcli", "cl-step", recipe, "--task", task,
+                                     *(["--work-dir", work_dir] if work_dir else []), "--resume", sets=set_, device=device),
+                    lambda result: _closing_lines(result.iterations, result.metrics, str(result.checkpoint)))
+    following = f"segcli cl-step --task {result.task + 1} --work-dir {result.work_dir.parent}"
+    _train_summary(result, json_out, f"task {result.task}/{result.num_tasks} @ {result.iterations} iterations", [
+        f"task {result.task}/{result.num_tasks}: learnt classes {list(result.classes)} on {result.num_images} images; "
+        f"wrote {result.checkpoint}",
+        *([f"next: {following}"] if result.task < result.num_tasks else []),
+        f"eval: segcli eval {result.checkpoint} --json   (adds base/new/all mIoU and forgetting)"])
 
 
 # --------------------------------------------------------------------------- data
@@ -541,9 +598,7 @@ def convert(
     result = _guard(ctx, api.convert, source, from_format=from_, recipe=recipe, out=out, overwrite=overwrite,
                     overrides=set_ or [])
     if json_out:
-        typer.echo(json.dumps({"path": str(result.path), "format": result.format, "tensors_in": result.tensors_in,
-                               "tensors_out": result.tensors_out, "recipe": result.recipe,
-                               "architecture": result.architecture}))
+        typer.echo(json.dumps(result.to_dict()))
         return
     if result.recipe is not None:
         _console().print(f"recipe {result.recipe} (the tensors say {result.architecture})")
@@ -620,9 +675,7 @@ def data_check(
 
         report = _guard(ctx, api.check_data, recipe, overrides=set_ or [], progress=progress)
     if json_out:
-        typer.echo(json.dumps({"ok": report.ok, "images": report.images, "classes": list(report.classes),
-                               "pixels": report.pixels, "ignored_pixels": report.ignored_pixels,
-                               "problems": [{"where": w, "problem": m} for w, m in report.problems]}))
+        typer.echo(json.dumps(report.to_dict()))
     else:
         console = _console()
         console.print(", ".join(f"{split}: {n} images" for split, n in report.images.items()))
@@ -642,6 +695,50 @@ def data_check(
     if not report.ok:
         raise typer.Exit(2)
 
+
+
+@data_app.command("prepare")
+def data_prepare(
+    ctx: typer.Context,
+    dataset: str = typer.Argument(..., help="cityscapes, coco_stuff10k, pascal_context (or pascal_context_59) or ade20k."),
+    src: Path = typer.Argument(..., help="The extracted download (COCO-Stuff: also the zip itself); never written to."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder: the data.root of the recipe (ade20k: not needed)."),
+    copy: bool = typer.Option(False, "--copy", help="Copy images instead of hard-linking them."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write every file again (a rerun into the same --out resumes without it)."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout (progress and notes go to stderr)."),
+):
+    """Write a dataset's layout from its raw download (resumable); check an ADE20K download."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from . import api
+
+    err = _console(stderr=True)
+    with Progress(TextColumn(f"prepare {escape(dataset)}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("prepare", total=None)
+        result = _guard(ctx, api.prepare_data, dataset, src, out, overwrite=overwrite, copy=copy,
+                        progress=lambda done, total: bar.update(task, completed=done, total=total))
+    console = _console()
+    for where, problem in result.problems:
+        err.print(f"[bold red]problem:[/] {escape(f'{where}: {problem}')}")
+    for note in result.notes:
+        err.print(f"note: {escape(note)}")
+    if json_out:
+        typer.echo(json.dumps({"ok": result.ok, "dataset": result.dataset, "root": str(result.root),
+                               "data_types": list(result.data_types), "samples": result.samples,
+                               "written": result.written, "skipped": result.skipped, "notes": result.notes,
+                               "problems": [{"where": w, "problem": m} for w, m in result.problems]}))
+        if not result.ok:
+            raise typer.Exit(2)
+        return
+    splits = ", ".join(f"{split}: {n}" for split, n in result.samples.items())
+    if not result.ok:
+        console.print(f"{len(result.problems)} problem(s) in {result.root} ({splits} images)")
+        raise typer.Exit(2)
+    done = f"wrote {result.written} files" + (f", kept {result.skipped} from an earlier run" if result.skipped else "")
+    console.print(f"{'ready as it is' if result.checked_only else done}: {result.root} ({splits} images)")
+    console.print(f"next: segcli data check RECIPE --set data.root={result.root}   "
+                  f"(a recipe with data.type {' or '.join(result.data_types)})")
 
 # --------------------------------------------------------------------------- recipe, plot
 
@@ -696,7 +793,8 @@ def plot(
 @app.command()
 def export(
     ctx: typer.Context,
-    checkpoint: Path = typer.Argument(..., help="A segcli checkpoint."),
+    checkpoint: Optional[Path] = typer.Argument(None, help="A segcli checkpoint."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     format_: str = typer.Option("onnx", "--format", "-f", help="onnx, torchscript or exported-program."),
     shape: Optional[Tuple[int, int]] = typer.Option(None, "--shape", help="Input H W (default: the crop size)."),
     dynamic: bool = typer.Option(False, "--dynamic", help="Dynamic batch, height and width where the model allows."),
@@ -710,6 +808,8 @@ def export(
     """Export a checkpoint (image 0..255 RGB NCHW in) and check it against PyTorch on a sample input."""
     from . import api
 
+    checkpoint = _guard(ctx, _checkpoint_or_model, checkpoint, model, _console(stderr=True))
+
     result = _guard(ctx, api.export, checkpoint, format=format_, shape=tuple(shape) if shape else None,
                     dynamic=dynamic, batch=batch, output=output, opset=opset, out=out, overwrite=overwrite)
     if json_out:
@@ -722,6 +822,48 @@ def export(
     for check in result.checks:
         diff = "-" if check.max_abs_diff is None else f"{check.max_abs_diff:.3g} (relative {check.rel_diff:.2g})"
         console.print(f"  input {list(check.shape)}: max abs diff {diff}, labels agree on {check.label_agreement:.4%}")
+
+
+# --------------------------------------------------------------------------- zoo
+
+
+def _published(numbers: dict, key: str) -> str:
+    """The single-scale mIoU (``mIoU``, ``mIoU59``) or the GFLOPs of a row's published numbers."""
+    for name, value in numbers.items():
+        if (name.startswith(key) and "(ms)" not in name) if key == "mIoU" else name == key:
+            return f"{value:.1f}"
+    return "-"
+
+
+@zoo_app.command("list")
+def zoo_list(
+    ctx: typer.Context,
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON list on stdout."),
+):
+    """Named models for --model: description, published mIoU and GFLOPs, and whether each is cached."""
+    from . import api
+
+    rows = _guard(ctx, api.list_models)
+    if json_out:
+        typer.echo(json.dumps([row.to_dict() for row in rows]))
+        return
+    table = Table(title="segcli zoo (published figures; --model NAME)")
+    for column, justify in (("name", "left"), ("model", "left"), ("mIoU", "right"), ("GFLOPs", "right"),
+                            ("cached", "left")):
+        table.add_column(column, justify=justify, no_wrap=column != "model")
+    for row in rows:  # cached: the segcli checkpoint; "hub file": only the released file (converts offline)
+        if row.cached:
+            cached = "yes"
+        elif row.released_cached:
+            cached = "hub file"
+        else:
+            cached = "no" if row.released_cached is not None else "train it"
+        table.add_row(escape(row.name), escape(row.description), _published(row.numbers, "mIoU"),
+                      _published(row.numbers, "GFLOPs"), cached)
+    console = _console()
+    console.print(table)
+    console.print(f"cache: {escape(str(Path(rows[0].checkpoint).parent)) if rows else '-'} (\"hub file\": only the "
+                  "released file is cached, it converts offline); figures: each model's recipe (published:)")
 
 
 def main() -> None:

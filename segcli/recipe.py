@@ -267,7 +267,9 @@ def _recipe_hint(path: Path) -> str:
     """'did you mean recipes/...?' from the shipped recipes (``recipes/`` here, else the repository's)."""
     import difflib
 
-    folder = Path("recipes") if Path("recipes").is_dir() else Path(__file__).resolve().parents[1] / "recipes"
+    from .zoo import RECIPES
+
+    folder = Path("recipes") if Path("recipes").is_dir() else RECIPES
     shipped = [p for p in folder.rglob("*.yaml") if "_base_" not in p.parts] if folder.is_dir() else []
     by_text = {str(p if folder == Path("recipes") else p.resolve()): p for p in shipped}
     close = (difflib.get_close_matches(str(path), list(by_text), n=1, cutoff=0.6)

@@ -24,7 +24,9 @@ from .errors import SegcliError, did_you_mean
 
 __all__ = ["Released", "ZooEntry", "ZOO", "HUB_REPO", "cache_dir", "lookup", "checkpoint_path", "recipe_path"]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]  # recipes/ lives beside the package
+# The shipped recipes, the one place their folder is named: segcli/recipes is a link to the repository's
+# top-level recipes/ in a clone, and a copy of it in a wheel (pyproject's package-data).
+RECIPES = (Path(__file__).resolve().parent / "recipes").resolve()
 HUB_REPO = "Akide/SegViTv1"  # zbwxp/SegVit README: "[ckpt](https://huggingface.co/Akide/SegViTv1)"
 
 
@@ -92,5 +94,8 @@ def checkpoint_path(entry: ZooEntry) -> Path:
 
 
 def recipe_path(path: str) -> Path:
-    """A table's recipe path: absolute as is, else relative to the repository root."""
-    return Path(path) if Path(path).is_absolute() else REPO_ROOT / path
+    """A table's recipe path: absolute as is, else ``recipes/...`` of the shipped recipes (:data:`RECIPES`)."""
+    if Path(path).is_absolute():
+        return Path(path)
+    parts = Path(path).parts
+    return RECIPES.joinpath(*parts[1:]) if parts[:1] == ("recipes",) else RECIPES.parent / path

@@ -180,3 +180,41 @@ def test_the_train_reporter_logs_at_the_runs_log_interval(tmp_path):
     reporter.close()
     assert [line.split()[1] for line in out.getvalue().splitlines() if line.startswith("iter")] == ["3/6", "6/6"]
     assert "iter 3/6" in (tmp_path / "train.log").read_text()
+
+
+def _start_event(work_dir) -> dict:
+    return {"recipe": "cl", "model": "m", "params_m": 1.0, "dataset": "d", "data_root": None, "train_images": 1,
+            "val_images": 1, "max_iters": 4, "log_interval": 1, "start_iter": 0, "device": "cpu",
+            "work_dir": str(work_dir)}
+
+
+def test_cl_step_shares_trains_ctrl_c_handler_and_closing_log(cli, monkeypatch, tmp_path):
+    """cl-step had its own copy of train's reporter wiring, which had drifted: its train.log lacked the
+    closing lines (final metrics, what was written). One runner serves both commands now."""
+    from segcli import api
+    from segcli.workflows.continual import CLStepResult
+
+    task_dir = tmp_path / "cl run" / "task2"
+    task_dir.mkdir(parents=True)
+
+    def interrupted_step(recipe, task, work_dir, callback, **_):
+        callback("start", _start_event(task_dir))
+        callback("checkpoint", {"path": f"{task_dir}/last.pt", "iter": 3})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "cl_step", interrupted_step)
+    res = cli("cl-step", "--task", "2", "--work-dir", tmp_path / "cl run")
+    assert res.exit_code == 130
+    assert f"saved {task_dir}/last.pt at iteration 3" in res.output
+    assert f"resume with: segcli cl-step --task 2 --work-dir '{tmp_path}/cl run' --resume" in res.output
+
+    def finished_step(recipe, task, work_dir, callback, **_):
+        callback("start", _start_event(task_dir))
+        return CLStepResult(2, 2, (1,), task_dir, task_dir / "last.pt", 1, tmp_path / "presence",
+                            {"mIoU": 1.0, "mAcc": 2.0, "aAcc": 3.0, "per_class": []}, 4)
+
+    monkeypatch.setattr(api, "cl_step", finished_step)
+    res = cli("cl-step", "--task", "2", "--work-dir", tmp_path / "cl run", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["checkpoint"] == str(task_dir / "last.pt")
+    log = (task_dir / "train.log").read_text()
+    assert "final @ 4: mIoU 1.00" in log and f"wrote {task_dir / 'last.pt'}" in log

@@ -84,7 +84,7 @@ def test_cityscapes_without_train_ids_says_how_to_make_them(tmp_path):
                  tmp_path / "gtFine/train/aachen" / f"{stem}_gtFine_labelIds.png", label_of([7]))
     with pytest.raises(SegcliError, match="labelTrainIds") as err:
         build_dataset(cfg(tmp_path, type="cityscapes"), "train")
-    assert "createTrainIdLabelImgs" in err.value.hint
+    assert "segcli data prepare cityscapes" in err.value.hint
 
 
 def _pascal_tree(root: Path) -> None:

@@ -11,6 +11,8 @@ import hashlib
 import shutil
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 from conftest import REPO, tiny_overrides
@@ -19,10 +21,11 @@ from segcli.cli import app
 from segcli.errors import SegcliError
 from segcli.outputs import check_outputs
 
-READ_ONLY = {"flops", "benchmark", "data check", "recipe show"}
+READ_ONLY = {"flops", "benchmark", "data check", "recipe show", "zoo list"}
 # what a refusal by the rule says (the command must stop because of the rule, not for another reason)
 REFUSALS = ("would be overwritten", "earlier run", "inside the dataset folder", "must end in", "not a folder")
-WRITES = ["predict", "eval", "prune", "export", "convert", "plot", "data show", "data synth", "train", "cl-step"]
+WRITES = ["predict", "eval", "prune", "export", "convert", "plot", "data show", "data synth", "data prepare", "train",
+          "cl-step"]
 
 
 def _commands(typer_app, prefix: str = "") -> set[str]:
@@ -67,6 +70,15 @@ def _cases(run: Path, dataset: Path, tmp_path: Path) -> dict[str, list[tuple[lis
     released_recipe = REPO / "tests" / "fixtures" / "recipes" / "segvit_v1_small.yaml"
     recipe = REPO / "recipes" / "tiny" / "setr.yaml"
     cl_work = tmp_path / "cl"  # a CL run whose first step is done
+    raw = tmp_path / "cityscapes_raw"  # a raw Cityscapes download, as data prepare reads it
+    for split, stem in (("train", "aachen/aachen_000000_000019"), ("val", "lindau/lindau_000000_000019")):
+        for folder, suffix in (("leftImg8bit", "leftImg8bit"), ("gtFine", "gtFine_labelIds")):
+            (raw / folder / split / stem).parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(raw / folder / split / f"{stem}_{suffix}.png"), np.full((8, 8), 7, np.uint8))
+    raw_label = raw / "gtFine" / "train" / "aachen" / "aachen_000000_000019_gtFine_labelIds.png"
+    prepared = tmp_path / "prepared" / "gtFine" / "train" / "aachen" / "aachen_000000_000019_gtFine_labelTrainIds.png"
+    prepared.parent.mkdir(parents=True)
+    prepared.write_bytes(b"a user's mask")
     shutil.copytree(run, cl_work / "task1")
     return {
         "predict": [(["predict", image, "--checkpoint", checkpoint, "--out", image.parent, "--overwrite"], image)],
@@ -89,6 +101,8 @@ def _cases(run: Path, dataset: Path, tmp_path: Path) -> dict[str, list[tuple[lis
                  (["plot", run, "--out", existing_png], existing_png)],
         "data show": [(["data", "show", recipe, *tiny_overrides(dataset), "--out", image.parent], image)],
         "data synth": [(["data", "synth", existing], existing)],
+        "data prepare": [(["data", "prepare", "cityscapes", raw, "--out", raw / "gtFine", "--overwrite"], raw_label),
+                         (["data", "prepare", "cityscapes", raw, "--out", tmp_path / "prepared"], prepared)],
         "train": [(["train", recipe, *tiny_overrides(dataset), "--work-dir", run], checkpoint)],
         "cl-step": [(["cl-step", REPO / "recipes" / "tiny" / "cl.yaml", "--task", "1",
                       *tiny_overrides(dataset, **{"data.synthetic_seed": 0, "model.backbone.pretrained": "null"}),

@@ -41,6 +41,7 @@ def pruned_setup(root, mode: str):
     """(recipe, val set, DToP model) with a p0 at which about half the stage-1 tokens exit."""
     raw = recipe_dict(ATM_MODEL, root, p0=0.5, k=1)
     raw["test"] = {"mode": mode, "crop_size": [CROP, CROP], "stride": [STRIDE, STRIDE]}
+    raw["data"]["type"] = "folder"  # read the session's synthetic set as it is (never regenerate it)
     recipe = recipe_from_dict(raw)
     (val_set,) = build_datasets(recipe, splits=("val",))
     image = eval_view(val_set[0]["image"][None], (64, 64), recipe.data.mean, recipe.data.std)

@@ -62,14 +62,16 @@ CITYSCAPES_PALETTE = np.array(
     dtype=np.uint8,
 )
 
+# In the order of the ids MMSegmentation's converter writes (tools/convert_datasets/pascal_context.py:
+# the position of each labels.txt id among the 59 sorted ids; labels.txt is alphabetical), as its
+# PascalContextDataset lists them; not the Detail API's eval order (VOC's 20 classes first).
 PASCAL_CONTEXT_60_CLASSES: tuple[str, ...] = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-    "cow", "table", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor", "bag", "bed", "bench", "book", "building", "cabinet", "ceiling",
-    "cloth", "computer", "cup", "door", "fence", "floor", "flower", "food", "grass", "ground",
-    "keyboard", "light", "mountain", "mouse", "curtain", "platform", "sign", "plate", "road",
-    "rock", "shelves", "sidewalk", "sky", "snow", "bedclothes", "track", "tree", "truck", "wall",
-    "water", "window", "wood",
+    "background", "aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book",
+    "bottle", "building", "bus", "cabinet", "car", "cat", "ceiling", "chair", "cloth", "computer", "cow",
+    "cup", "curtain", "dog", "door", "fence", "floor", "flower", "food", "grass", "ground", "horse",
+    "keyboard", "light", "motorbike", "mountain", "mouse", "person", "plate", "platform", "pottedplant",
+    "road", "rock", "sheep", "shelves", "sidewalk", "sign", "sky", "snow", "sofa", "table", "track",
+    "train", "tree", "truck", "tvmonitor", "wall", "water", "window", "wood",
 )
 PASCAL_CONTEXT_59_CLASSES: tuple[str, ...] = PASCAL_CONTEXT_60_CLASSES[1:]
 

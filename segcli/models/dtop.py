@@ -45,7 +45,9 @@ Decisions (the thesis is silent, or the released code, zbwxp/Dynamic-Token-Pruni
   an FCN head of 1×1 convolutions, per token) runs on the packed tokens through
   ``head.forward_tokens``. Other heads need a spatial map: they get the full grid in which
   exited tokens keep the features they had when they exited (their own map would otherwise have
-  holes). How a head runs is decided once by :func:`head_kind`.
+  holes). How a head runs is decided by :func:`~segcli.models.dtop_heads.head_kind`: one adapter
+  per kind (``models/dtop_heads.py``), with one interface (outputs on the kept tokens, grading,
+  loss outputs, scores as decode head), so :meth:`DToPSegmentor.run` knows no head format.
 * **Combining** (``combine: thesis``, the default: exited tokens keep the prediction of the head
   where they exited, thesis 5.2.2 "predictions from each stage jointly form the final results";
   ``combine: released``, which the recipes of the published experiments use: they keep their
@@ -57,7 +59,9 @@ Decisions (the thesis is silent, or the released code, zbwxp/Dynamic-Token-Pruni
   kept where tokens reached it; exited pixels take the log-probabilities of their exit head,
   upsampled bilinearly among exited tokens only (normalised by the upsampled exit indicator).
   Log-probabilities differ from the head's logits by a per-pixel constant, so averaging over
-  flips and windows ranks classes the same way.
+  flips and windows ranks classes the same way. Each variant is one combiner
+  (:class:`ThesisCombiner`, :class:`ReleasedCombiner`: what an exit stage records, and how the
+  output is formed from the records and the decode head's outputs).
 * **Training (DToP@Finetune).** Pruning is active when training too (thesis 5.3.3.1: the heads
   are finetuned, or the model retrained, "using DToP"); the exit rule takes no gradient. Each
   head's loss covers the whole image, as released (zbwxp/Dynamic-Token-Pruning
@@ -92,9 +96,9 @@ from ..configurable import NonNegativeInt, Range
 from ..errors import SegcliError
 from ..ops.scores import ScoreMap, UpsampledScores, nearest_rows, resize_rows
 from ..registry import SEGMENTORS
-from .base import DecodeHead, FrozenPartsMixin, resize
+from .base import FrozenPartsMixin, resize
 from .exportable import ExportSupport, data_dependent
-from .heads.atm import query_class_probs
+from .dtop_heads import HeadAdapter, TokenState, adapt_head, atm_class_probs, atm_token_probs, head_kind
 from .tokens import scatter_tokens, select_tokens
 
 AUX_MODULES = ("aux_heads", "graders")  # module names whose FLOPs are the auxiliary heads' cost
@@ -121,11 +125,7 @@ class DToPOptions:
     # decode_heads/prune_head.py); ATM heads only.
     combine: Literal["thesis", "released"] = "thesis"
 
-    def __post_init__(self):
-        if not 0.0 < self.p0 <= 1.0:
-            raise ValueError(f"p0 must be in (0, 1], got {self.p0}")
-        if self.k < 0:
-            raise ValueError(f"k must be >= 0, got {self.k}")
+    def __post_init__(self):  # p0 and k: their ranges are checked at load (configurable.Range)
         if self.exit_layers is not None and len(set(self.exit_layers)) != len(self.exit_layers):
             raise ValueError(f"exit_layers repeats a block: {list(self.exit_layers)}")
 
@@ -186,49 +186,7 @@ class TokenGrader(nn.Module):
         return scores, leave
 
 
-def atm_token_probs(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
-    """ATM per-class scores per token (thesis eq. 4.4): [B, Q, K+1], [B, Q, M] -> [B, M, K]."""
-    return torch.einsum("bqc,bqm->bmc", query_class_probs(class_logits), mask_logits.sigmoid())
-
-
-def atm_class_probs(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
-    """Probability that a token is class c, query c being class c: [B, K, K+1], [B, K, M] -> [B, M, K]."""
-    own_class = query_class_probs(class_logits).diagonal(dim1=1, dim2=2)  # [B, K]: query c says "class c"
-    return (own_class[..., None] * mask_logits.sigmoid()).transpose(1, 2)  # [B, M, K]
-
-
-# --------------------------------------------------------------------------- heads on token subsets
-
-
-def head_kind(head: DecodeHead, decode: bool = False) -> str:
-    """How DToP runs a head on the tokens in play, from what the head says it can do:
-
-    * ``class_masks``: a mask-classification head (ATM) on the packed tokens with the padding mask
-      (``forward_tokens``); as grader and as decode head, whose per-token scores form the output;
-    * ``pointwise``: a per-token logit head on the packed tokens; grading heads only, because a
-      logit decode head's scores are its own spatial upsampling of a full map;
-    * ``map``: the full grid, exited tokens frozen at exit.
-    """
-    if not head.supports_token_input:
-        return "map"
-    if head.output_format == "class_masks":
-        return "class_masks"
-    return "map" if decode else "pointwise"
-
-
-@dataclass
-class _Tokens:
-    """The tokens in play: ``packed`` [B, M, C], their grid ``index`` [B, M], ``pad`` [B, M]
-    (True = padding), and ``full`` [B, N, C]: the whole grid, exited tokens frozen at exit."""
-
-    packed: torch.Tensor
-    index: torch.Tensor
-    pad: torch.Tensor
-    full: torch.Tensor
-
-    def sync_full(self) -> torch.Tensor:
-        self.full = scatter_tokens(self.full, self.packed, self.index, self.pad)
-        return self.full
+# --------------------------------------------------------------------------- what a forward did
 
 
 @dataclass
@@ -276,6 +234,74 @@ class ExitBlendScores(ScoreMap):
         exited = resize_rows(lambda a, b: self.exited[:, :, a:b], height, self.size, start, stop)  # [B, 1, n, W]
         pixel_exited = nearest_rows(lambda a, b: self.exited[:, :, a:b], height, self.size, start, stop) > 0
         return torch.where(pixel_exited, (weighted / exited.clamp_min(1e-6)).to(scores.dtype), scores)
+
+
+# --------------------------------------------------------------------------- combining the stages
+
+
+class ThesisCombiner:
+    """``combine: thesis``: every exited token keeps the per-class scores of the head it left by
+    (thesis 5.2.2); the decode head's scores cover the tokens that reached it."""
+
+    def __init__(self):
+        self.exit_scores = None  # [B, N, K] per-class scores of the exited tokens
+
+    def record(self, adapter: HeadAdapter, outputs: dict, scores: torch.Tensor, leave: torch.Tensor,
+               state: TokenState) -> None:
+        """One exit stage graded: keep the leaving tokens' ``scores`` [B, M, K]. Scattered even when
+        none leaves, so that the output depends on the grading in a traced graph too (else fvcore
+        drops its FLOPs as dead code)."""
+        if self.exit_scores is None:
+            self.exit_scores = scores.new_zeros(state.full.shape[0], state.full.shape[1], scores.shape[-1])
+        self.exit_scores = scatter_tokens(self.exit_scores, scores.detach().to(self.exit_scores.dtype), state.index,
+                                          ~leave)  # [B, N, K]
+
+    def finish(self, decode: HeadAdapter, outputs: dict, state: TokenState, exit_stage: torch.Tensor,
+               grid: tuple[int, int], size: tuple[int, int]) -> tuple[torch.Tensor | None, ScoreMap]:
+        """(per-token scores [B, N, K] or None, the output map -> [B, K, H, W])."""
+        scores = decode.token_scores(outputs)  # [B, M, K]
+        if scores is None:  # a logit decode head forms its own map; exited pixels are blended in
+            score_map = decode.score_map(outputs, size)
+            if self.exit_scores is None:  # nothing graded (p0 = 1)
+                return None, score_map
+            return None, ExitBlendScores(score_map, self.exit_scores, exit_stage, grid)
+        batch, num = exit_stage.shape
+        canvas = self.exit_scores if self.exit_scores is not None else scores.new_zeros(batch, num, scores.shape[-1])
+        token_scores = scatter_tokens(canvas.to(scores.dtype), scores, state.index, state.pad)  # [B, N, K]
+        grid_scores = token_scores.transpose(1, 2).reshape(batch, -1, *grid)  # [B, K, h, w]
+        return token_scores, UpsampledScores(grid_scores, size)
+
+
+class ReleasedCombiner:
+    """``combine: released`` (zbwxp/Dynamic-Token-Pruning ``decode_heads/prune_head.py``): every
+    token keeps the mask logits of the last head that saw it, under the decode head's class
+    probabilities. ATM heads only (checked when the model is built)."""
+
+    def __init__(self):
+        self.masks = None  # [B, N, K] mask logits of the last head that saw each token
+
+    def record(self, adapter: HeadAdapter, outputs: dict, scores: torch.Tensor, leave: torch.Tensor,
+               state: TokenState) -> None:
+        masks = adapter.token_values(outputs).detach()  # [B, M, K]
+        if self.masks is None:
+            self.masks = masks.new_zeros(state.full.shape[0], state.full.shape[1], masks.shape[-1])
+        self.masks = scatter_tokens(self.masks, masks, state.index, state.pad)  # every token this head saw
+
+    def finish(self, decode: HeadAdapter, outputs: dict, state: TokenState, exit_stage: torch.Tensor,
+               grid: tuple[int, int], size: tuple[int, int]) -> tuple[torch.Tensor, ScoreMap]:
+        masks = decode.token_values(outputs)  # [B, M, K] the decode head's mask logits at the tokens it saw
+        batch, num = exit_stage.shape
+        canvas = masks.new_zeros(batch, num, masks.shape[-1]) if self.masks is None else self.masks.to(masks.dtype)
+        canvas = scatter_tokens(canvas, masks, state.index, state.pad)  # [B, N, K]
+        token_scores = atm_token_probs(outputs["pred_logits"], canvas.transpose(1, 2))  # [B, N, K]
+        grid_scores = token_scores.transpose(1, 2).reshape(batch, -1, *grid)  # [B, K, h, w]
+        mask_size = getattr(decode.head.cfg, "mask_size", None)
+        if mask_size:  # the released head resizes to its square img_size first
+            grid_scores = resize(grid_scores, (mask_size, mask_size))
+        return token_scores, UpsampledScores(grid_scores, size)
+
+
+COMBINERS = {"thesis": ThesisCombiner, "released": ReleasedCombiner}  # DToPOptions.combine -> its combiner
 
 
 # --------------------------------------------------------------------------- the segmentor
@@ -372,70 +398,21 @@ class DToPSegmentor(FrozenPartsMixin, nn.Module):
         unused = [head for i, head in enumerate(self.aux_heads) if i not in self.exit_heads]
         return [*unused, self.backbone] if self.options.freeze_backbone else unused
 
-    # ------------------------------------------------------------------ running heads on kept tokens
-    def _features(self, feature_map: torch.Tensor, position: int) -> list:
-        """The list a head indexes with its ``in_index``: ``feature_map`` at ``position``."""
-        features = [None] * len(self.backbone.out_indices)
-        features[position] = feature_map
-        return features
-
-    def _run_head(self, head: nn.Module, position: int, state: _Tokens, grid: tuple[int, int], decode: bool = False,
-                  padded: bool = True):
-        """One head on the tokens in play -> ``(kind, raw)`` with raw = (class, mask logits [B, K, M])
-        for ATM, logits [B, K, M] for pointwise heads, the head's outputs on the full grid for map heads.
-        ``padded`` False: the caller knows no image has padding (no token exited yet), which spares a
-        host sync and keeps the unpruned forward free of data-dependent branches (ONNX export)."""
-        kind = head_kind(head, decode)
-        padded = padded and bool(state.pad.any())
-        if kind == "class_masks":
-            outputs = head.forward_tokens(state.packed, state.pad if padded else None)
-            return kind, (outputs["pred_logits"], outputs["pred_masks"])  # [B, K, K+1], [B, K, M]
-        if kind == "pointwise":
-            return kind, head.forward_tokens(state.packed)["logits"]  # [B, K, M]
-        full_map = self.backbone.tokens_to_map(state.sync_full(), grid)  # [B, C, h, w]
-        return kind, head(self._features(full_map, position))
-
-    def _token_logits(self, head: nn.Module, outputs: dict, state: _Tokens, grid) -> torch.Tensor:
-        """A map head's class logits at the kept tokens: [B, K, M]."""
-        logits = head.seg_logits(outputs, grid).flatten(2)  # [B, K, h*w]
-        return torch.gather(logits, 2, state.index[:, None, :].expand(-1, logits.shape[1], -1))  # [B, K, M]
-
-    def _loss_outputs(self, kind, raw, state: _Tokens, grid, carried: dict) -> tuple[dict, torch.Tensor]:
-        """A head's outputs in its own format on the full grid, for its loss, and the tokens they
-        predict [B, N]. Per-token outputs (ATM mask logits, pointwise logits) go onto ``carried[kind]``
-        (``(values [B, N, K], labelled [B, N])``, updated here), which keeps for every token the
-        values of the last head of that kind that saw it: exited tokens keep theirs (module docstring)."""
-        batch, num = state.full.shape[:2]
-        if kind == "map":
-            return raw, torch.ones(batch, num, dtype=torch.bool, device=state.index.device)
-        values = raw[1] if kind == "class_masks" else raw  # [B, K, M]
-        values = values.transpose(1, 2)  # [B, M, K]
-        canvas, labelled = carried.get(kind) or (values.new_zeros(batch, num, values.shape[-1]),
-                                                 torch.zeros(batch, num, dtype=torch.bool, device=values.device))
-        canvas = scatter_tokens(canvas.to(values.dtype), values, state.index, state.pad)  # [B, N, K]
-        labelled = scatter_tokens(labelled[..., None], torch.ones_like(state.pad)[..., None], state.index,
-                                  state.pad)[..., 0]  # [B, N]
-        carried[kind] = (canvas, labelled)
-        grid_values = canvas.transpose(1, 2).reshape(batch, -1, *grid)  # [B, K, h, w]
-        if kind == "class_masks":
-            return {"pred_logits": raw[0], "pred_masks": grid_values}, labelled
-        return {"logits": grid_values}, labelled
-
     # ------------------------------------------------------------------ the staged forward
     def run(self, images: torch.Tensor, keep_outputs: bool = False) -> PruneTrace:
         """The pruned forward. ``keep_outputs`` keeps every head's outputs for the losses (training);
-        otherwise the combined scores are formed (inference)."""
+        otherwise the combined scores are formed (inference). Each head runs through its adapter
+        (``models/dtop_heads.py``); the exits and the decode head's outputs are combined by the
+        ``combine`` variant's combiner."""
         tokens, grid = self.backbone.embed(images)  # [B, N, C]
         batch, num, _ = tokens.shape
         index = torch.arange(num, device=tokens.device).expand(batch, num)  # [B, N]
-        state = _Tokens(tokens, index, torch.zeros(batch, num, dtype=torch.bool, device=tokens.device), tokens)
+        state = TokenState(tokens, index, torch.zeros(batch, num, dtype=torch.bool, device=tokens.device), tokens)
         exit_stage = torch.full((batch, num), -1, dtype=torch.long, device=tokens.device)  # [B, N]
         trace = PruneTrace(exit_stage, grid)
-        exit_probs = None  # [B, N, K] probabilities of exited tokens, from their exit head
-        released = self.options.combine == "released"
-        exit_masks = None  # released combination: [B, N, K] mask logits of the last head that saw each token
-        grade = self.pruning or keep_outputs
+        combiner = COMBINERS[self.options.combine]()
         carried: dict = {}  # training: per head kind, the outputs each token left its last head with
+        grade = self.pruning or keep_outputs
         stages = {block: m for m, block in enumerate(self.exit_layers)} if grade else {}
         subset = padded = False  # any token exited (blocks need grid positions) / some image has padding
         for block in range(self.decode_block + 1):
@@ -444,27 +421,15 @@ class DToPSegmentor(FrozenPartsMixin, nn.Module):
             if block not in stages:
                 continue
             stage = stages[block]
-            head = self.aux_heads[self.exit_heads[stage]]
-            kind, raw = self._run_head(head, self.exit_positions[stage], state, grid, padded=subset)
+            adapter = adapt_head(self.aux_heads[self.exit_heads[stage]], self.exit_positions[stage], self.backbone)
+            outputs = adapter.run(state, grid, padded)
             if keep_outputs:
-                outputs, labelled = self._loss_outputs(kind, raw, state, grid, carried)
-                trace.heads.append((f"aux{self.exit_heads[stage]}", head, outputs, labelled))
+                trace.heads.append((f"aux{self.exit_heads[stage]}", adapter.head,
+                                    *adapter.loss_outputs(outputs, state, grid, carried)))
             if not self.pruning:
                 continue
-            if kind == "class_masks":
-                probs, leave = self.graders[stage](~state.pad, class_logits=raw[0], mask_logits=raw[1])
-            else:
-                logits = raw if kind == "pointwise" else self._token_logits(head, raw, state, grid)
-                probs, leave = self.graders[stage](~state.pad, logits=logits)
-            # record the exits (scatter only the leaving tokens). Done even when none leaves, so that the
-            # output depends on the grading in a traced graph too (else fvcore drops its FLOPs as dead code)
-            if exit_probs is None:
-                exit_probs = probs.new_zeros(batch, num, probs.shape[-1])
-            exit_probs = scatter_tokens(exit_probs, probs.detach().to(exit_probs.dtype), state.index, ~leave)
-            if released:
-                masks = raw[1].detach().transpose(1, 2)  # [B, M, K]
-                exit_masks = masks.new_zeros(batch, num, masks.shape[-1]) if exit_masks is None else exit_masks
-                exit_masks = scatter_tokens(exit_masks, masks, state.index, state.pad)  # every token this head saw
+            scores, leave = adapter.grade(self.graders[stage], outputs, state, grid)  # [B, M, K], [B, M]
+            combiner.record(adapter, outputs, scores, leave, state)
             if not bool(leave.any()):
                 continue
             exit_stage = scatter_tokens(exit_stage[..., None], torch.full_like(state.index, stage)[..., None],
@@ -475,31 +440,13 @@ class DToPSegmentor(FrozenPartsMixin, nn.Module):
             state.packed, state.index = packed, torch.gather(state.index, 1, sub_index)  # [B, M'] grid positions
             subset, padded = True, bool(state.pad.any())
         trace.exit_stage = exit_stage
-        kind, raw = self._run_head(self.decode_head, self.decode_layer, state, grid, decode=True, padded=subset)
+        decode = adapt_head(self.decode_head, self.decode_layer, self.backbone, decode=True)
+        outputs = decode.run(state, grid, padded)
         if keep_outputs:
-            outputs, labelled = self._loss_outputs(kind, raw, state, grid, carried)
-            trace.heads.append(("decode", self.decode_head, outputs, labelled))
+            trace.heads.append(("decode", self.decode_head, *decode.loss_outputs(outputs, state, grid, carried)))
             return trace
-        size = tuple(images.shape[-2:])
-        if kind == "class_masks":
-            if released:  # every token's last mask logits, under the decode head's class probabilities
-                masks = raw[1].transpose(1, 2)  # [B, M, K] the decode head's mask logits at the tokens it saw
-                canvas = masks.new_zeros(batch, num, masks.shape[-1]) if exit_masks is None else exit_masks.to(masks.dtype)
-                canvas = scatter_tokens(canvas, masks, state.index, state.pad)  # [B, N, K]
-                trace.token_scores = atm_token_probs(raw[0], canvas.transpose(1, 2))  # [B, N, K]
-            else:  # every token keeps the scores of the head it left by
-                probs = atm_token_probs(*raw)  # [B, M, K]
-                canvas = exit_probs if exit_probs is not None else probs.new_zeros(batch, num, probs.shape[-1])
-                trace.token_scores = scatter_tokens(canvas.to(probs.dtype), probs, state.index, state.pad)  # [B, N, K]
-            scores = trace.token_scores.transpose(1, 2).reshape(batch, -1, grid[0], grid[1])  # [B, K, h, w]
-            mask_size = getattr(self.decode_head.cfg, "mask_size", None)
-            if released and mask_size:  # the released head resizes to its square img_size first
-                scores = resize(scores, (mask_size, mask_size))
-            trace.score_map = UpsampledScores(scores, size)  # -> [B, K, H, W]
-        else:
-            trace.score_map = self.decode_head.score_map(raw, size)  # -> [B, K, H, W]
-            if exit_probs is not None:  # tokens were graded (p0 < 1)
-                trace.score_map = ExitBlendScores(trace.score_map, exit_probs, exit_stage, grid)
+        trace.token_scores, trace.score_map = combiner.finish(decode, outputs, state, exit_stage, grid,
+                                                              tuple(images.shape[-2:]))
         return trace
 
     # ------------------------------------------------------------------ public forward

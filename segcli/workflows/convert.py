@@ -63,8 +63,9 @@ from ..outputs import check_outputs
 from ..recipe import Recipe
 from ..registry import DATASETS
 from ..version import __version__
+from ..zoo import RECIPES
 
-RELEASED_RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "released"
+RELEASED_RECIPES = RECIPES / "released"
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..download import is_url
 from ..engine.trainer import amp_dtype
 from ..recipe import PublishedConfig, Recipe, dump_recipe, load_recipe
 
@@ -130,7 +131,7 @@ def _pretrained_lines(recipe: Recipe, pub: PublishedConfig) -> list[str]:
     if weights_name(run) != weights_name(pub.pretrained):
         return [f"pretrained weights {run} (model.backbone.pretrained) are not the published ones: "
                 f"{pub.pretrained}"]
-    if not Path(run).expanduser().is_file():
+    if not (run.startswith("timm:") or is_url(run)) and not Path(run).expanduser().is_file():  # names: fetched by train
         return [f"pretrained weights missing: {run} (model.backbone.pretrained) does not exist; the published "
                 f"run started from {pub.pretrained}"]
     return []

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..build import build_model, without_pretrained
-from ..configurable import Component
+from ..configurable import Component, from_dict
 from ..engine.checkpoint import load_model_state, read_checkpoint, save_checkpoint
 from ..engine.flops import count_flops_split
 from ..errors import SegcliError
@@ -35,7 +35,7 @@ from ..models.dtop import DToPOptions
 from ..outputs import check_outputs
 from ..recipe import Recipe, recipe_from_dict
 
-__all__ = ["PruneResult", "prune", "prune_checkpoint", "pruned_recipe", "parse_layers", "gflops_split", "PRUNE_OPTIONS"]
+__all__ = ["PruneResult", "prune", "prune_checkpoint", "pruned_recipe", "dtop_options", "parse_layers", "gflops_split", "PRUNE_OPTIONS"]
 
 PRUNE_OPTIONS = ("p0", "k", "exit_layers")  # the DToPOptions fields that prune sets
 
@@ -51,18 +51,15 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
                           "e.g. 5,7 (0-based blocks)") from None
 
 
-def dtop_options(base: DToPOptions | None, **values) -> DToPOptions:
-    """``base`` (or the defaults) with ``values`` set, each checked on its own so an error names it."""
-    for name, value in values.items():
-        try:
-            DToPOptions(**{name: value})
-        except ValueError as err:
-            raise SegcliError(str(err), name) from None
-    return dataclasses.replace(base or DToPOptions(), **values)
+def dtop_options(p0: float = 0.95, k: int = 5, exit_layers: tuple[int, ...] | None = None) -> DToPOptions:
+    """The options prune sets, typed as a recipe's ``model.options`` are (the same ranges), with an
+    error naming the option by itself (``where="p0"``)."""
+    return from_dict(DToPOptions, {"p0": p0, "k": k, "exit_layers": exit_layers}, where="")
 
 
-def pruned_recipe(recipe: Recipe, p0: float = 0.95, k: int = 5, exit_layers: tuple[int, ...] | None = None) -> Recipe:
-    """The recipe with ``model.type: dtop`` and these options.
+def pruned_recipe(recipe: Recipe, options: DToPOptions) -> Recipe:
+    """The recipe with ``model.type: dtop`` and ``options`` (:func:`dtop_options`). Re-pruning a
+    ``dtop`` recipe replaces the :data:`PRUNE_OPTIONS` only and keeps its other options.
 
     DToP combines the stages' per-token predictions before upsampling, which is an ATM head's
     ``mask_resolution: low`` order; the weights do not depend on it, so heads with that setting
@@ -71,9 +68,8 @@ def pruned_recipe(recipe: Recipe, p0: float = 0.95, k: int = 5, exit_layers: tup
     model = recipe.model
     if model.type not in ("encoder_decoder", "dtop"):
         raise SegcliError(f"DToP wraps an encoder_decoder model, not '{model.type}'", "model.type")
-    base = model.options if model.type == "dtop" else None
-    options = dtop_options(base, p0=float(p0), k=int(k), exit_layers=None if exit_layers is None else
-                           tuple(int(b) for b in exit_layers))
+    if model.type == "dtop":
+        options = dataclasses.replace(model.options, **{name: getattr(options, name) for name in PRUNE_OPTIONS})
 
     def low_order(head: Component) -> Component:
         if head.cfg is not None and hasattr(head.cfg, "mask_resolution"):
@@ -99,7 +95,7 @@ def prune_checkpoint(checkpoint: str | Path, p0: float = 0.95, k: int = 5,
     """
     if isinstance(exit_layers, str):
         exit_layers = parse_layers(exit_layers)
-    dtop_options(None, p0=p0, k=k, exit_layers=exit_layers)  # the options first: nothing read in vain
+    options = dtop_options(p0, k, exit_layers)  # the options first: nothing read in vain
     source = Path(checkpoint).expanduser()
     target = Path(out).expanduser() if out is not None else source.with_name(f"{source.stem}_dtop.pt")
     check_outputs([target], inputs=[source], overwrite=overwrite, input_name="checkpoint")
@@ -109,7 +105,7 @@ def prune_checkpoint(checkpoint: str | Path, p0: float = 0.95, k: int = 5,
         raise SegcliError("the model has no auxiliary heads to grade tokens with", str(source),
                           "DToP@Direct needs a model trained with aux_heads on the exit blocks, "
                           "e.g. recipes/dtop_vit_b_ade20k.yaml or recipes/tiny/dtop.yaml")
-    recipe = pruned_recipe(recipe, p0, k, exit_layers)
+    recipe = pruned_recipe(recipe, options)
     try:
         model = build_model(without_pretrained(recipe), num_classes=payload["meta"]["num_classes"])
     except SegcliError as err:  # the model checks the options against its heads: name the option

@@ -23,6 +23,7 @@ from ..engine.distributed import DistInfo, barrier, cleanup, init_distributed
 from ..engine.hooks import snapshot_paths
 from ..engine.trainer import Callback, TrainResult, run_training
 from ..errors import SegcliError
+from ..models.backbones.weights import resolve_weights
 from ..recipe import Recipe, dump_recipe, recipe_from_dict
 from .experiment import BOOKKEEPING_KEYS, ExperimentCheck, compare_to_published
 from .tensorboard import INSTALL_HINT, TensorBoardLogger, tensorboard_available, with_tensorboard
@@ -196,6 +197,15 @@ def start_run(recipe: Recipe, model, train_set, val_set, work_dir: Path, meta: d
             logger.close()
 
 
+def fetch_pretrained(recipe: Recipe, callback: Callback | None = None) -> None:
+    """The backbone's ``timm:`` / URL weights into their cache before the model is built (rank 0,
+    once), each transfer reported as a ``"download"`` event (``segcli/download.py`` Transfer fields)."""
+    ref = getattr(recipe.model.backbone.cfg, "pretrained", None)
+    if ref:
+        report = (lambda transfer: callback("download", dataclasses.asdict(transfer))) if callback else None
+        resolve_weights(ref, progress=report)
+
+
 def train(recipe: Recipe | str | Path, work_dir: str | Path | None = None, overrides=(), resume: bool = False,
           device: str | None = None, callback: Callback | None = None, overwrite: bool = False) -> TrainResult:
     """Train a recipe; writes ``last.pt``, ``best.pt``, ``metrics.jsonl`` and ``recipe.yaml`` to ``work_dir``
@@ -215,6 +225,7 @@ def train(recipe: Recipe | str | Path, work_dir: str | Path | None = None, overr
             barrier(dist_info)
         train_set, val_set = build_datasets(recipe)
         if dist_info.is_main:
+            fetch_pretrained(recipe, callback)
             barrier(dist_info)
         torch.manual_seed(recipe.train.seed)  # the initial weights depend on the seed alone
         model = build_model(recipe, num_classes=train_set.num_classes)

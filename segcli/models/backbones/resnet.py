@@ -22,7 +22,7 @@ Decisions (thesis 3.2.1, 3.3.1):
   (Sync)BN group in training (as in MMSegmentation).
 * ``output_stride`` 16/8 dilates the last stages (timm's ``output_stride``) for the thesis'
   dilated-encoder comparisons; ``out_strides`` then reports the true strides.
-* Pretrained weights are a local file only (.pth/.pt/.bin/.safetensors/.npz) in timm's key
+* Pretrained weights (a local .pth/.pt/.bin/.safetensors/.npz, ``timm:NAME`` or a URL) in timm's key
   format, or MMCV's (MMSegmentation's ``open-mmlab://resnet50_v1c``, the thesis' ImageNet
   weights; :func:`checkpoint_filter_fn` renames the stem). timm's ``resnet50c.gluon_in1k`` and
   ``resnet101c.gluon_in1k`` have the same V1c architecture. The classifier (``fc.*``) is
@@ -51,7 +51,7 @@ from ...ops.batchnorm import fold_batchnorm, foldable_batchnorm
 from ...registry import BACKBONES
 from ..layers import ConvBNReLU, SeparableConvBNReLU
 from ..base import Backbone
-from .weights import load_state_dict_file
+from .weights import load_state_dict_file, resolve_weights
 
 NUM_LEVELS = 5  # timm ResNet feature levels: stem + 4 stages
 
@@ -60,7 +60,7 @@ NUM_LEVELS = 5  # timm ResNet feature levels: stem + 4 stages
 class ResNetConfig:
     name: str = "resnet50"  # timm name: resnet18/50/101, resnext101_32x4d, ...
     deep_stem: bool = True  # MMSegmentation "V1c" stem (timm stem_type="deep", stem_width=32)
-    pretrained: str | None = None  # local timm-format weights; never downloaded
+    pretrained: str | None = None  # timm-format weights: a local file, timm:NAME or a URL
     output_stride: Literal[8, 16, 32] = 32
     out_indices: tuple[NonNegativeInt, ...] = (1, 4)  # timm feature levels (1 = stride 4, 4 = last stage)
     aspp: bool = False  # attach DeepLabV3+'s ASPP to the last level (NRD's encoder)
@@ -100,11 +100,8 @@ class ASPP(nn.Module):
 
 
 def read_timm_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """A timm-format state dict from a local file; ``model.backbone.pretrained`` names it."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise SegcliError(f"pretrained weights not found: {file}", "model.backbone.pretrained",
-                          "give a local timm checkpoint (.pth/.safetensors/.npz); segcli never downloads")
+    """A timm-format state dict from the file ``model.backbone.pretrained`` names (:func:`resolve_weights`)."""
+    file = resolve_weights(str(path))
     if file.suffix == ".npz":
         import numpy as np
 

@@ -21,7 +21,6 @@ and exact when the grid matches, which it does for the thesis' crop-sized infere
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import timm
@@ -34,7 +33,7 @@ from ...configurable import NonNegativeInt, PositiveInt, UnitFloat
 from ...errors import SegcliError
 from ...registry import BACKBONES
 from ..base import Backbone
-from .weights import load_state_dict_file, mmseg_vit_to_timm
+from .weights import load_state_dict_file, mmseg_vit_to_timm, resolve_weights
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,7 @@ class ViTConfig:
     name: str = "vit_base_patch16_384"  # any timm ViT / DeiT3 / BEiT name
     out_indices: tuple[NonNegativeInt, ...] = (5, 7, 11)  # 0-based blocks whose outputs are returned
     img_size: PositiveInt = 512  # the size the position embeddings / rel-pos tables are built for
-    pretrained: str | None = None  # local timm-format weights (.pth/.pt/.bin/.safetensors/.npz) or a segcli checkpoint
+    pretrained: str | None = None  # timm-format weights: a local file (.pth/.pt/.bin/.safetensors/.npz, or a segcli checkpoint), timm:NAME or a URL
     drop_path_rate: UnitFloat = 0.1
     patch_size: PositiveInt | None = None  # None = the timm model's; another value only for training from scratch
     depth: PositiveInt | None = None  # None = the timm model's; fewer blocks only for training from scratch
@@ -359,11 +358,9 @@ class ViTBackbone(Backbone):
 
     # ------------------------------------------------------------------ weights
     def load_pretrained(self, path: str) -> None:
-        """Load timm-format weights from a local file; cls token dropped, position tables resized."""
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise SegcliError(f"pretrained weights not found: {file}", "model.backbone.pretrained",
-                              "give a local timm checkpoint (.pth/.safetensors/.npz); segcli never downloads")
+        """Load timm-format weights (a local file, ``timm:NAME`` or a URL: :func:`resolve_weights`);
+        cls token dropped, position tables resized."""
+        file = resolve_weights(path)
         if file.suffix == ".npz":
             if not hasattr(self.vit, "load_pretrained"):
                 raise SegcliError(".npz weights only load into timm VisionTransformer models", str(file))
