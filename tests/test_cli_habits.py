@@ -129,8 +129,13 @@ def test_compile_without_a_compiler_is_one_line_before_anything_is_written(cli, 
 
 def test_eval_with_compile_gives_the_eager_metrics(setr_run):
     from segcli import api
+    from segcli.engine.inference import cpu_vector_isa
 
     work, _ = setr_run
+    if cpu_vector_isa() == "avx2":  # inductor's AVX2 kernels gave NaN scores: refused (engine/inference.py)
+        with pytest.raises(SegcliError, match="AVX2"):
+            api.evaluate(work / "best.pt", limit=1, device="cpu", compile=True)
+        return
     eager = api.evaluate(work / "best.pt", limit=2, device="cpu")
     compiled = api.evaluate(work / "best.pt", limit=2, device="cpu", compile=True)
     assert compiled["mIoU"] == pytest.approx(eager["mIoU"], rel=1e-3)

@@ -204,10 +204,12 @@ def test_compile_wraps_what_inference_runs(recipe, compiled, monkeypatch):
     from conftest import REPO
 
     from segcli.build import without_pretrained
+    from segcli.engine import inference
     from segcli.engine.inference import compile_for_inference
     from segcli.errors import SegcliError
 
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)  # the compiler check passes anywhere
+    monkeypatch.setattr(inference, "cpu_vector_isa", lambda: "")  # and the AVX2 refusal (its own test) too
     dtop = ["model.type=dtop", "model.options={p0: 0.95}"] if compiled is None else []
     model = api.build_model(without_pretrained(api.load_recipe(REPO / "recipes" / recipe, dtop)), num_classes=8)
     if compiled is None:

@@ -91,9 +91,27 @@ def compile_for_inference(model: nn.Module, device: torch.device) -> nn.Module:
     if device.type == "cpu" and not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
         raise SegcliError("torch.compile needs a C++ compiler on CPU and none was found", "--compile",
                           "install g++ (or clang++), or run without --compile")
+    if device.type == "cpu" and cpu_vector_isa() == "avx2":
+        raise SegcliError(f"torch.compile's AVX2 CPU kernels give wrong scores here (NaN in the ViT encoder of a "
+                          f"tiny SETR with torch {torch.__version__}; right without vectorisation and with AVX-512)",
+                          "--compile", "run without --compile on this CPU")
     for name in parts:
         setattr(model, name, torch.compile(getattr(model, name)))
     return model
+
+
+def cpu_vector_isa() -> str:
+    """The vector instruction set inductor generates CPU kernels for (``"avx2"``, ``"avx512 ..."``, ``""``).
+
+    Decision: ``--compile`` is refused where this is AVX2 (an AVX2-only CPU, or ``ATEN_CPU_CAPABILITY=avx2``):
+    there inductor's vectorised kernels turned a tiny SETR's ViT encoder into NaN (``tests/test_cli_habits.py``
+    compares compiled and eager metrics), while its scalar kernels and its AVX-512 ones gave the eager
+    scores. Refusing beats silently wrong labels; scalar kernels would be slower than eager."""
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+    except ImportError:  # an older torch: nothing known about its kernels
+        return ""
+    return str(pick_vec_isa() or "")
 
 
 def compile_error(err: Exception, subject: str | None = None) -> SegcliError:
