@@ -109,7 +109,9 @@ def _checkpoint_or_model(checkpoint: Optional[Path], model: Optional[str], conso
     if (checkpoint is None) == (model is None):
         raise SegcliError("give a checkpoint or --model NAME" + (", not both" if model else ""), "--model",
                           "`segcli zoo list` shows the names")
-    return checkpoint if checkpoint is not None else api.resolve_model(model, progress=_DownloadReporter(console))
+    if checkpoint is not None:
+        return checkpoint
+    return api.resolve_model(model, progress=_DownloadReporter(console), notify=lambda line: console.print(escape(line)))
 
 
 def _print_version(value: bool) -> None:

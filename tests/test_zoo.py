@@ -38,8 +38,10 @@ def _states_equal(a: dict, b: dict) -> bool:
 
 def test_a_released_model_is_converted_from_the_hub_cache_once(env):
     _hub_cache(env / "hub", HUB_REPO, "tiny_segvit.pth", OFFICIAL.read_bytes())
-    path = resolve_model("tiny", zoo=TINY)
+    said = []
+    path = resolve_model("tiny", zoo=TINY, notify=said.append)
     assert path == env / "segcli" / "tiny.pt"
+    assert len(said) == 1 and "converted tiny_segvit.pth" in said[0] and str(path) in said[0]
     expected = api.convert(OFFICIAL, recipe=SMALL_RECIPE, out=env / "by_hand.pt")  # what `segcli convert` writes
     loaded, by_hand = api.load_checkpoint(path), api.load_checkpoint(expected.path)
     assert _states_equal(loaded.model.state_dict(), by_hand.model.state_dict())
@@ -47,7 +49,8 @@ def test_a_released_model_is_converted_from_the_hub_cache_once(env):
     # the converted file is read from then on: the hub's cache is not needed any more
     shutil.rmtree(env / "hub")
     stamp = path.stat().st_mtime_ns
-    assert resolve_model("tiny", zoo=TINY) == path and path.stat().st_mtime_ns == stamp
+    assert resolve_model("tiny", zoo=TINY, notify=said.append) == path and path.stat().st_mtime_ns == stamp
+    assert len(said) == 1  # nothing converted, nothing said
 
 
 def test_a_file_in_the_cache_wins_and_needs_no_network(env):

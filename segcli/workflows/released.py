@@ -14,7 +14,7 @@ The hub file stays in the hub's cache, so a deleted conversion is redone offline
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +25,13 @@ from ..zoo import ZOO, ZooEntry, checkpoint_path, lookup, recipe_path
 from .convert import convert
 
 
-def resolve_model(name: str, progress: Progress | None = None, zoo: Mapping[str, ZooEntry] = ZOO) -> Path:
-    """The segcli checkpoint of the named model, fetched and converted on first use (module docstring)."""
+def resolve_model(name: str, progress: Progress | None = None, zoo: Mapping[str, ZooEntry] = ZOO,
+                  notify: Callable[[str], None] | None = None) -> Path:
+    """The segcli checkpoint of the named model, fetched and converted on first use (module docstring).
+
+    ``progress`` receives the download's transfer reports; ``notify`` one line when a released file
+    is converted (what, with which recipe, where the result is cached), so that a first use says
+    why it took longer and where the file went."""
     entry = lookup(name, zoo)
     path = checkpoint_path(entry)
     if path.is_file():
@@ -41,6 +46,9 @@ def resolve_model(name: str, progress: Progress | None = None, zoo: Mapping[str,
                f"--out {path}`")
     raw = fetch_hub_file(released.repo, released.file, released.revision, progress, "--model", by_hand)
     convert(raw, recipe=recipe, out=path)
+    if notify is not None:
+        notify(f"converted {released.file} ({entry.description}) with {recipe} -> {path}; "
+               f"--model {name} reads it from now on")
     return path
 
 
