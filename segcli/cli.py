@@ -522,7 +522,7 @@ def prune(
     k: int = typer.Option(5, "--k", help="Top-k most confident exiting tokens per class kept for context."),
     exit_layers: Optional[str] = typer.Option(None, "--exit-layers", "--layers",
                                               help="0-based exit blocks, e.g. 5,7 (default: every aux head)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output checkpoint (default <stem>_dtop.pt)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output checkpoint (default <stem>_dtop.pt beside it; with --model: NAME_dtop.pt here)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out (never the input)."),
     json_out: bool = typer.Option(False, "--json", help="Print {\"checkpoint\", \"p0\", \"k\"} as JSON on stdout."),
 ):
@@ -530,6 +530,8 @@ def prune(
     from . import api
 
     checkpoint = _guard(ctx, _checkpoint_or_model, checkpoint, model, _console(stderr=True))
+    if model is not None and out is None:  # not into the model cache: where the user is
+        out = Path(f"{model}_dtop.pt")
 
     def run():
         try:
@@ -803,7 +805,7 @@ def export(
     batch: int = typer.Option(1, "--batch", help="Batch size of the graph (the sample batch if --dynamic)."),
     output: str = typer.Option("labels", "--output", help="labels (int64 [B,H,W]) or scores ([B,K,H,W])."),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default 18)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default beside the checkpoint)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default beside the checkpoint; with --model: NAME.<format> here)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ):
@@ -811,6 +813,11 @@ def export(
     from . import api
 
     checkpoint = _guard(ctx, _checkpoint_or_model, checkpoint, model, _console(stderr=True))
+    if model is not None and out is None:  # not into the model cache: where the user is
+        from .workflows.export import FORMATS
+
+        if format_ in FORMATS:  # (an unknown format is refused by export itself)
+            out = Path(model + FORMATS[format_])
 
     result = _guard(ctx, api.export, checkpoint, format=format_, shape=tuple(shape) if shape else None,
                     dynamic=dynamic, batch=batch, output=output, opset=opset, out=out, overwrite=overwrite)

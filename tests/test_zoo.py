@@ -132,6 +132,21 @@ def test_model_option_cli(cli, env, synth_root, tmp_path):
     assert res.exit_code == 2 and "not both" in res.output
 
 
+def test_outputs_of_a_named_model_go_where_the_user_is(cli, env, tmp_path, monkeypatch):
+    """export/prune write beside their input by default; a named model's input is in the cache, so
+    their output goes to the current folder instead (nothing is added to the cache)."""
+    api.convert(OFFICIAL, recipe=SMALL_RECIPE, out=env / "segcli" / "segvit.pt")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    res = cli("export", "--model", "segvit", "--format", "torchscript", "--shape", "64", "64")
+    assert res.exit_code == 0, res.output
+    assert (work / "segvit.torchscript.pt").is_file()
+    assert sorted(p.name for p in (env / "segcli").iterdir()) == ["segvit.pt"]
+    res = cli("export", "--model", "segvit", "--format", "torchscript", "--shape", "64", "64")
+    assert res.exit_code == 2 and "--overwrite" in res.output  # the output rule holds for the new default
+
+
 class _Hub:
     """A model hub on 127.0.0.1 serving one repo's files as the hub's resolve endpoint does (HEAD:
     X-Repo-Commit, ETag, Content-Length; GET: the bytes); records each request."""
