@@ -72,9 +72,20 @@ CITYSCAPES_FILES = {"train": ["aachen/aachen_000000_000019", "aachen/aachen_0000
                     "val": ["frankfurt/frankfurt_000000_000294", "lindau/lindau_000000_000019"]}
 
 
-def _cityscapes_src(root: Path) -> dict[str, np.ndarray]:
+CITYSCAPES_TEST = ["berlin/berlin_000000_000019", "bielefeld/bielefeld_000000_000321"]
+
+
+def _cityscapes_src(root: Path, test: bool = False) -> dict[str, np.ndarray]:
+    """The two downloads extracted into ``root``; ``test``: with the test split as released (its
+    gtFine/test labelIds all 0, 'unlabeled')."""
     rng = np.random.default_rng(0)
     ids = {}
+    if test:
+        for stem in CITYSCAPES_TEST:
+            _image(root / "leftImg8bit" / "test" / f"{stem}_leftImg8bit.png", rng)
+            path = root / "gtFine" / "test" / f"{stem}_gtFine_labelIds.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(path), np.zeros((12, 20), np.uint8))
     for split, stems in CITYSCAPES_FILES.items():
         for stem in stems:
             _image(root / "leftImg8bit" / split / f"{stem}_leftImg8bit.png", rng)
@@ -114,6 +125,134 @@ def test_an_unknown_cityscapes_id_is_refused_naming_the_file(tmp_path):
     with pytest.raises(SegcliError, match="34 are not Cityscapes label ids") as err:
         api.prepare_data("cityscapes", src, tmp_path / "root")
     assert err.value.where == str(bad.resolve())
+
+
+def _cityscapes_zip(extracted: Path, part: str, dest: Path, skip: str | None = None,
+                    compression=zipfile.ZIP_DEFLATED) -> Path:
+    """``dest/<part>_trainvaltest.zip`` as cityscapes-dataset.com serves it: folder entries, members
+    ``<part>/<split>/<city>/...``, and license.txt + README at the top; without member ``skip``."""
+    archive = dest / f"{part}_trainvaltest.zip"
+    dest.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(archive, "w", compression) as out:
+        out.writestr("license.txt", "The Cityscapes Dataset license\n")
+        out.writestr("README", "The Cityscapes Dataset\n")
+        for path in sorted((extracted / part).rglob("*")):
+            member = path.relative_to(extracted).as_posix()
+            if member != skip:
+                out.write(path, member)  # a folder gives its 'part/split/' entry
+    return archive
+
+
+@pytest.mark.parametrize("zipped", [("leftImg8bit", "gtFine"), ("gtFine",), ("leftImg8bit",)])
+def test_cityscapes_from_the_zips_as_downloaded_matches_the_extracted_folders(tmp_path, zipped):
+    extracted = tmp_path / "extracted"
+    ids = _cityscapes_src(extracted, test=True)
+    src = tmp_path / "src"  # the zips named in `zipped`, the other part extracted
+    for part in ("leftImg8bit", "gtFine"):
+        if part in zipped:
+            _cityscapes_zip(extracted, part, src)
+        else:
+            shutil.copytree(extracted / part, src / part)
+    before = _tree(src)
+    from_folders = api.prepare_data("cityscapes", extracted, tmp_path / "from_folders")
+    result = api.prepare_data("cityscapes", src, tmp_path / "root")
+    assert result.samples == {"train": 3, "val": 2, "test": 2} == from_folders.samples
+    assert result.written == 12 and result.skipped == 0
+    written = {k: v[0] for k, v in _tree(tmp_path / "root").items() if k != MARKER}
+    assert written == {k: v[0] for k, v in _tree(tmp_path / "from_folders").items() if k != MARKER}  # byte for byte
+    for key, label in ids.items():
+        split, stem = key.split("/", 1)
+        np.testing.assert_array_equal(_read(tmp_path / "root" / "gtFine" / split / f"{stem}_gtFine_labelTrainIds.png"),
+                                      np.vectorize(CITYSCAPES_ID_TO_TRAIN.get)(label))
+    assert _tree(src) == before  # the zips (and a folder beside them) untouched: same hashes and mtimes
+    _check("nrd_r50_cityscapes.yaml", tmp_path / "root")
+
+
+def test_the_prepared_test_split_is_read_without_labels_for_format_only(tmp_path):
+    from segcli.data import build_dataset
+    from segcli.recipe import load_recipe
+
+    extracted = tmp_path / "extracted"
+    _cityscapes_src(extracted, test=True)
+    for part in ("leftImg8bit", "gtFine"):
+        _cityscapes_zip(extracted, part, tmp_path / "src")
+    result = api.prepare_data("cityscapes", tmp_path / "src", tmp_path / "root")
+    assert any("--split test" in note for note in result.notes)
+    root = tmp_path / "root"
+    assert not (root / "gtFine" / "test").exists()  # its labels are not public: nothing to write
+    recipe = load_recipe(REPO / "recipes" / "nrd_r50_cityscapes.yaml", [f"data.root={root}", "data.val_split=test"])
+    test_set = build_dataset(recipe.data, "val", labelled=False)  # what eval --format-only --split test reads
+    assert [Path(image).relative_to(root).as_posix() for image, _ in test_set.samples] == [
+        f"leftImg8bit/test/{stem}_leftImg8bit.png" for stem in CITYSCAPES_TEST]
+    assert all(mask is None for _, mask in test_set.samples)
+    image, _ = test_set.read(0)
+    assert image.shape == (12, 20, 3)
+
+
+def test_without_test_images_a_note_says_format_only_will_need_them(tmp_path):
+    _cityscapes_src(tmp_path / "src")
+    result = api.prepare_data("cityscapes", tmp_path / "src", tmp_path / "root")
+    assert "test" not in result.samples and any("no test images" in note for note in result.notes)
+
+
+def test_a_folder_extracted_beside_its_zip_is_read_and_said(tmp_path):
+    src = tmp_path / "src"
+    _cityscapes_src(src)
+    (src / "gtFine" / "train" / "aachen" / "aachen_000000_000019_gtFine_labelIds.png").unlink()  # extraction cut short
+    _cityscapes_zip(src, "gtFine", src)  # the complete zip beside it is not read: the folder is
+    with pytest.raises(SegcliError, match="label not found") as err:
+        api.prepare_data("cityscapes", src, tmp_path / "root")
+    assert err.value.where.endswith("/src/gtFine/train/aachen/aachen_000000_000019_gtFine_labelIds.png")
+    shutil.rmtree(src / "gtFine")
+    _cityscapes_src(src)
+    result = api.prepare_data("cityscapes", src, tmp_path / "root")
+    assert "read gtFine/, not gtFine_trainvaltest.zip beside it" in result.notes
+
+
+def test_a_label_missing_from_the_zip_is_named_before_anything_is_written(tmp_path):
+    extracted = tmp_path / "extracted"
+    _cityscapes_src(extracted)
+    missing = "gtFine/val/lindau/lindau_000000_000019_gtFine_labelIds.png"
+    _cityscapes_zip(extracted, "leftImg8bit", tmp_path / "src")
+    archive = _cityscapes_zip(extracted, "gtFine", tmp_path / "src", skip=missing)
+    with pytest.raises(SegcliError, match=r"label not found \(1 of 2 val images lack one\)") as err:
+        api.prepare_data("cityscapes", tmp_path / "src", tmp_path / "root")
+    assert err.value.where == f"{archive.resolve()}:{missing}"
+    assert "lindau_000000_000019_leftImg8bit.png needs it" in err.value.hint
+    assert "\n" not in str(err.value) and not (tmp_path / "root").exists()
+
+
+def test_an_image_missing_from_the_folder_is_named_with_its_label(tmp_path):
+    src = tmp_path / "src"
+    _cityscapes_src(src)
+    (src / "leftImg8bit" / "train" / "bochum" / "bochum_000000_000313_leftImg8bit.png").unlink()
+    with pytest.raises(SegcliError, match="image not found") as err:
+        api.prepare_data("cityscapes", src, tmp_path / "root")
+    assert err.value.where.endswith("leftImg8bit/train/bochum/bochum_000000_000313_leftImg8bit.png")
+    assert "leftImg8bit_trainvaltest.zip" in err.value.hint
+
+
+def test_a_damaged_zip_is_one_error_and_a_good_one_resumes(tmp_path):
+    extracted = tmp_path / "extracted"
+    _cityscapes_src(extracted)
+    src = tmp_path / "src"
+    _cityscapes_zip(extracted, "leftImg8bit", src)
+    archive = _cityscapes_zip(extracted, "gtFine", src, compression=zipfile.ZIP_STORED)
+    member = "gtFine/val/lindau/lindau_000000_000019_gtFine_labelIds.png"
+    data = archive.read_bytes()
+    at = data.index((extracted / member).read_bytes()) + 40  # stored: the PNG's bytes lie in the zip as they are
+    archive.write_bytes(data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:])  # its CRC no longer matches
+    with pytest.raises(SegcliError, match="damaged archive member") as err:
+        api.prepare_data("cityscapes", src, tmp_path / "root")
+    assert err.value.where == f"{archive.resolve()}:{member}"
+    assert not list((tmp_path / "root").rglob("*.part"))
+    _cityscapes_zip(extracted, "gtFine", src)  # downloaded again
+    resumed = api.prepare_data("cityscapes", src, tmp_path / "root")
+    assert resumed.skipped > 0 and resumed.skipped + resumed.written == 10
+    archive.write_bytes(archive.read_bytes()[:200])  # an interrupted download
+    with pytest.raises(SegcliError, match="cannot read this zip archive") as err:
+        api.prepare_data("cityscapes", src, tmp_path / "again")
+    assert err.value.where == str(archive.resolve())
 
 
 # --------------------------------------------------------------------------- COCO-Stuff-10K
@@ -290,9 +429,14 @@ def test_ade20k_is_checked_and_what_is_missing_is_named(tmp_path):
 # --------------------------------------------------------------------------- resume, the output rule, bad SRC
 
 
-def test_an_interrupted_run_resumes_without_overwrite(tmp_path):
+@pytest.mark.parametrize("as_zip", [False, True])
+def test_an_interrupted_run_resumes_without_overwrite(tmp_path, as_zip):
     src = tmp_path / "src"
     _cityscapes_src(src)
+    if as_zip:
+        for part in ("leftImg8bit", "gtFine"):
+            _cityscapes_zip(src, part, src)
+            shutil.rmtree(src / part)
     root = tmp_path / "root"
     full = api.prepare_data("cityscapes", src, tmp_path / "full")
 
@@ -338,7 +482,26 @@ def test_bad_src_is_one_line_and_exit_2(tmp_path, cli):
         assert res.exit_code == 2, res.output
         assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1, res.output
     assert "gtFine/val" in " ".join(cli("data", "prepare", "cityscapes", src, "--out", tmp_path / "root").output.split())
+    (tmp_path / "empty").mkdir()
+    a_file = src / "leftImg8bit" / "train" / "aachen" / "aachen_000000_000019_leftImg8bit.png"
+    for bad_src in (tmp_path / "empty", a_file):
+        res = cli("data", "prepare", "cityscapes", bad_src, "--out", tmp_path / "root")
+        said = " ".join(res.output.split())
+        assert res.exit_code == 2 and "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+        assert "leftImg8bit_trainvaltest.zip" in said and "gtFine_trainvaltest.zip" in said, said  # both forms named
+    assert "neither leftImg8bit/ nor leftImg8bit_trainvaltest.zip" in " ".join(
+        cli("data", "prepare", "cityscapes", tmp_path / "empty", "--out", tmp_path / "root").output.split())
     assert not (tmp_path / "root").exists()
+
+
+def test_the_cli_prepares_from_the_two_zips(tmp_path, cli):
+    extracted = tmp_path / "extracted"
+    _cityscapes_src(extracted, test=True)
+    for part in ("leftImg8bit", "gtFine"):
+        _cityscapes_zip(extracted, part, tmp_path / "downloads")
+    res = cli("data", "prepare", "cityscapes", tmp_path / "downloads", "--out", tmp_path / "root")
+    assert res.exit_code == 0, res.output
+    assert "wrote 12 files" in " ".join(res.output.split()) and "test: 2" in res.output
 
 
 def test_the_cli_reports_what_it_wrote(tmp_path, cli):

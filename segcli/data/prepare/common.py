@@ -1,7 +1,8 @@
 """What every dataset preparer shares: a plan of output files, checked before anything is written,
 and the atomic writer that carries it out.
 
-A preparer reads the raw download (a folder, or for COCO-Stuff also the zip itself), checks its
+A preparer reads the raw download (extracted, or the zips as downloaded, read in place through
+:class:`Files` or :class:`Step` ``member``), checks its
 structure (folders, split lists, every image paired with its annotation) and returns a
 :class:`Plan`: one :class:`Step` per output file. Nothing is decoded while planning; each label
 file is decoded, checked and converted when its output is written.
@@ -16,6 +17,7 @@ import io
 import os
 import shutil
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -157,6 +159,52 @@ class Source:
         self._archives.clear()
 
 
+class Files:
+    """A download's files by path relative to one top folder: that folder extracted, or the
+    members under ``prefix`` of the zip it came in. Planners list, pair and make steps through it
+    without knowing which form the user has; the zip is read in place, never extracted.
+    """
+
+    def __init__(self, source: Path, names: list[str], prefix: str | None = None):
+        self.source = source  # the folder, or the zip archive
+        self.prefix = prefix  # None: a folder; else the members' common start, e.g. "gtFine/"
+        self._names = names
+
+    @classmethod
+    def folder(cls, folder: Path) -> "Files":
+        names = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+        return cls(folder, names)
+
+    @classmethod
+    def archive(cls, archive: Path, prefix: str, expected: str) -> "Files":
+        """The members of ``archive`` under ``prefix``; ``expected`` (the layout) is what errors ask for."""
+        try:
+            with zipfile.ZipFile(archive) as opened:
+                members = opened.namelist()
+        except (zipfile.BadZipFile, OSError) as err:
+            raise SegcliError(f"cannot read this zip archive ({err})", str(archive),
+                              "download it again (an interrupted download is not a whole archive)") from None
+        names = sorted(name[len(prefix):] for name in members if name.startswith(prefix) and not name.endswith("/"))
+        if not names:
+            raise SegcliError(f"no {prefix} members in this archive", str(archive), f"expected {expected}")
+        return cls(archive, names, prefix)
+
+    def names(self) -> list[str]:
+        """Every file's relative path ('/'-separated), sorted."""
+        return self._names
+
+    def step(self, output: str, relative: str, **kwargs) -> Step:
+        if self.prefix is None:
+            return Step(output, str(self.source / relative), **kwargs)
+        return Step(output, str(self.source), member=self.prefix + relative, **kwargs)
+
+    def where(self, relative: str) -> str:
+        """A file (or folder) as the user would find it: ``SRC/part/x`` or ``SRC/part.zip:part/x``."""
+        if self.prefix is None:
+            return str(self.source / relative)
+        return f"{self.source}:{self.prefix}{relative}"
+
+
 def where(step: Step) -> str:
     """A step's source as the user would name it (``archive.zip:member``)."""
     return step.source if step.member is None else f"{step.source}:{step.member}"
@@ -173,22 +221,30 @@ def write_step(step: Step, target: Path, source: Source, copy: bool) -> None:
     part = target.parent / f".{target.name}.part"
     part.unlink(missing_ok=True)  # left by an interrupted run
     try:
-        if step.text is not None:
-            part.write_text(step.text)
-        elif step.convert is not None:
-            label = step.convert(source.read(step), where(step))  # [H, W] uint8 class ids
-            ok, encoded = cv2.imencode(".png", label)
-            if not ok:
-                raise RuntimeError(f"PNG encoding failed for {target}")
-            part.write_bytes(encoded.tobytes())
-        elif step.member is None and not copy:
-            try:
-                os.link(step.source, part)
-            except OSError:  # another file system, or links not allowed: copy instead
-                shutil.copyfile(step.source, part)
-        else:
-            with source.open(step) as stream, open(part, "wb") as out:
-                shutil.copyfileobj(stream, out)
+        _write(step, part, source, copy)
         os.replace(part, target)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as err:  # a member's data damaged (CRC) or cut short
+        raise SegcliError(f"damaged archive member ({err})", where(step),
+                          "download the archive again, then rerun the same command: it resumes") from None
     finally:
         part.unlink(missing_ok=True)
+
+
+def _write(step: Step, part: Path, source: Source, copy: bool) -> None:
+    """Write ``step``'s content to ``part`` (see :func:`write_step`)."""
+    if step.text is not None:
+        part.write_text(step.text)
+    elif step.convert is not None:
+        label = step.convert(source.read(step), where(step))  # [H, W] uint8 class ids
+        ok, encoded = cv2.imencode(".png", label)
+        if not ok:
+            raise RuntimeError(f"PNG encoding failed for {where(step)}")
+        part.write_bytes(encoded.tobytes())
+    elif step.member is None and not copy:
+        try:
+            os.link(step.source, part)
+        except OSError:  # another file system, or links not allowed: copy instead
+            shutil.copyfile(step.source, part)
+    else:
+        with source.open(step) as stream, open(part, "wb") as out:
+            shutil.copyfileobj(stream, out)
