@@ -705,7 +705,7 @@ def data_check(
 def data_prepare(
     ctx: typer.Context,
     dataset: str = typer.Argument(..., help="cityscapes, coco_stuff10k, pascal_context (or pascal_context_59) or ade20k."),
-    src: Path = typer.Argument(..., help="The extracted download (COCO-Stuff: also the zip itself); never written to."),
+    src: Path = typer.Argument(..., help="The download: extracted, or as downloaded (the Cityscapes zips' folder, the COCO-Stuff zip); never written to."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder: the data.root of the recipe (ade20k: not needed)."),
     copy: bool = typer.Option(False, "--copy", help="Copy images instead of hard-linking them."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write every file again (a rerun into the same --out resumes without it)."),

@@ -383,8 +383,8 @@ def build_cityscapes(data_cfg, split: str, labelled: bool = True) -> SegDataset:
     suffix = "_gtFine_labelTrainIds.png"
     if labelled and mask_dir.is_dir() and not any(mask_dir.rglob("*" + suffix)) and any(mask_dir.rglob("*_gtFine_labelIds.png")):
         raise SegcliError(f"no *{suffix} files (only *_gtFine_labelIds.png)", str(mask_dir),
-                          "write them with: segcli data prepare cityscapes SRC --out ROOT (SRC: the "
-                          "extracted download; ROOT: the new data.root)")
+                          "write them with: segcli data prepare cityscapes SRC --out ROOT (SRC: the folder "
+                          "with the two zips as downloaded, or extracted; ROOT: the new data.root)")
     samples = pair_by_name(root / "leftImg8bit" / directory, mask_dir, ("_leftImg8bit.png",), suffix,
                            layout, recursive=True, labelled=labelled)
     label_ids = np.arange(256, dtype=np.uint8)

@@ -65,7 +65,8 @@ def prepare_data(dataset: str, src: str | Path, out: str | Path | None = None, o
         raise SegcliError(f"unknown dataset '{dataset}'", "DATASET", did_you_mean(dataset, PREPARERS))
     src = Path(src).expanduser()
     if not src.exists():
-        raise SegcliError("source not found", str(src), "give the folder the download was extracted to")
+        raise SegcliError("source not found", str(src),
+                          "give the folder that holds the download (extracted, or its zips as downloaded)")
     src = src.resolve()
     plan = PREPARERS[dataset](src)
     result = PrepareResult(plan.dataset, plan.ready_root or src, plan.data_types, plan.samples, notes=plan.notes,

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import SegcliError
-from .common import Plan, Step, apply_lut, lookup_table, mat_array, require_scipy_loadmat
+from .common import Files, Plan, Step, apply_lut, lookup_table, mat_array, require_scipy_loadmat
 
 UNUSED_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83, 91)
 MAX_ID = 182
@@ -41,45 +41,23 @@ def to_train_ids(data: bytes, where: str) -> np.ndarray:
     return apply_lut(mat_array(data, "S", where), lut, valid, where, "COCO-Stuff ids (0..182, 11 unused)")
 
 
-class _Tree:
-    """The download's files, from a folder or a zip archive, by path relative to its top."""
-
-    def __init__(self, src: Path):
-        self.src = src
-        if src.is_file():
-            if not zipfile.is_zipfile(src):
-                raise SegcliError("not a zip archive", str(src), f"expected {LAYOUT}")
-            with zipfile.ZipFile(src) as archive:
-                names = [name for name in archive.namelist() if not name.endswith("/")]
-            lists = [name for name in names if name.endswith("imageLists/train.txt")]
-            if not lists:
-                raise SegcliError("no imageLists/train.txt in this archive", str(src), f"expected {LAYOUT}")
-            self.prefix = lists[0][: -len("imageLists/train.txt")]
-            self.members = {name[len(self.prefix):] for name in names if name.startswith(self.prefix)}
-        else:
-            self.prefix, self.members = "", None
-
-    def has(self, relative: str) -> bool:
-        return relative in self.members if self.members is not None else (self.src / relative).is_file()
-
-    def step(self, output: str, relative: str, **kwargs) -> Step:
-        if self.members is not None:
-            return Step(output, str(self.src), member=self.prefix + relative, **kwargs)
-        return Step(output, str(self.src / relative), **kwargs)
-
-    def read_text(self, relative: str) -> str:
-        if self.members is not None:
-            with zipfile.ZipFile(self.src) as archive:
-                return archive.read(self.prefix + relative).decode()
-        return (self.src / relative).read_text()
-
-    def where(self, relative: str) -> str:
-        return f"{self.src}:{self.prefix + relative}" if self.members is not None else str(self.src / relative)
+def _files(src: Path) -> Files:
+    """The download's files: the folder it extracts to, or the zip itself (its members under the
+    folder that holds ``imageLists/train.txt``, whatever the zip calls it)."""
+    if not src.is_file():
+        return Files.folder(src)
+    if not zipfile.is_zipfile(src):
+        raise SegcliError("not a zip archive", str(src), f"expected {LAYOUT}")
+    with zipfile.ZipFile(src) as archive:
+        lists = [name for name in archive.namelist() if name.endswith("imageLists/train.txt")]
+    if not lists:
+        raise SegcliError("no imageLists/train.txt in this archive", str(src), f"expected {LAYOUT}")
+    return Files.archive(src, lists[0][: -len("imageLists/train.txt")], LAYOUT)
 
 
 def plan_coco_stuff10k(src: Path) -> Plan:
     require_scipy_loadmat()  # before anything is written
-    tree = _Tree(src)
+    tree = _files(src)
     steps: list[Step] = []
     samples: dict[str, int] = {}
     for list_name, folder in SPLITS.items():

@@ -165,15 +165,15 @@ class Files:
     without knowing which form the user has; the zip is read in place, never extracted.
     """
 
-    def __init__(self, source: Path, names: list[str], prefix: str | None = None):
+    def __init__(self, source: Path, names: list[str] | None, prefix: str | None = None):
         self.source = source  # the folder, or the zip archive
         self.prefix = prefix  # None: a folder; else the members' common start, e.g. "gtFine/"
-        self._names = names
+        self._names = names  # a folder is listed on first use (a planner may only ask for some files)
+        self._name_set: set[str] | None = None
 
     @classmethod
     def folder(cls, folder: Path) -> "Files":
-        names = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
-        return cls(folder, names)
+        return cls(folder, None)
 
     @classmethod
     def archive(cls, archive: Path, prefix: str, expected: str) -> "Files":
@@ -191,7 +191,23 @@ class Files:
 
     def names(self) -> list[str]:
         """Every file's relative path ('/'-separated), sorted."""
+        if self._names is None:
+            self._names = sorted(path.relative_to(self.source).as_posix() for path in self.source.rglob("*")
+                                 if path.is_file())
         return self._names
+
+    def has(self, relative: str) -> bool:
+        if self.prefix is None:
+            return (self.source / relative).is_file()
+        if self._name_set is None:
+            self._name_set = set(self.names())
+        return relative in self._name_set
+
+    def read_text(self, relative: str) -> str:
+        if self.prefix is None:
+            return (self.source / relative).read_text()
+        with zipfile.ZipFile(self.source) as archive:
+            return archive.read(self.prefix + relative).decode()
 
     def step(self, output: str, relative: str, **kwargs) -> Step:
         if self.prefix is None:
