@@ -2,7 +2,8 @@
 
 Checked against ``segcli predict`` on the same images (its ``<stem>.png`` are the class ids), so
 the two commands must agree; a dataset with ``reduce_zero_label`` writes ids + 1 (what ADE20K's
-benchmark reads), Cityscapes its label ids.
+benchmark reads), Cityscapes its label ids. The files are what ``eval`` scores: both run one loop
+(``evaluate_model``), checked with ``--aug-test`` and slide windows and on a split without masks.
 """
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from segcli import api
 from segcli.data import build_dataset
 from segcli.data.classes import CITYSCAPES_CLASSES, CITYSCAPES_LABEL_IDS
+from segcli.engine.evaluate import evaluate_model
+from segcli.engine.evaluator import SegEvaluator
 from segcli.recipe import DataConfig
+from test_token_stats import pruned_setup
 
 
 @pytest.fixture()
@@ -108,3 +113,59 @@ def test_format_only_cli_says_what_it_wrote(cli, setr_run, test_split, tmp_path)
     again = cli("eval", setr_run[0] / "last.pt", "--set", f"data.root={test_split}", "--format-only",
                 tmp_path / "out", "--split", "test", "--limit", "2")
     assert again.exit_code == 2 and "--overwrite" in again.output  # an earlier run's files are kept
+
+
+# --------------------------------------------------------------------------- one loop for metrics and files
+
+SLIDE = ["test.mode=slide", "test.crop_size=[32,32]", "test.stride=[16,16]"]  # 3 x 3 windows of a 64-px image
+
+
+@pytest.mark.parametrize("aug_test, sets", [(True, []), (False, SLIDE)], ids=["aug-test", "slide"])
+def test_format_only_writes_what_eval_scores(setr_run, test_split, tmp_path, aug_test, sets):
+    """The 'test' split holds the 'val' images: the files written are the predictions eval scores
+    (the same overlays per image, and scored against the val masks they give eval's metrics), under
+    the recipe's test settings and --aug-test; and those settings change the files."""
+    checkpoint = setr_run[0] / "last.pt"
+    overrides = [f"data.root={test_split}", *sets]
+    metrics = api.evaluate(checkpoint, overrides=overrides, aug_test=aug_test, show_dir=tmp_path / "eval_show")
+    api.evaluate(checkpoint, overrides=overrides, aug_test=aug_test, format_only=tmp_path / "ids", split="test",
+                 show_dir=tmp_path / "ids_show")
+    api.evaluate(checkpoint, overrides=[f"data.root={test_split}"], format_only=tmp_path / "plain", split="test")
+    stems = [p.stem for p in sorted((test_split / "images" / "val").iterdir())]
+    assert sorted(p.stem for p in (tmp_path / "ids").iterdir()) == stems
+    for stem in stems:
+        assert (tmp_path / "ids_show" / f"{stem}.png").read_bytes() == (tmp_path / "eval_show" / f"{stem}.png").read_bytes()
+    assert any(not np.array_equal(_read(tmp_path / "ids" / f"{stem}.png"), _read(tmp_path / "plain" / f"{stem}.png"))
+               for stem in stems)  # the settings matter here, so a path that ignored them would fail above
+    val = build_dataset(DataConfig(type="folder", root=str(test_split)), "val")
+    evaluator = SegEvaluator(val.num_classes, val.classes)
+    for index, (image, _) in enumerate(val.samples):
+        predicted = torch.from_numpy(_read(tmp_path / "ids" / f"{Path(image).stem}.png").astype(np.int64))
+        evaluator.process(predicted[None], torch.from_numpy(val.read(index)[1].astype(np.int64))[None])
+    scored = evaluator.evaluate()
+    for key in ("mIoU", "mAcc", "aAcc"):
+        assert scored[key] == pytest.approx(metrics[key], rel=1e-12)
+
+
+def test_the_loop_runs_a_split_without_masks(synth_root):
+    """``evaluate_model`` on the 'val' split read without masks: the labels and token counts of the
+    labelled run, no metrics (a pruning DToP with slide windows, so that the counts are not trivial)."""
+    recipe, val_set, model = pruned_setup(synth_root, "slide")
+    unlabelled = build_dataset(recipe.data, "val", labelled=False)
+    transform = unlabelled.transform
+    runs = []
+    for dataset in (val_set, unlabelled):
+        seen = {}
+        result = evaluate_model(model, dataset, recipe, torch.device("cpu"), limit=2,
+                                on_image=lambda index, labels: seen.setdefault(index, labels.clone()))
+        runs.append((result, seen))
+    (labelled, labelled_seen), (bare, bare_seen) = runs
+    assert sorted(bare_seen) == sorted(labelled_seen) == [0, 1]
+    for index in labelled_seen:
+        assert torch.equal(bare_seen[index], labelled_seen[index])
+    assert "mIoU" in labelled and not {"mIoU", "mAcc", "aAcc", "per_class"} & set(bare)
+    assert bare["num_images"] == 2 and 0 < bare["kept_fraction"] < 1
+    assert bare["kept_fraction"] == labelled["kept_fraction"] and bare["exit_fraction"] == labelled["exit_fraction"]
+    assert unlabelled.transform is transform  # the caller's dataset is left as it was
+    with pytest.raises(ValueError, match="masks"):
+        evaluate_model(model, unlabelled, recipe, torch.device("cpu"), limit=1, keep_confusion=True)

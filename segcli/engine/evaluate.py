@@ -1,4 +1,13 @@
-"""The evaluation loop: a model, a dataset, the recipe's test settings -> metrics.
+"""The evaluation loop: a model, a dataset, the recipe's test settings -> each image's prediction,
+and metrics where the dataset has masks.
+
+One loop serves every evaluation (``eval``, ``eval --format-only``, training's periodic validation,
+continual-learning metrics), so that what a metric scores and what a written file holds are one
+computation (the recipe's test settings, ``--aug-test``, DDP sharding, loader workers, token counts).
+Each image's labels go to the consumers: the :class:`~segcli.engine.evaluator.SegEvaluator` (metrics,
+needs the masks) and ``on_image`` (``--show-dir``, ``--format-only``'s writer). A split read without
+masks runs the same loop without the evaluator, as MMSegmentation's ``single_gpu_test(format_only=True)``
+is its test loop without the metric step.
 
 Per-image GFLOPs (``count_gflops``) trace the whole test-time computation of each image (scales,
 flips, windows) with fvcore, so input-dependent models (DToP, EQD) report what they really ran;
@@ -15,6 +24,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -55,15 +65,25 @@ def evaluate_model(
     """Metrics of ``model`` on ``dataset`` (confusion matrices merged across DDP ranks).
 
     ``on_image(index, labels)`` receives each image's predicted labels ``[H, W]`` (the dataset index
-    of the image); ``keep_confusion`` adds ``confusion``, the ``[K, K]`` pixel counts (rows: ground
-    truth, columns: prediction) as nested lists."""
+    of the image; under DDP each rank its own images); ``keep_confusion`` adds ``confusion``, the
+    ``[K, K]`` pixel counts (rows: ground truth, columns: prediction) as nested lists.
+
+    A dataset read without masks (``dataset.labelled`` False) gets no metrics: the result holds
+    ``num_images`` and the token fractions, and the predictions reach the caller through
+    ``on_image`` alone (``eval --format-only``). ``trimap`` and ``keep_confusion`` need masks."""
     from ..data import build_eval_loader
 
+    labelled = dataset.labelled
+    if not labelled and (trimap is not None or keep_confusion):
+        raise ValueError("trimap and confusion need the masks of a labelled dataset")
     if limit is not None:
         dataset = dataset.subset(range(min(limit, len(dataset))))
+    if not labelled:
+        dataset = dataset.subset(range(len(dataset)))  # a copy: the caller's dataset keeps its transform
+        dataset.set_transform(_ImageOnly(dataset.transform))
     loader = build_eval_loader(dataset, recipe.data.num_workers, dist_info.rank, dist_info.world_size)
     evaluator = SegEvaluator(dataset.num_classes, dataset.classes, dataset.ignore_index, device, trimap,
-                             mean_classes=getattr(dataset, "mean_classes", None))
+                             mean_classes=getattr(dataset, "mean_classes", None)) if labelled else None
     core = getattr(model, "module", model)
     was_training = core.training
     core.eval()
@@ -73,11 +93,11 @@ def evaluate_model(
     with torch.no_grad():
         for step, batch in enumerate(loader):
             images = batch["image"].to(device, non_blocking=True)  # [1, 3, H, W] uint8 (EvalTransform)
-            labels = batch["label"].to(device, non_blocking=True)
             mean, std = recipe.data.mean, recipe.data.std
             scores = tta_scores(core, images, recipe.test, recipe.data.crop_size, mean=mean, std=std)
             predicted = labels_of(scores)  # [1, H, W]; every window has run, so the counts are complete
-            evaluator.process(predicted, labels)
+            if evaluator is not None:
+                evaluator.process(predicted, batch["label"].to(device, non_blocking=True))  # [1, H, W]
             if on_image is not None:
                 on_image(int(batch["index"][0]), predicted[0])
             for key, value in scores.counts.items():
@@ -89,8 +109,10 @@ def evaluate_model(
             if progress is not None:
                 progress(step + 1, total)
     core.train(was_training)
-    evaluator.all_reduce()
-    result = evaluator.evaluate()
+    result = {}
+    if evaluator is not None:
+        evaluator.all_reduce()
+        result = evaluator.evaluate()
     result["num_images"] = len(dataset)
     if keep_confusion:
         result["confusion"] = evaluator.confusion.long().tolist()
@@ -106,6 +128,20 @@ def evaluate_model(
             result["gflops_avg_without_aux"] = float(gflops_t[1] / gflops_t[2].clamp(min=1))
     result.update(token_fractions(_sum_across_ranks(counts, dist_info)))
     return result
+
+
+class _ImageOnly:
+    """A dataset's evaluation transform for samples without a mask: the image as ``transform`` makes
+    it (given a mask of zeros, as a transform takes one), and an empty label ``[0]`` in place of the
+    mask: the loader's batches always carry a label, and :func:`evaluate_model` reads it only when
+    the dataset has masks. Picklable (loader workers)."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image: np.ndarray, label: np.ndarray | None, rng=None) -> tuple[torch.Tensor, torch.Tensor]:
+        image_tensor, _ = self.transform(image, np.zeros(image.shape[:2], dtype=np.uint8), rng)
+        return image_tensor, torch.zeros(0, dtype=torch.int64)
 
 
 def _sum_across_ranks(counts: dict[str, float], dist_info: DistInfo) -> dict[str, float]:

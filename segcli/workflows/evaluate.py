@@ -6,14 +6,12 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from ..build import build_datasets, load_checkpoint, pick_device, with_aug_test
 from ..engine.distributed import DistInfo
 from ..engine.evaluate import evaluate_model
 from ..data import build_dataset
-from ..data.transforms import image_tensor
-from ..engine.inference import compile_failures_reported, compile_for_inference, infer_labels, prepare_for_inference
+from ..engine.inference import compile_failures_reported, compile_for_inference, prepare_for_inference
 from ..errors import SegcliError
 from ..outputs import IMAGE_SUFFIXES, check_outputs
 from ..viz import colorize, confusion_image, overlay_image, save_png, with_legend
@@ -127,7 +125,13 @@ def _shower(dataset, meta: dict, shown: dict[int, Path], opacity: float) -> Call
 
 def _format_results(loaded, checkpoint, out_dir: Path, split: str | None, dev, limit: int | None, progress,
                     compile: bool, overwrite: bool, show_dir, opacity: float) -> dict:
-    """``evaluate(format_only=...)``: label maps in the dataset's own ids for a benchmark server."""
+    """``evaluate(format_only=...)``: label maps in the dataset's own ids for a benchmark server.
+
+    The predictions come from the loop that computes ``eval``'s metrics
+    (:func:`~segcli.engine.evaluate.evaluate_model` on the split read without masks), so a written file
+    is what ``eval`` scores for that image: the recipe's test settings, ``--aug-test``, ``--compile``.
+    Like ``eval``, it runs in one process; the loop itself shards by DDP rank, each rank writing its
+    own images' files. The result carries the token fractions a pruning model reports."""
     data_cfg = loaded.recipe.data if split is None else replace(loaded.recipe.data, val_split=split)
     dataset = build_dataset(data_cfg, "val", labelled=False)
     if dataset.num_classes != loaded.meta["num_classes"]:
@@ -148,22 +152,15 @@ def _format_results(loaded, checkpoint, out_dir: Path, split: str | None, dev, l
     if shown:
         Path(show_dir).mkdir(parents=True, exist_ok=True)
     show = _shower(dataset, loaded.meta, shown, opacity)
-    recipe, core = loaded.recipe, loaded.model
-    core.eval()
-    with torch.no_grad(), compile_failures_reported(compile):
-        for index in range(len(dataset)):
-            image, _ = dataset.read(index)
-            images = image_tensor(image).to(dev)  # [1, 3, H, W] uint8
-            labels = infer_labels(core, images, recipe.test, recipe.data.crop_size, mean=recipe.data.mean,
-                                  std=recipe.data.std)[0]  # [H, W]
-            ids = dataset.output_lut[labels.cpu().numpy()]  # class ids -> the dataset's own mask ids
-            save_png(written[index], ids)
-            if shown:
-                show(index, labels)
-            if progress is not None:
-                progress(index + 1, len(dataset))
-    result = {"format_only": str(out_dir), "num_images": len(dataset), "split": data_cfg.val_split,
-              "checkpoint": str(checkpoint)}
+
+    def write(index: int, labels) -> None:
+        save_png(written[index], dataset.output_lut[labels.cpu().numpy()])  # class ids -> the dataset's own mask ids
+        if shown:
+            show(index, labels)
+
+    with compile_failures_reported(compile):  # a compile failure surfaces on the first image
+        run = evaluate_model(loaded.model, dataset, loaded.recipe, dev, DistInfo(), progress=progress, on_image=write)
+    result = {"format_only": str(out_dir), **run, "split": data_cfg.val_split, "checkpoint": str(checkpoint)}
     if shown:
         result["show_dir"] = str(show_dir)
     return result
