@@ -33,12 +33,15 @@ _SEED_MASK = (1 << 63) - 1  # numpy seeds must be non-negative
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack samples: image ``[B, 3, H, W]``, label ``[B, H, W]``, index ``[B]`` (int64)."""
-    return {
+    """Stack samples: image ``[B, 3, H, W]``, label ``[B, H, W]``, index ``[B]`` (int64). Samples
+    without a mask (label ``None``: a split read with ``labelled=False``) give a batch without ``label``."""
+    batch = {
         "image": torch.stack([item["image"] for item in items]),
-        "label": torch.stack([item["label"] for item in items]),
         "index": torch.tensor([item["index"] for item in items], dtype=torch.int64),
     }
+    if items[0]["label"] is not None:
+        batch["label"] = torch.stack([item["label"] for item in items])
+    return batch
 
 
 def worker_init(worker_id: int) -> None:

@@ -283,8 +283,9 @@ class EvalTransform:
     rules, ``data/resize.py``) and normalised, float32 ``[3, h, w]``.
 
     The label keeps its original resolution (metrics are computed there; predictions are
-    resized back to it, as mmseg's ``rescale=True``). ``rng`` is accepted for signature
-    compatibility and unused.
+    resized back to it, as mmseg's ``rescale=True``); a sample without a mask (a split read with
+    ``labelled=False``) has ``None`` as its label. ``rng`` is accepted for signature compatibility
+    and unused.
     """
 
     def __init__(self, mean=None, std=None, scale: tuple[int, int] | None = None, min_size: int | None = None):
@@ -295,13 +296,13 @@ class EvalTransform:
         self.scale = tuple(scale) if scale is not None else None
         self.min_size = min_size
 
-    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator | None = None):
+    def __call__(self, image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator | None = None):
         if self.scale is not None:
             image = imresize(image, keep_ratio_size(image.shape[0], image.shape[1], self.scale, self.min_size))
-        if self.mean is None:
-            return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), torch.from_numpy(
-                label.astype(np.int64))  # [3, H, W] uint8, [H, W] int64
-        return to_tensors(normalize(image, self.mean, self.std), label)
+        if self.mean is not None:
+            image = normalize(image, self.mean, self.std)  # float32 [H, W, 3]
+        image_tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))  # [3, H, W]
+        return image_tensor, None if label is None else torch.from_numpy(label.astype(np.int64))  # [H, W] int64
 
     def __repr__(self) -> str:
         view = "" if self.mean is None else ", normalised"

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -78,9 +77,6 @@ def evaluate_model(
         raise ValueError("trimap and confusion need the masks of a labelled dataset")
     if limit is not None:
         dataset = dataset.subset(range(min(limit, len(dataset))))
-    if not labelled:
-        dataset = dataset.subset(range(len(dataset)))  # a copy: the caller's dataset keeps its transform
-        dataset.set_transform(_ImageOnly(dataset.transform))
     loader = build_eval_loader(dataset, recipe.data.num_workers, dist_info.rank, dist_info.world_size)
     evaluator = SegEvaluator(dataset.num_classes, dataset.classes, dataset.ignore_index, device, trimap,
                              mean_classes=getattr(dataset, "mean_classes", None)) if labelled else None
@@ -128,20 +124,6 @@ def evaluate_model(
             result["gflops_avg_without_aux"] = float(gflops_t[1] / gflops_t[2].clamp(min=1))
     result.update(token_fractions(_sum_across_ranks(counts, dist_info)))
     return result
-
-
-class _ImageOnly:
-    """A dataset's evaluation transform for samples without a mask: the image as ``transform`` makes
-    it (given a mask of zeros, as a transform takes one), and an empty label ``[0]`` in place of the
-    mask: the loader's batches always carry a label, and :func:`evaluate_model` reads it only when
-    the dataset has masks. Picklable (loader workers)."""
-
-    def __init__(self, transform):
-        self.transform = transform
-
-    def __call__(self, image: np.ndarray, label: np.ndarray | None, rng=None) -> tuple[torch.Tensor, torch.Tensor]:
-        image_tensor, _ = self.transform(image, np.zeros(image.shape[:2], dtype=np.uint8), rng)
-        return image_tensor, torch.zeros(0, dtype=torch.int64)
 
 
 def _sum_across_ranks(counts: dict[str, float], dist_info: DistInfo) -> dict[str, float]:
