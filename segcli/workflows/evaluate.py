@@ -79,10 +79,7 @@ def evaluate(checkpoint: str | Path, recipe: str | Path | None = None, overrides
         raise SegcliError(f"the dataset has {val_set.num_classes} classes but the checkpoint {loaded.meta['num_classes']}",
                           "data.type", "evaluate on the dataset the model was trained for")
     count = len(val_set) if limit is None else min(limit, len(val_set))
-    images = [Path(image) for image, _ in val_set.samples[:count]]
-    shown = {}
-    if show_dir is not None:
-        shown = {i: Path(show_dir) / f"{stem}.png" for i, stem in enumerate(output_stems(images))}
+    shown = _image_paths(val_set, show_dir, count) if show_dir is not None else {}
     data_dirs = val_set.folders()
     check_outputs(list(shown.values()), inputs=[checkpoint], data_dirs=sorted(data_dirs), overwrite=overwrite,
                   option="--show-dir", input_name="checkpoint")
@@ -106,6 +103,13 @@ def evaluate(checkpoint: str | Path, recipe: str | Path | None = None, overrides
     if loaded.meta.get("cl"):
         result["cl"] = cl_metrics(checkpoint, result, loaded.meta, device=dev)
     return result
+
+
+def _image_paths(dataset, folder, count: int) -> dict[int, Path]:
+    """``{index: folder/<stem>.png}`` for the first ``count`` images, named as ``predict`` names its
+    outputs (:func:`~segcli.workflows.predict.output_stems`: colliding stems get their folder)."""
+    stems = output_stems([Path(image) for image, _ in dataset.samples[:count]])
+    return {i: Path(folder) / f"{stem}.png" for i, stem in enumerate(stems)}
 
 
 def _shower(dataset, meta: dict, shown: dict[int, Path], opacity: float) -> Callable[[int, object], None]:
@@ -139,9 +143,8 @@ def _format_results(loaded, checkpoint, out_dir: Path, split: str | None, dev, l
                           "data.type", "format results on the dataset the model was trained for")
     if limit is not None:
         dataset = dataset.subset(range(min(limit, len(dataset))))
-    stems = output_stems([Path(image) for image, _ in dataset.samples])
-    written = {i: out_dir / f"{stem}.png" for i, stem in enumerate(stems)}
-    shown = {i: Path(show_dir) / f"{stem}.png" for i, stem in enumerate(stems)} if show_dir is not None else {}
+    written = _image_paths(dataset, out_dir, len(dataset))
+    shown = _image_paths(dataset, show_dir, len(dataset)) if show_dir is not None else {}
     data_dirs = sorted(dataset.folders())
     check_outputs([*written.values(), *shown.values()], inputs=[checkpoint], data_dirs=data_dirs,
                   overwrite=overwrite, option="--format-only / --show-dir", input_name="checkpoint")
