@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -57,7 +58,11 @@ def read_foreign_checkpoint(path: str | Path) -> object:
     stand_ins: list[type] = []
     for _ in range(MAX_STUBS + 1):
         try:
-            with torch.serialization.safe_globals(stand_ins):
+            with torch.serialization.safe_globals(stand_ins), warnings.catch_warnings():
+                # torch notes any pickle protocol above 2 ("might not support all instructions"); an
+                # instruction it cannot read fails below as an UnpicklingError, which is reported, so
+                # the note is nothing a user can act on (plain pickles are protocol 4 by default)
+                warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
                 return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
             match = _GLOBAL.search(str(err))
