@@ -24,7 +24,7 @@ from .workflows.flops import flops
 from .workflows.plot import plot_run
 from .workflows.predict import PredictResult, predict
 from .workflows.prune import PruneResult, gflops_split, parse_layers, prune, prune_checkpoint
-from .workflows.released import ZooRow, list_models, resolve_model
+from .workflows.released import ZooRow, fetch_models, list_models, resolve_model
 from .workflows.segmenter import Segmenter
 from .workflows.train import TrainResult, train
 
@@ -38,4 +38,4 @@ __all__ = ["CLStepResult", "ConvertResult", "convert", "LoadedModel", "PredictRe
            "DataCheckResult", "check_data", "PrepareResult", "prepare_data", "plot_run", "resolved_recipe_yaml",
            "ExportResult", "export", "export_model", "load_onnx", "benchmark", "Segmenter", "DataShowResult", "show_data",
            "ExperimentCheck", "RecipeShow", "compare_to_published", "show_recipe",
-           "ZooRow", "list_models", "resolve_model"]
+           "ZooRow", "fetch_models", "list_models", "resolve_model"]

@@ -875,6 +875,25 @@ def zoo_list(
                   "released file is cached, it converts offline); figures: each model's recipe (published:)")
 
 
+@zoo_app.command("fetch")
+def zoo_fetch(
+    ctx: typer.Context,
+    names: List[str] = typer.Argument(..., help="Model names (`segcli zoo list`)."),
+    json_out: bool = typer.Option(False, "--json", help="Print {name: cached checkpoint} as JSON on stdout."),
+):
+    """Download and convert named models now, so that --model NAME works offline later."""
+    from . import api
+
+    console = _console(stderr=True)
+    paths = _guard(ctx, api.fetch_models, list(names), progress=_DownloadReporter(console),
+                   notify=lambda line: console.print(escape(line)))
+    if json_out:
+        typer.echo(json.dumps({name: str(path) for name, path in paths.items()}))
+        return
+    for name, path in paths.items():
+        _console().print(escape(f"{name}: {path}"))
+
+
 def main() -> None:
     # torch's C++-extension helper, which --compile imports, logs "No CUDA runtime is found, using
     # CUDA_HOME=..." on a CPU-only machine with a CUDA toolkit: nothing a user can act on.

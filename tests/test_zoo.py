@@ -14,7 +14,7 @@ from test_download import _hub_cache
 
 from segcli import api
 from segcli.errors import SegcliError
-from segcli.workflows.released import list_models, resolve_model
+from segcli.workflows.released import fetch_models, list_models, resolve_model
 from segcli.zoo import HUB_REPO, ZOO, Released, ZooEntry, recipe_path
 
 OFFICIAL = REPO / "tests" / "fixtures" / "official" / "segvit-v1.pth"
@@ -215,3 +215,27 @@ def test_a_released_model_downloads_from_the_hub_with_progress_once(env, monkeyp
     assert api.load_checkpoint(path).meta["converted_from"]["format"] == "segvit-v1"
     path.unlink()  # the conversion is redone from the hub's cache, the hub being gone
     assert resolve_model("tiny", zoo=TINY) == path and path.is_file()
+
+
+def test_fetch_checks_every_name_before_fetching_any(env):
+    """``segcli zoo fetch``: the released model is fetched from the hub cache and converted; a typo or
+    a model that is not released anywhere in the list stops it before anything is converted."""
+    _hub_cache(env / "hub", HUB_REPO, "tiny_segvit.pth", OFFICIAL.read_bytes())
+    zoo = {**TINY, "mine": ZooEntry("mine", "mine.pt", str(SMALL_RECIPE), "trained by the user")}
+    for names, message in ((["tiny", "tinny"], "unknown model 'tinny'"), (["tiny", "mine"], "not released"), ([], "no model")):
+        with pytest.raises(SegcliError, match=message):
+            fetch_models(names, zoo=zoo)
+        assert not (env / "segcli" / "tiny.pt").exists()
+    assert fetch_models(["tiny", "tiny"], zoo=zoo) == {"tiny": env / "segcli" / "tiny.pt"}
+    assert api.load_checkpoint(env / "segcli" / "tiny.pt").meta["converted_from"]["format"] == "segvit-v1"
+
+
+def test_zoo_fetch_cli(cli, env):
+    api.convert(OFFICIAL, recipe=SMALL_RECIPE, out=env / "segcli" / "segvit.pt")  # cached: nothing to do
+    res = cli("zoo", "fetch", "segvit", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout) == {"segvit": str(env / "segcli" / "segvit.pt")}
+    for args, message in ((["segvitt"], "did you mean"), (["setr"], "not released"),
+                          (["segvit", "segvit-l"], "segcli convert")):  # offline, not in the hub cache
+        res = cli("zoo", "fetch", *args)
+        assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, (args, res.output)

@@ -52,6 +52,25 @@ def resolve_model(name: str, progress: Progress | None = None, zoo: Mapping[str,
     return path
 
 
+def fetch_models(names: list[str], progress: Progress | None = None, zoo: Mapping[str, ZooEntry] = ZOO,
+                 notify: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """``segcli zoo fetch``: :func:`resolve_model` for each name, so that ``--model NAME`` later works
+    offline (a build step, a machine about to lose its network). Every name is checked first (known,
+    and either cached or released): a typo in the last name fetches nothing."""
+    if not names:
+        raise SegcliError("no model named", "NAME", "`segcli zoo list` shows the names")
+    for name in names:
+        try:
+            entry = lookup(name, zoo)
+        except SegcliError as err:  # named by the argument, not by --model
+            raise SegcliError(err.message, "NAME", err.hint) from None
+        if entry.released is None and not checkpoint_path(entry).is_file():
+            raise SegcliError(f"model '{name}' ({entry.description}) is not released: there is nothing to fetch",
+                              name, f"train it: `segcli train {entry.recipe}` then copy runs/<name>/best.pt to "
+                                    f"{checkpoint_path(entry)}")
+    return {name: resolve_model(name, progress, zoo, notify) for name in dict.fromkeys(names)}
+
+
 @dataclass(frozen=True)
 class ZooRow:
     """One line of ``segcli zoo list``: a named model, its published figures and what is cached."""
