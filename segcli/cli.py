@@ -403,7 +403,7 @@ def eval_(
 @app.command()
 def predict(
     ctx: typer.Context,
-    inputs: List[str] = typer.Argument(..., help="Images, folders or globs."),
+    inputs: List[str] = typer.Argument(..., metavar="INPUT", help="Images, folders or globs."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="A segcli checkpoint."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     out: Path = typer.Option(Path("predictions"), "--out", "-o", help="Output folder."),
@@ -878,7 +878,7 @@ def zoo_list(
 @zoo_app.command("fetch")
 def zoo_fetch(
     ctx: typer.Context,
-    names: List[str] = typer.Argument(..., help="Model names (`segcli zoo list`)."),
+    names: List[str] = typer.Argument(..., metavar="NAME", help="Model names (`segcli zoo list`)."),
     json_out: bool = typer.Option(False, "--json", help="Print {name: cached checkpoint} as JSON on stdout."),
 ):
     """Download and convert named models now, so that --model NAME works offline later."""
