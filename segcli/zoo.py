@@ -82,9 +82,10 @@ ZOO: Mapping[str, ZooEntry] = MappingProxyType({e.name: e for e in (
 )})
 
 
-def lookup(name: str, zoo: Mapping[str, ZooEntry] = ZOO) -> ZooEntry:
+def lookup(name: str, zoo: Mapping[str, ZooEntry] = ZOO, where: str = "--model") -> ZooEntry:
+    """The entry of ``name``; an unknown name is an error naming ``where`` it was given."""
     if name not in zoo:
-        raise SegcliError(f"unknown model '{name}'", "--model", did_you_mean(name, zoo) + "; `segcli zoo list` shows all")
+        raise SegcliError(f"unknown model '{name}'", where, did_you_mean(name, zoo) + "; `segcli zoo list` shows all")
     return zoo[name]
 
 

@@ -39,8 +39,7 @@ def resolve_model(name: str, progress: Progress | None = None, zoo: Mapping[str,
     released = entry.released
     if released is None:
         raise SegcliError(f"model '{name}' ({entry.description}) has no checkpoint at {path}", "--model",
-                          f"train it: `segcli train {entry.recipe}` then copy runs/<name>/best.pt to {path} "
-                          "(or pass --checkpoint FILE)")
+                          f"{_train_it(entry)} (or pass --checkpoint FILE)")
     recipe = recipe_path(released.recipe)
     by_hand = (f"download {released.url} where there is a network, then `segcli convert FILE --recipe {recipe} "
                f"--out {path}`")
@@ -60,15 +59,16 @@ def fetch_models(names: list[str], progress: Progress | None = None, zoo: Mappin
     if not names:
         raise SegcliError("no model named", "NAME", "`segcli zoo list` shows the names")
     for name in names:
-        try:
-            entry = lookup(name, zoo)
-        except SegcliError as err:  # named by the argument, not by --model
-            raise SegcliError(err.message, "NAME", err.hint) from None
+        entry = lookup(name, zoo, where="NAME")
         if entry.released is None and not checkpoint_path(entry).is_file():
             raise SegcliError(f"model '{name}' ({entry.description}) is not released: there is nothing to fetch",
-                              name, f"train it: `segcli train {entry.recipe}` then copy runs/<name>/best.pt to "
-                                    f"{checkpoint_path(entry)}")
+                              name, _train_it(entry))
     return {name: resolve_model(name, progress, zoo, notify) for name in dict.fromkeys(names)}
+
+
+def _train_it(entry: ZooEntry) -> str:
+    """How to make a model that is not released: train it and place its checkpoint in the cache."""
+    return f"train it: `segcli train {entry.recipe}` then copy runs/<name>/best.pt to {checkpoint_path(entry)}"
 
 
 @dataclass(frozen=True)
