@@ -25,8 +25,9 @@ class Entry:
     def build(self, cfg: Any, *args, **kwargs) -> Any:
         """The component from its options, typed once at load (:mod:`segcli.configurable`): a config
         written in code must be typed too (``Component("atm", ATMConfig())``), nothing retypes it here."""
-        if (cfg is not None) if self.config_cls is None else not isinstance(cfg, self.config_cls):
-            wanted = self.config_cls.__name__ if self.config_cls is not None else "no options"
+        expected = type(None) if self.config_cls is None else self.config_cls
+        if not isinstance(cfg, expected):
+            wanted = "no options" if self.config_cls is None else self.config_cls.__name__
             raise TypeError(f"'{self.name}' is built from {wanted}, got {type(cfg).__name__}")
         return self.builder(cfg, *args, **kwargs)
 

@@ -228,10 +228,11 @@ def pad_to(image: np.ndarray, label: np.ndarray, size_hw) -> tuple[np.ndarray, n
     return image, label
 
 
-def to_tensors(image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 ``[H, W, 3]`` image -> ``[3, H, W]`` tensor; uint8 ``[H, W]`` label -> int64 tensor."""
+def to_tensors(image: np.ndarray, label: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``[H, W, 3]`` image -> ``[3, H, W]`` tensor of its dtype; uint8 ``[H, W]`` label -> int64 tensor
+    (``None``, a sample without a mask, stays ``None``)."""
     image_chw = np.ascontiguousarray(image.transpose(2, 0, 1))  # [3, H, W]
-    return torch.from_numpy(image_chw), torch.from_numpy(label.astype(np.int64))
+    return torch.from_numpy(image_chw), None if label is None else torch.from_numpy(label.astype(np.int64))
 
 
 class TrainTransform:
@@ -301,8 +302,7 @@ class EvalTransform:
             image = imresize(image, keep_ratio_size(image.shape[0], image.shape[1], self.scale, self.min_size))
         if self.mean is not None:
             image = normalize(image, self.mean, self.std)  # float32 [H, W, 3]
-        image_tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))  # [3, H, W]
-        return image_tensor, None if label is None else torch.from_numpy(label.astype(np.int64))  # [H, W] int64
+        return to_tensors(image, label)  # [3, H, W] uint8 or float32, [H, W] int64 or None
 
     def __repr__(self) -> str:
         view = "" if self.mean is None else ", normalised"
@@ -312,7 +312,7 @@ class EvalTransform:
 def image_tensor(image: np.ndarray) -> torch.Tensor:
     """An RGB uint8 ``[H, W, 3]`` image as the uint8 batch of one the test-time computation takes:
     ``[1, 3, H, W]`` (it resizes and normalises per view, :func:`eval_view`)."""
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]  # [1, 3, H, W] uint8
+    return to_tensors(image, None)[0][None]  # [1, 3, H, W] uint8
 
 
 def eval_view(images: torch.Tensor, size_hw: tuple[int, int], mean, std) -> torch.Tensor:

@@ -27,17 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SegcliError
-from .inference import resizes_padded_scores
+from .inference import resizes_padded_scores, size_divisor
 
 META_PREFIX = "segcli."
 META_KEYS = ("format", "recipe", "meta", "output", "input", "dynamic", "shape", "batch", "version")
 INPUT_NAME = "image"
 EXTRA_HINT = 'pip install "segcli[export]"'
-
-
-def size_divisor_of(model: nn.Module) -> int:
-    backbone = getattr(model, "backbone", None)
-    return int(getattr(backbone, "size_divisor", 32) or 1)
 
 
 class DeployGraph(nn.Module):
@@ -49,7 +44,7 @@ class DeployGraph(nn.Module):
             raise ValueError(f"output must be labels or scores, got {output}")
         self.model = model
         self.output = output
-        self.size_divisor = size_divisor_of(model)
+        self.size_divisor = size_divisor(model)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 

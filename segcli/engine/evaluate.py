@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..ops.scores import token_fractions
+from ..ops.scores import add_counts, token_fractions
 from .distributed import DistInfo, all_reduce_numbers
 from .evaluator import SegEvaluator
 from .flops import aux_flop_prefixes, count_flops_split
@@ -84,7 +84,7 @@ def evaluate_model(
     was_training = core.training
     core.eval()
     gflops = []
-    counts: dict[str, float] = {}  # token counts of every forward, summed (module doc)
+    counts: dict[str, torch.Tensor] = {}  # token counts of every forward, summed where they are (module doc)
     total = len(loader)
     with torch.no_grad():
         for step, batch in enumerate(loader):
@@ -96,8 +96,7 @@ def evaluate_model(
                 evaluator.process(predicted, batch["label"].to(device, non_blocking=True))  # [1, H, W]
             if on_image is not None:
                 on_image(int(batch["index"][0]), predicted[0])
-            for key, value in scores.counts.items():
-                counts[key] = counts.get(key, 0.0) + float(value)
+            counts = add_counts(counts, scores.counts)
             if count_gflops:
                 everything, aux = count_flops_split(TestTimeModel(core, recipe.test, recipe.data.crop_size, mean, std),
                                                     images)
@@ -122,7 +121,8 @@ def evaluate_model(
         result["gflops_avg"] = float(gflops_t[0] / gflops_t[2].clamp(min=1))
         if aux_flop_prefixes(core):
             result["gflops_avg_without_aux"] = float(gflops_t[1] / gflops_t[2].clamp(min=1))
-    result.update(token_fractions(_sum_across_ranks(counts, dist_info)))
+    totals = {key: float(value) for key, value in counts.items()}  # one device sync per count name
+    result.update(token_fractions(_sum_across_ranks(totals, dist_info)))
     return result
 
 

@@ -137,14 +137,15 @@ def compile_failures_reported(active: bool):
 BAND_BYTES = 32 << 20  # a band of float32 scores [B, K, rows, W] is at most this big (or one row)
 
 
-def _size_divisor(model) -> int:
+def size_divisor(model) -> int:
+    """What the backbone pads inputs to a multiple of (its ``size_divisor``; 32 when it names none)."""
     core = getattr(model, "module", model)
     backbone = getattr(core, "backbone", None)
     return int(getattr(backbone, "size_divisor", 32) or 1)
 
 
 def _pad(model, images: torch.Tensor) -> torch.Tensor:
-    div = _size_divisor(model)
+    div = size_divisor(model)
     height, width = images.shape[-2:]
     pad_h, pad_w = (-height) % div, (-width) % div
     return F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images

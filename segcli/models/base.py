@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import SegcliError
 from ..ops.scores import ScoreMap, UpsampledScores, resize  # noqa: F401 (resize: re-exported)
-from .exportable import FULL, ExportSupport
+from .exportable import FULL, ExportSupport, static_only
 from .losses import cross_entropy
 
 
@@ -179,8 +179,7 @@ class LogitHead(DecodeHead):
         """Static only: the upsampling extent (:func:`upsample_extent`; NRD also its patch grid) is
         computed as Python ints, which a capture bakes into the graph's Resize/Reshape, so a dynamic
         graph fails at run time (``tests/test_export.py``)."""
-        return ExportSupport(dynamic=False, reason=f"the {type(self).__name__} turns sizes into Python ints that "
-                             "a capture fixes", key="--dynamic", fix="export without --dynamic, at the --shape you run")
+        return static_only(f"the {type(self).__name__} turns sizes into Python ints that a capture fixes")
 
     def forward_tokens(self, tokens: torch.Tensor, pad_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """A per-token head on tokens ``[B, M, C]`` -> ``{"logits": [B, K, M]}``: the tokens go through

@@ -97,7 +97,7 @@ from ..errors import SegcliError
 from ..ops.scores import ScoreMap, UpsampledScores, nearest_rows, resize_rows
 from ..registry import SEGMENTORS
 from .base import FrozenPartsMixin, resize
-from .exportable import ExportSupport, data_dependent
+from .exportable import ExportSupport, data_dependent, static_only
 from .dtop_heads import HeadAdapter, TokenState, adapt_head, atm_class_probs, atm_token_probs, head_kind
 from .tokens import scatter_tokens, select_tokens
 
@@ -387,9 +387,8 @@ class DToPSegmentor(FrozenPartsMixin, nn.Module):
         if self.pruning:
             return data_dependent("DToP with p0 < 1", "model.options.p0",
                                   "export at p0 = 1 (segcli prune --p0 1.0); see README Deploy")
-        staged = ExportSupport(dynamic=False, reason="DToP's staged forward (embed, run_block, heads on packed "
-                               "tokens) does not keep sizes symbolic: its dynamic graph fails at run time",
-                               key="--dynamic", fix="export without --dynamic, at the --shape you run")
+        staged = static_only("DToP's staged forward (embed, run_block, heads on packed tokens) does not keep "
+                             "sizes symbolic: its dynamic graph fails at run time")
         return staged & self.backbone.export_support() & self.decode_head.export_support()
 
     def frozen_modules(self) -> list[nn.Module]:

@@ -57,4 +57,9 @@ def data_dependent(what: str, key: str, fix: str) -> ExportSupport:
                          "(a data-dependent token set), which a static graph cannot hold", key=key, fix=fix)
 
 
-__all__ = ["ExportSupport", "FULL", "data_dependent"]
+def static_only(reason: str) -> ExportSupport:
+    """A faithful static graph, but no dynamic one: ``reason`` says what a capture fixes."""
+    return ExportSupport(dynamic=False, reason=reason, key="--dynamic", fix="export without --dynamic, at the --shape you run")
+
+
+__all__ = ["ExportSupport", "FULL", "data_dependent", "static_only"]
