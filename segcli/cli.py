@@ -529,19 +529,22 @@ def prune(
     """DToP@Direct: write a pruned checkpoint that eval/predict/flops use as is (thesis ch. 5)."""
     from . import api
 
-    checkpoint = _guard(ctx, _checkpoint_or_model, checkpoint, model, _console(stderr=True))
-    if model is not None and out is None:  # not into the model cache: where the user is
-        out = Path(f"{model}_dtop.pt")
-
-    def run():
+    def flagged(fn, *args, **kwargs):
         try:
-            return api.prune(checkpoint, p0=p0, k=k, exit_layers=exit_layers, out=out, overwrite=overwrite)
+            return fn(*args, **kwargs)
         except SegcliError as err:  # an error about an option names its flag (same name)
             if err.where in ("p0", "k", "exit_layers"):
                 raise SegcliError(err.message, "--" + err.where.replace("_", "-"), err.hint) from None
             raise
 
-    result = _guard(ctx, run)
+    from .workflows.prune import dtop_options
+
+    layers = _guard(ctx, flagged, api.parse_layers, exit_layers)
+    _guard(ctx, flagged, dtop_options, p0, k, layers)  # the options first: a named model is not fetched in vain
+    checkpoint = _guard(ctx, _checkpoint_or_model, checkpoint, model, _console(stderr=True))
+    if model is not None and out is None:  # not into the model cache: where the user is
+        out = Path(f"{model}_dtop.pt")
+    result = _guard(ctx, flagged, api.prune, checkpoint, p0=p0, k=k, exit_layers=layers, out=out, overwrite=overwrite)
     path = result.checkpoint
     if json_out:
         typer.echo(json.dumps(result.to_dict()))
@@ -812,12 +815,13 @@ def export(
     """Export a checkpoint (image 0..255 RGB NCHW in) and check it against PyTorch on a sample input."""
     from . import api
 
+    from .workflows.export import check_options, default_out
+
+    # the options first: a named model is not fetched for options that would be refused
+    _guard(ctx, check_options, format_, output, tuple(shape) if shape else None, batch, opset, dynamic)
     checkpoint = _guard(ctx, _checkpoint_or_model, checkpoint, model, _console(stderr=True))
     if model is not None and out is None:  # not into the model cache: where the user is
-        from .workflows.export import FORMATS
-
-        if format_ in FORMATS:  # (an unknown format is refused by export itself)
-            out = Path(model + FORMATS[format_])
+        out = default_out(Path(f"{model}.pt"), format_)
 
     result = _guard(ctx, api.export, checkpoint, format=format_, shape=tuple(shape) if shape else None,
                     dynamic=dynamic, batch=batch, output=output, opset=opset, out=out, overwrite=overwrite)

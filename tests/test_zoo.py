@@ -239,3 +239,15 @@ def test_zoo_fetch_cli(cli, env):
                           (["segvit", "segvit-l"], "segcli convert")):  # offline, not in the hub cache
         res = cli("zoo", "fetch", *args)
         assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, (args, res.output)
+
+
+def test_options_are_checked_before_a_named_model_is_fetched(cli, env):
+    """A bad option is refused before --model fetches anything (a released file is gigabytes): offline
+    and with nothing cached, the error is the option's, not the download's."""
+    for args, flag in ((["export", "--model", "segvit", "--format", "onxx"], "--format"),
+                       (["export", "--model", "segvit", "--batch", "0"], "--batch"),
+                       (["prune", "--model", "segvit", "--p0", "2"], "--p0"),
+                       (["prune", "--model", "segvit", "--exit-layers", "five"], "--exit-layers")):
+        res = cli(*args)
+        assert res.exit_code == 2 and flag in res.output and "download" not in res.output, (args, res.output)
+    assert not (env / "segcli").exists() or not any((env / "segcli").iterdir())

@@ -95,7 +95,8 @@ def _require_onnx_exporter() -> None:
         raise SegcliError(f"ONNX export needs {', '.join(missing)}", "--format onnx", f"install the extra: {EXTRA_HINT}")
 
 
-def _check_options(fmt: str, output: str, shape, batch: int, opset: int | None, dynamic: bool) -> None:
+def check_options(fmt: str, output: str, shape, batch: int, opset: int | None, dynamic: bool) -> None:
+    """The export options alone, before any checkpoint is read (or a named model fetched)."""
     if fmt not in FORMATS:
         raise SegcliError(f"unknown format '{fmt}'", "--format", did_you_mean(fmt, FORMATS))
     if output not in OUTPUTS:
@@ -238,7 +239,7 @@ def export_model(checkpoint: str | Path, format: str = "onnx", shape: tuple[int,
     ``shape`` (H, W) defaults to the recipe's crop size; it is the sample size of a dynamic export.
     """
     fmt = format
-    _check_options(fmt, output, shape, batch, opset, dynamic)
+    check_options(fmt, output, shape, batch, opset, dynamic)
     checkpoint = Path(checkpoint)
     target = Path(out) if out is not None else default_out(checkpoint, fmt)
     check_outputs([target], inputs=[checkpoint], overwrite=overwrite, input_name="checkpoint")
