@@ -22,7 +22,7 @@ from types import MappingProxyType
 from .download import cache_dir, hub_url
 from .errors import SegcliError, did_you_mean
 
-__all__ = ["Released", "ZooEntry", "ZOO", "HUB_REPO", "cache_dir", "lookup", "checkpoint_path", "recipe_path"]
+__all__ = ["Released", "ZooEntry", "ZOO", "HUB_REPO", "RECIPES", "lookup", "checkpoint_path", "recipe_path"]
 
 # The shipped recipes, the one place their folder is named: segcli/recipes is a link to the repository's
 # top-level recipes/ in a clone, and a copy of it in a wheel (pyproject's package-data).

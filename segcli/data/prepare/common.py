@@ -97,8 +97,12 @@ def mat_array(data: bytes, key: str, where: str) -> np.ndarray:
 def apply_lut(ids: np.ndarray, lut: np.ndarray, valid: np.ndarray, where: str, what: str) -> np.ndarray:
     """``lut[ids]`` (uint8), after checking every id is one the table knows (``valid[id]``)."""
     ids = np.asarray(ids)
-    outside = (ids < 0) | (ids >= len(lut)) if ids.size and (ids.min() < 0 or ids.max() >= len(lut)) else None
-    unknown = outside if outside is not None else ~valid[ids]
+    if ids.size and (ids.min() < 0 or ids.max() >= len(lut)):  # some ids fall outside the table
+        inside = (ids >= 0) & (ids < len(lut))
+        unknown = ~inside
+        unknown[inside] = ~valid[ids[inside]]
+    else:  # the common case: index the table directly, no masks
+        unknown = ~valid[ids]
     if unknown.any():
         values = np.unique(ids[unknown])
         shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")

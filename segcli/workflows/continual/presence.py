@@ -16,7 +16,7 @@ import torch
 
 from ...data.datasets import SegDataset, read_mask
 from ...engine.checkpoint import write_atomically
-from ...zoo import cache_dir
+from ...download import cache_dir
 
 INDEX_VERSION = 1
 
