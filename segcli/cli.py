@@ -731,10 +731,7 @@ def data_prepare(
     for note in result.notes:
         err.print(f"note: {escape(note)}")
     if json_out:
-        typer.echo(json.dumps({"ok": result.ok, "dataset": result.dataset, "root": str(result.root),
-                               "data_types": list(result.data_types), "samples": result.samples,
-                               "written": result.written, "skipped": result.skipped, "notes": result.notes,
-                               "problems": [{"where": w, "problem": m} for w, m in result.problems]}))
+        typer.echo(json.dumps(result.to_dict()))
         if not result.ok:
             raise typer.Exit(2)
         return

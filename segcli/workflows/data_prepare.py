@@ -38,6 +38,12 @@ class PrepareResult:
     def ok(self) -> bool:
         return not self.problems
 
+    def to_dict(self) -> dict:
+        """The ``data prepare --json`` object."""
+        return {"ok": self.ok, "dataset": self.dataset, "root": str(self.root), "data_types": list(self.data_types),
+                "samples": self.samples, "written": self.written, "skipped": self.skipped, "notes": self.notes,
+                "problems": [{"where": where, "problem": problem} for where, problem in self.problems]}
+
 
 def _marker(dataset: str, src: Path, complete: bool) -> Step:
     record = {"dataset": dataset, "source": str(src), "complete": complete}
