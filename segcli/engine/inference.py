@@ -51,7 +51,7 @@ from ..data.resize import tta_sizes
 from ..data.transforms import eval_view
 from ..errors import SegcliError
 from ..ops.batchnorm import fold_batchnorms
-from ..ops.scores import Counts, DenseScores, ResizedScores, ScoreMap, add_counts, resize
+from ..ops.scores import Counts, DenseScores, ResizedScores, ScoreMap, WrappedScores, add_counts, resize
 
 
 def prepare_for_inference(model: nn.Module) -> nn.Module:
@@ -258,11 +258,8 @@ def infer_labels(model, images: torch.Tensor, test_cfg, default_crop: tuple[int,
     return labels_of(tta_scores(model, images, test_cfg, default_crop, mean, std), band_bytes)
 
 
-class SoftmaxScores(ScoreMap):
+class SoftmaxScores(WrappedScores):
     """Softmax over the classes of a map (float32): a view's probabilities in ``aug_test``."""
-
-    def __init__(self, inner: ScoreMap):
-        self.inner, self.batch, self.channels, self.size = inner, inner.batch, inner.channels, tuple(inner.size)
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         return self.inner.rows(start, stop).float().softmax(dim=1)
@@ -270,24 +267,15 @@ class SoftmaxScores(ScoreMap):
     def full(self) -> torch.Tensor:
         return self.inner.full().float().softmax(dim=1)
 
-    def children(self) -> list[ScoreMap]:
-        return [self.inner]
 
-
-class FlippedScores(ScoreMap):
+class FlippedScores(WrappedScores):
     """A map mirrored left-right: a flipped view's scores brought back to the image."""
-
-    def __init__(self, inner: ScoreMap):
-        self.inner, self.batch, self.channels, self.size = inner, inner.batch, inner.channels, tuple(inner.size)
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         return self.inner.rows(start, stop).flip(-1)
 
     def full(self) -> torch.Tensor:
         return self.inner.full().flip(-1)
-
-    def children(self) -> list[ScoreMap]:
-        return [self.inner]
 
 
 class MeanScores(ScoreMap):

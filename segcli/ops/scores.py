@@ -190,10 +190,22 @@ class UpsampledScores(ScoreMap):
         return classes.index_select(1, row_pair).gather(-1, winner.unsqueeze(-1)).squeeze(-1)  # [B, n, W] class ids
 
 
-class CroppedScores(ScoreMap):
-    def __init__(self, inner: ScoreMap, height: int, width: int):
-        self.inner, self.size = inner, (height, width)
+class WrappedScores(ScoreMap):
+    """A map computed from one other map, ``inner``, whose token counts it carries; of the inner
+    map's size unless ``size`` says otherwise."""
+
+    def __init__(self, inner: ScoreMap, size: tuple[int, int] | None = None):
+        self.inner = inner
         self.batch, self.channels = inner.batch, inner.channels
+        self.size = tuple(inner.size if size is None else size)
+
+    def children(self) -> list[ScoreMap]:
+        return [self.inner]
+
+
+class CroppedScores(WrappedScores):
+    def __init__(self, inner: ScoreMap, height: int, width: int):
+        super().__init__(inner, (height, width))
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         return self.inner.rows(start, stop)[..., : self.size[1]]
@@ -204,16 +216,13 @@ class CroppedScores(ScoreMap):
     def full(self) -> torch.Tensor:
         return self.inner.full()[..., : self.size[0], : self.size[1]]
 
-    def children(self) -> list[ScoreMap]:
-        return [self.inner]
 
-
-class ResizedScores(ScoreMap):
+class ResizedScores(WrappedScores):
     """``resize(inner, size)`` (in ``dtype`` if given): a map brought to another size."""
 
     def __init__(self, inner: ScoreMap, size: tuple[int, int], dtype: torch.dtype | None = None):
-        self.inner, self.dtype = inner, dtype
-        self.batch, self.channels, self.size = inner.batch, inner.channels, tuple(size)
+        super().__init__(inner, size)
+        self.dtype = dtype
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         def fetch(a: int, b: int) -> torch.Tensor:
@@ -225,9 +234,6 @@ class ResizedScores(ScoreMap):
     def full(self) -> torch.Tensor:
         inner = self.inner.full()
         return resize(inner if self.dtype is None else inner.to(self.dtype), self.size)
-
-    def children(self) -> list[ScoreMap]:
-        return [self.inner]
 
 
 class ConcatScores(ScoreMap):
